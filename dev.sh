@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One entry point for a new machine: sets everything up, then runs the demo or the tests.
+#   bash dev.sh demo [ARGS...]   throwaway PKI, CA, two gateways, two services; shows allow/deny
+#   bash dev.sh test [PYTEST ARGS...]   system packages, virtualenv, the whole test suite
+#   bash dev.sh bench [ARGS...]  benchmarks against a direct connection and stunnel
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${S2SGW_VENV:-.venv}
+
+need_packages() {
+    # Debian packages the tests and benchmarks call as real peers.
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        local sudo=""
+        [ "$(id -u)" = 0 ] || sudo=sudo
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+setup_venv() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        python3 -m venv "$VENV"
+    fi
+    local stamp="$VENV/.s2sgw-installed"
+    if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
+        "$VENV/bin/pip" install -q --upgrade pip
+        # compat mode puts the checkout on sys.path, so twistd finds twisted/plugins/.
+        "$VENV/bin/pip" install -q -e '.[test]' --config-settings editable_mode=compat
+        touch "$stamp"
+    fi
+    export PATH="$PWD/$VENV/bin:$PATH"
+}
+
+cmd=${1:-test}
+shift || true
+case "$cmd" in
+    demo)
+        need_packages openssl
+        setup_venv
+        exec s2sgw demo "$@"
+        ;;
+    test)
+        need_packages openssl curl
+        setup_venv
+        exec python -m pytest -q "$@"
+        ;;
+    bench)
+        need_packages openssl stunnel4 wrk iperf3
+        setup_venv
+        exec python -m bench "$@"
+        ;;
+    *)
+        echo "usage: bash dev.sh demo|test|bench [ARGS...]" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,1 @@
+"""The certificate authority: issuing, revocation, CRLs and the status server."""

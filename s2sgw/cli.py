@@ -1,0 +1,40 @@
+"""The ``s2sgw`` admin command: ``ca ...``, ``check-config``, ``explain``, ``demo``.
+
+Each group lives beside the code it drives and registers itself here, so this module only
+parses arguments and turns :class:`S2sgwError` into a one-line message and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from s2sgw.errors import S2sgwError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from s2sgw import commands, demo
+    from s2sgw.ca import commands as ca_commands
+
+    parser = argparse.ArgumentParser(prog="s2sgw", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ca_commands.register(sub)
+    commands.register(sub)
+    demo.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except S2sgwError as error:
+        print(f"s2sgw: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
