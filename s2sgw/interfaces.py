@@ -1,0 +1,112 @@
+"""The seams between the gateway's parts: value types, refusal reasons and interfaces.
+
+The data path (listener, connector, relay) only talks to the trust store, the authorizer and
+the status checker through these, so each can be replaced by a fake that passes the same tests.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Literal
+
+import attrs
+from cryptography import x509
+from zope.interface import Attribute, Interface
+
+from s2sgw.errors import S2sgwError
+
+
+class Reason:
+    """Stable reason codes for refusals and closes: audit log, metrics labels, docs."""
+
+    OK = "ok"
+    # TLS handshake / chain (decided by OpenSSL with our verify callback)
+    NO_CLIENT_CERT = "no_client_cert"
+    UNTRUSTED_CHAIN = "untrusted_chain"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    BAD_CERTIFICATE = "bad_certificate"  # wrong EKU, CA:TRUE leaf, weak key or signature
+    TLS_ERROR = "tls_error"  # protocol version, ciphers, garbage bytes
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    # identity and authorization
+    NO_IDENTITY = "no_identity"  # no usable SAN
+    IDENTITY_NOT_ALLOWED = "identity_not_allowed"  # inbound: not on the allow-list
+    IDENTITY_MISMATCH = "identity_mismatch"  # outbound: remote is not the expected peer
+    # status
+    REVOKED = "revoked"
+    STATUS_UNKNOWN = "status_unknown"
+    STATUS_INVALID = "status_invalid"  # bad signature, wrong CertID, stale, wrong nonce
+    CA_UNREACHABLE = "ca_unreachable"
+    # resources and dialing
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    BACKEND_UNREACHABLE = "backend_unreachable"
+    REMOTE_UNREACHABLE = "remote_unreachable"
+    # closes of admitted connections
+    IDLE_TIMEOUT = "idle_timeout"
+    SHUTDOWN = "shutdown"
+    PEER_CLOSED = "peer_closed"
+
+
+@attrs.frozen
+class Decision:
+    """The authorizer's verdict on one peer for one route."""
+
+    allowed: bool
+    reason: str  # Reason.OK when allowed (also under fail-open), else a Reason code
+    identity: str | None = None  # the peer's SPIFFE ID, else its first DNS SAN
+    serial: int | None = None
+    detail: str = ""  # plain words for the log (never secrets)
+
+
+CertState = Literal["good", "revoked", "unknown"]
+
+
+@attrs.frozen
+class CertStatus:
+    """A verified status answer for one certificate."""
+
+    state: CertState
+    this_update: datetime.datetime
+    next_update: datetime.datetime | None
+    revoked_at: datetime.datetime | None = None
+    revocation_reason: str | None = None  # e.g. "key_compromise" (x509.ReasonFlags value)
+
+
+class StatusUnavailable(S2sgwError):
+    """The CA could not be asked (unreachable, timeout, HTTP error, tryLater)."""
+
+
+class StatusInvalid(S2sgwError):
+    """The CA's answer failed verification (signature, signer, CertID, time window, nonce)."""
+
+
+class IStatusChecker(Interface):
+    def check(leaf: x509.Certificate, issuer: x509.Certificate):  # -> Deferred[CertStatus]
+        """Fire with a verified CertStatus, or fail with StatusUnavailable / StatusInvalid."""
+
+
+class IAuthorizer(Interface):
+    def authorize(route, chain: Sequence[x509.Certificate]):  # -> Deferred[Decision]
+        """Decide on a peer whose chain OpenSSL verified (leaf first, then issuers to the root).
+
+        ``route`` is an InboundRoute (identity must be on ``route.allow``) or an OutboundRoute
+        (identity must be ``route.peer``); then the status check. Never fails: errors are
+        refusals with a reason.
+        """
+
+
+class ITrustStore(Interface):
+    generation = Attribute("int: bumped by every successful reload")
+
+    def server_creator(service: str):
+        """IOpenSSLServerConnectionCreator for ``service``'s inbound listeners (client cert required)."""
+
+    def client_creator(service: str, hostname: str):
+        """IOpenSSLClientConnectionCreator presenting ``service``'s certificate."""
+
+    def reload():  # -> Deferred[int]
+        """Load and check all material off the reactor, swap atomically, fire the new generation.
+
+        On any failure the old material stays and the Deferred fails with ConfigError.
+        """
