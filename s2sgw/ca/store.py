@@ -1,0 +1,276 @@
+"""The CA's durable state: issued certificates, revocations and counters, in SQLite.
+
+Every operation opens its own connection, so the store is safe to call from several
+threads (the status server) and several processes (two ``s2sgw ca issue`` at once).
+Writes take the database lock up front (``BEGIN IMMEDIATE``) and commit with
+``synchronous=FULL``, so a call returns only after its change is on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import attrs
+
+from s2sgw.errors import S2sgwError
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+
+_SCHEMA = """
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value
+);
+CREATE TABLE certificates (
+    serial TEXT PRIMARY KEY,          -- lowercase hex, no leading zeros
+    kind TEXT NOT NULL,               -- 'leaf' or 'ocsp-signer'
+    name TEXT NOT NULL,
+    sans TEXT NOT NULL,               -- JSON list of "URI:...", "DNS:...", "IP:..."
+    not_before TEXT NOT NULL,         -- ISO 8601, UTC
+    not_after TEXT NOT NULL,
+    pem TEXT NOT NULL,
+    revoked_at TEXT,
+    reason TEXT,
+    revocation_seq INTEGER UNIQUE
+);
+CREATE INDEX certificates_name ON certificates (name);
+"""
+
+LEAF = "leaf"
+OCSP_SIGNER = "ocsp-signer"
+
+
+class CAError(S2sgwError):
+    """A CA operation failed for a reason the user can act on (bad input, bad directory)."""
+
+
+class StoreError(CAError):
+    """The CA database is missing, unreadable or not ours."""
+
+
+class SerialInUse(Exception):
+    """The serial is already taken; the caller signs a new certificate with a fresh one."""
+
+
+class NotRevocable(CAError):
+    """Nothing matched, or everything matched was already revoked."""
+
+
+def serial_hex(serial: int) -> str:
+    return format(serial, "x")
+
+
+def _iso(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.timezone.utc).isoformat()
+
+
+def _parse(text: str | None) -> datetime.datetime | None:
+    return None if text is None else datetime.datetime.fromisoformat(text)
+
+
+@attrs.frozen
+class Row:
+    """One certificate as stored; the authority turns it into a ``CertRecord``."""
+
+    serial: int
+    kind: str
+    name: str
+    sans: tuple[str, ...]
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    pem: bytes
+    revoked_at: datetime.datetime | None
+    reason: str | None
+    revocation_seq: int | None
+
+
+_COLUMNS = "serial, kind, name, sans, not_before, not_after, pem, revoked_at, reason, revocation_seq"
+
+
+def _row(values: Sequence) -> Row:
+    return Row(
+        serial=int(values[0], 16),
+        kind=values[1],
+        name=values[2],
+        sans=tuple(json.loads(values[3])),
+        not_before=_parse(values[4]),
+        not_after=_parse(values[5]),
+        pem=values[6].encode("ascii"),
+        revoked_at=_parse(values[7]),
+        reason=values[8],
+        revocation_seq=values[9],
+    )
+
+
+@attrs.frozen
+class CAStore:
+    """The SQLite file ``ca.db`` of one CA directory."""
+
+    path: Path
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            # "mode=rw" refuses to create a missing database: a missing file is an error.
+            uri = "file:" + str(self.path.absolute()).replace("?", "%3f").replace("#", "%23") + "?mode=rw"
+            connection = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot open CA database {self.path}: {error}") from None
+        try:
+            connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            connection.execute("PRAGMA synchronous = FULL")
+            yield connection
+        except sqlite3.DatabaseError as error:
+            if isinstance(error, sqlite3.IntegrityError):
+                raise
+            raise StoreError(f"CA database {self.path}: {error}") from None
+        finally:
+            connection.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding the database lock from its first statement."""
+        with self._connect() as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+
+    @classmethod
+    def create(cls, path: Path, meta: dict[str, object]) -> CAStore:
+        """Make a fresh database at ``path`` (which must not exist yet)."""
+        connection = sqlite3.connect(str(path), isolation_level=None)
+        try:
+            # A fresh temporary file renamed into place by the caller: no transaction needed.
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.executescript(_SCHEMA)
+            values = {
+                "schema_version": SCHEMA_VERSION,
+                "crl_number": 0,
+                "revocation_seq": 0,
+                "changes": 0,
+                **meta,
+            }
+            connection.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", values.items())
+        finally:
+            connection.close()
+        return cls(path)
+
+    def meta(self) -> dict[str, object]:
+        with self._connect() as connection:
+            try:
+                rows = connection.execute("SELECT key, value FROM meta").fetchall()
+            except sqlite3.OperationalError:
+                raise StoreError(f"{self.path} is not an s2sgw CA database") from None
+        values = dict(rows)
+        if values.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"{self.path} is not an s2sgw CA database of a known version")
+        return values
+
+    def insert(self, row: Row) -> None:
+        """Record a newly signed certificate; ``SerialInUse`` if its serial was ever issued."""
+        try:
+            with self._write() as connection:
+                connection.execute(
+                    f"INSERT INTO certificates ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL)",
+                    (
+                        serial_hex(row.serial),
+                        row.kind,
+                        row.name,
+                        json.dumps(list(row.sans)),
+                        _iso(row.not_before),
+                        _iso(row.not_after),
+                        row.pem.decode("ascii"),
+                    ),
+                )
+                connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'changes'")
+        except sqlite3.IntegrityError:
+            raise SerialInUse(row.serial) from None
+
+    def get(self, serial: int, kind: str = LEAF) -> Row | None:
+        with self._connect() as connection:
+            values = connection.execute(
+                f"SELECT {_COLUMNS} FROM certificates WHERE serial = ? AND kind = ?",
+                (serial_hex(serial), kind),
+            ).fetchone()
+        return None if values is None else _row(values)
+
+    def rows(self, kind: str = LEAF) -> list[Row]:
+        """All certificates of a kind, oldest first."""
+        with self._connect() as connection:
+            found = connection.execute(
+                f"SELECT {_COLUMNS} FROM certificates WHERE kind = ? ORDER BY not_before, rowid", (kind,)
+            ).fetchall()
+        return [_row(values) for values in found]
+
+    def revoked_since(self, seq: int) -> list[Row]:
+        with self._connect() as connection:
+            found = connection.execute(
+                f"SELECT {_COLUMNS} FROM certificates WHERE revocation_seq > ? ORDER BY revocation_seq",
+                (seq,),
+            ).fetchall()
+        return [_row(values) for values in found]
+
+    def revoke(
+        self,
+        *,
+        name: str | None,
+        serial: int | None,
+        reason: str,
+        revoked_at: datetime.datetime,
+    ) -> list[Row]:
+        """Mark matching unrevoked leaves revoked in one transaction; return them as revoked."""
+        with self._write() as connection:
+            if serial is not None:
+                where, args, what = "serial = ?", (serial_hex(serial),), f"serial {serial_hex(serial)}"
+            else:
+                where, args, what = "name = ?", (name,), f"name {name!r}"
+            matched = connection.execute(
+                f"SELECT serial, revoked_at FROM certificates WHERE kind = 'leaf' AND {where}", args
+            ).fetchall()
+            if not matched:
+                raise NotRevocable(f"no certificate with {what}")
+            pending = [serial_text for serial_text, already in matched if already is None]
+            if not pending:
+                raise NotRevocable(f"the certificate with {what} is already revoked")
+            (seq,) = connection.execute("SELECT value FROM meta WHERE key = 'revocation_seq'").fetchone()
+            for serial_text in pending:
+                seq += 1
+                connection.execute(
+                    "UPDATE certificates SET revoked_at = ?, reason = ?, revocation_seq = ? WHERE serial = ?",
+                    (_iso(revoked_at), reason, seq, serial_text),
+                )
+            connection.execute("UPDATE meta SET value = ? WHERE key = 'revocation_seq'", (seq,))
+            connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'changes'")
+            marks = ",".join("?" * len(pending))
+            found = connection.execute(
+                f"SELECT {_COLUMNS} FROM certificates WHERE serial IN ({marks}) ORDER BY revocation_seq",
+                pending,
+            ).fetchall()
+        return [_row(values) for values in found]
+
+    def next_crl_number(self) -> tuple[int, list[Row]]:
+        """Take the next CRL number and, in the same transaction, every revoked leaf."""
+        with self._write() as connection:
+            connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'crl_number'")
+            (number,) = connection.execute("SELECT value FROM meta WHERE key = 'crl_number'").fetchone()
+            found = connection.execute(
+                f"SELECT {_COLUMNS} FROM certificates WHERE kind = 'leaf' AND revocation_seq IS NOT NULL "
+                "ORDER BY revocation_seq"
+            ).fetchall()
+        return number, [_row(values) for values in found]
+
+    def change_marker(self) -> int:
+        """A counter bumped by every issue and revoke; one indexed read."""
+        with self._connect() as connection:
+            (value,) = connection.execute("SELECT value FROM meta WHERE key = 'changes'").fetchone()
+        return value
