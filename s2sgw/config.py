@@ -1,13 +1,18 @@
 """Gateway configuration: a TOML file loaded into frozen attrs classes.
 
 The classes below are the contract the rest of the gateway reads. ``load_config`` (file ->
-``GatewayConfig``) raises :class:`ConfigError` naming the file, the key and what is wrong.
+``GatewayConfig``) raises :class:`ConfigError` naming the file, the key and what is wrong, so a
+typo is reported on the terminal by ``twistd`` before it daemonizes, not at the first connection.
 """
 
 from __future__ import annotations
 
+import math
+import re
+import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import attrs
 
@@ -91,3 +96,331 @@ class GatewayConfig:
     timeouts: TimeoutsConfig = TimeoutsConfig()
     reload_interval: float | None = None
     admin: AdminConfig | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_SPIFFE = re.compile(r"^spiffe://[a-z0-9.-]+(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+$")
+
+_T = TypeVar("_T")
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a gateway configuration file.
+
+    Pure and synchronous: reads the TOML file, checks every key, resolves relative paths against
+    the file's directory and checks that the certificate, key and trust files exist. Raises
+    :class:`ConfigError` whose message reads ``FILE: KEY: what is wrong``.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    return parse_config(data, path)
+
+
+def parse_config(data: dict[str, Any], path: Path) -> GatewayConfig:
+    """Validate already-parsed TOML ``data`` as if it had been read from ``path``."""
+    return _Parser(path.absolute()).gateway(data)
+
+
+@attrs.define(eq=False)
+class _Parser:
+    """One pass over the TOML tree; every error carries the dotted key it is about."""
+
+    path: Path
+    _listens: list[tuple[str, tuple[Any, ...], str]] = attrs.field(factory=list)
+
+    @property
+    def base(self) -> Path:
+        return self.path.parent
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
+
+    # -- generic checks ---------------------------------------------------------------------
+
+    def table(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, "expected a table")
+        for name in value:
+            if name not in allowed:
+                where = f"{key}.{name}" if key else name
+                raise self.fail(where, f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+        return value
+
+    def required(self, table: dict[str, Any], name: str, key: str, check: Callable[[Any, str], _T]) -> _T:
+        where = f"{key}.{name}" if key else name
+        if name not in table:
+            raise self.fail(where, "missing required key")
+        return check(table[name], where)
+
+    def optional(
+        self, table: dict[str, Any], name: str, key: str, check: Callable[[Any, str], _T], default: _T
+    ) -> _T:
+        if name not in table:
+            return default
+        return check(table[name], f"{key}.{name}" if key else name)
+
+    def string(self, value: Any, key: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(key, "expected a string")
+        if not value.strip():
+            raise self.fail(key, "must not be empty")
+        return value
+
+    def name(self, value: Any, key: str) -> str:
+        value = self.string(value, key)
+        if not _NAME.match(value):
+            raise self.fail(key, "expected a name of letters, digits, '.', '_' or '-'")
+        return value
+
+    def seconds(self, value: Any, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key, "expected a number of seconds")
+        if not math.isfinite(value) or value <= 0:
+            raise self.fail(key, "must be a positive number of seconds")
+        return float(value)
+
+    def count(self, value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, "expected an integer")
+        if value < 1:
+            raise self.fail(key, "must be at least 1")
+        return value
+
+    def choice(self, options: tuple[str, ...]) -> Callable[[Any, str], str]:
+        def check(value: Any, key: str) -> str:
+            if value not in options:
+                raise self.fail(key, f"expected one of {', '.join(repr(o) for o in options)}")
+            return value
+
+        return check
+
+    def existing_file(self, value: Any, key: str) -> Path:
+        path = self.file(value, key)
+        if not path.is_file():
+            raise self.fail(key, f"no such file: {path}")
+        return path
+
+    def file(self, value: Any, key: str) -> Path:
+        return self.base / Path(self.string(value, key)).expanduser()
+
+    def peer_name(self, value: Any, key: str) -> str:
+        value = self.string(value, key)
+        if value.startswith("spiffe://"):
+            if not _SPIFFE.match(value):
+                raise self.fail(key, f"malformed SPIFFE ID {value!r} (expected spiffe://DOMAIN/PATH)")
+        elif not _NAME.match(value):
+            raise self.fail(key, f"expected a service name or a spiffe:// ID, got {value!r}")
+        return value
+
+    def allow_list(self, value: Any, key: str) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise self.fail(key, "expected a list of strings")
+        return tuple(self.peer_name(item, f"{key}[{i}]") for i, item in enumerate(value))
+
+    def url(self, value: Any, key: str) -> str:
+        value = self.string(value, key)
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise self.fail(key, f"expected an http:// or https:// URL, got {value!r}")
+        return value
+
+    def tables(self, value: Any, key: str) -> list[dict[str, Any]]:
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            raise self.fail(key, f"expected an array of tables ([[{key.rsplit('.', 1)[-1]}]])")
+        return value
+
+    # -- endpoints ----------------------------------------------------------------------------
+
+    def server_endpoint(self, value: Any, key: str) -> str:
+        """Check a listening endpoint string parses (no socket is bound) and is not used twice."""
+        from twisted.internet.endpoints import _parseServer
+
+        value = self.string(value, key)
+        kind = value.split(":", 1)[0].lower()
+        if kind == "ssl":
+            raise self.fail(key, "ssl: endpoints are not supported; use tcp: or unix:, the gateway adds TLS")
+        try:
+            parsed = _parseServer(value, None)
+        except Exception as error:  # the parsers raise ValueError, TypeError, IndexError, KeyError
+            raise self.fail(key, f"bad endpoint {value!r}: {_endpoint_error(error)}") from None
+        kind, args = parsed[0], parsed[1:]
+        if kind == "TCP":
+            port, _factory, _backlog, interface = args
+            if not 0 <= port <= 65535:
+                raise self.fail(key, f"bad endpoint {value!r}: port out of range")
+            identity: tuple[Any, ...] = ("tcp", port, interface)
+        elif kind == "UNIX":
+            identity = ("unix", str(args[0]))
+        else:
+            identity = ("other", value)
+        for other_identity, other_key, other_value in ((i, k, v) for k, i, v in self._listens):
+            if _same_listen(identity, other_identity):
+                raise self.fail(key, f"endpoint {value!r} is also used by {other_key} ({other_value!r})")
+        self._listens.append((key, identity, value))
+        return value
+
+    def client_endpoint(self, value: Any, key: str) -> str:
+        """Check a dialing endpoint string parses (nothing is resolved or connected)."""
+        from twisted.internet.endpoints import clientFromString
+        from twisted.internet.testing import MemoryReactor
+
+        value = self.string(value, key)
+        if value.split(":", 1)[0].lower() == "ssl":
+            raise self.fail(key, "ssl: endpoints are not supported; use tcp: or unix:, the gateway adds TLS")
+        try:
+            clientFromString(MemoryReactor(), value)
+        except Exception as error:
+            raise self.fail(key, f"bad endpoint {value!r}: {_endpoint_error(error)}") from None
+        return value
+
+    # -- sections -----------------------------------------------------------------------------
+
+    def gateway(self, data: dict[str, Any]) -> GatewayConfig:
+        self.table(data, "", {"trust", "reload_interval", "status", "timeouts", "admin", "service"})
+        trust = self.required(data, "trust", "", self.existing_file)
+        reload_interval = self.optional(data, "reload_interval", "", self.seconds, None)
+        status = self.status(data.get("status", {}))
+        timeouts = self.timeouts(data.get("timeouts", {}))
+        admin = None
+        if "admin" in data:
+            admin_table = self.table(data["admin"], "admin", {"listen"})
+            admin = AdminConfig(listen=self.required(admin_table, "listen", "admin", self.server_endpoint))
+        services_data = self.required(data, "service", "", self.tables)
+        if not services_data:
+            raise self.fail("service", "at least one [[service]] is required")
+        services = tuple(self.service(item, f"service[{i}]") for i, item in enumerate(services_data))
+        self.check_unique(
+            ((f"service[{i}].name", s.name) for i, s in enumerate(services)), "service name"
+        )
+        self.check_unique(
+            (
+                (f"service[{i}].{kind}[{j}].name", route.name)
+                for i, s in enumerate(services)
+                for kind, routes in (("inbound", s.inbound), ("outbound", s.outbound))
+                for j, route in enumerate(routes)
+            ),
+            "route name",
+        )
+        return GatewayConfig(
+            path=self.path,
+            trust=trust,
+            services=services,
+            status=status,
+            timeouts=timeouts,
+            reload_interval=reload_interval,
+            admin=admin,
+        )
+
+    def check_unique(self, items: Iterator[tuple[str, str]], what: str) -> None:
+        seen: dict[str, str] = {}
+        for key, value in items:
+            if value in seen:
+                raise self.fail(key, f"duplicate {what} {value!r} (also at {seen[value]})")
+            seen[value] = key
+
+    def status(self, value: Any) -> StatusConfig:
+        key = "status"
+        table = self.table(
+            value, key, {"mode", "url", "fail", "crl", "timeout", "max_cache_age", "cache_size"}
+        )
+        defaults = StatusConfig()
+        mode = self.optional(table, "mode", key, self.choice(("ocsp", "crl", "off")), defaults.mode)
+        url = self.optional(table, "url", key, self.url, None)
+        crl = self.optional(table, "crl", key, self.file, None)
+        if mode == "ocsp" and url is None:
+            raise self.fail("status.url", 'required when status.mode = "ocsp"')
+        if mode == "crl" and crl is None:
+            raise self.fail("status.crl", 'required when status.mode = "crl"')
+        return StatusConfig(
+            mode=mode,
+            url=url,
+            fail=self.optional(table, "fail", key, self.choice(("closed", "open")), defaults.fail),
+            crl=crl,
+            timeout=self.optional(table, "timeout", key, self.seconds, defaults.timeout),
+            max_cache_age=self.optional(table, "max_cache_age", key, self.seconds, defaults.max_cache_age),
+            cache_size=self.optional(table, "cache_size", key, self.count, defaults.cache_size),
+        )
+
+    def timeouts(self, value: Any) -> TimeoutsConfig:
+        key = "timeouts"
+        table = self.table(value, key, {"handshake", "connect", "idle", "drain"})
+        d = TimeoutsConfig()
+        return TimeoutsConfig(
+            handshake=self.optional(table, "handshake", key, self.seconds, d.handshake),
+            connect=self.optional(table, "connect", key, self.seconds, d.connect),
+            idle=self.optional(table, "idle", key, self.seconds, d.idle),
+            drain=self.optional(table, "drain", key, self.seconds, d.drain),
+        )
+
+    def service(self, value: Any, key: str) -> ServiceConfig:
+        table = self.table(value, key, {"name", "cert", "key", "inbound", "outbound"})
+        name = self.required(table, "name", key, self.name)
+        cert = self.required(table, "cert", key, self.existing_file)
+        private_key = self.required(table, "key", key, self.existing_file)
+        inbound = [
+            self.inbound(item, f"{key}.inbound[{i}]", name, i)
+            for i, item in enumerate(self.optional(table, "inbound", key, self.tables, []))
+        ]
+        outbound = [
+            self.outbound(item, f"{key}.outbound[{i}]", name)
+            for i, item in enumerate(self.optional(table, "outbound", key, self.tables, []))
+        ]
+        return ServiceConfig(
+            name=name, cert=cert, key=private_key, inbound=tuple(inbound), outbound=tuple(outbound)
+        )
+
+    def inbound(self, value: Any, key: str, service: str, index: int) -> InboundRoute:
+        table = self.table(value, key, {"name", "listen", "backend", "allow", "max_connections"})
+        return InboundRoute(
+            name=self.optional(table, "name", key, self.name, f"{service}-in-{index}"),
+            service=service,
+            listen=self.required(table, "listen", key, self.server_endpoint),
+            backend=self.required(table, "backend", key, self.client_endpoint),
+            allow=self.optional(table, "allow", key, self.allow_list, ()),
+            max_connections=self.optional(table, "max_connections", key, self.count, 1024),
+        )
+
+    def outbound(self, value: Any, key: str, service: str) -> OutboundRoute:
+        table = self.table(value, key, {"name", "listen", "remote", "peer", "max_connections"})
+        peer = self.required(table, "peer", key, self.peer_name)
+        default_name = f"{service}-to-{peer.rstrip('/').rsplit('/', 1)[-1]}"
+        return OutboundRoute(
+            name=self.optional(table, "name", key, self.name, default_name),
+            service=service,
+            listen=self.required(table, "listen", key, self.server_endpoint),
+            remote=self.required(table, "remote", key, self.client_endpoint),
+            peer=peer,
+            max_connections=self.optional(table, "max_connections", key, self.count, 1024),
+        )
+
+
+def _same_listen(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two listening endpoints would collide (port 0 never does)."""
+    if a[0] == b[0] == "tcp":
+        if a[1] == 0 or a[1] != b[1]:
+            return False
+        wildcard = ("", "0.0.0.0", "::")
+        return a[2] == b[2] or a[2] in wildcard or b[2] in wildcard
+    return a == b
+
+
+def _endpoint_error(error: Exception) -> str:
+    """Turn a Twisted endpoint parser exception into words."""
+    text = str(error)
+    if isinstance(error, TypeError):
+        if "unexpected keyword argument" in text:
+            return "unknown option " + text.rsplit(" ", 1)[-1]
+        if "multiple values" in text or "positional argument" in text:
+            return "wrong number of fields (escape ':' in addresses as '\\:')"
+    if isinstance(error, (IndexError, KeyError)):
+        return "incomplete description"
+    return text or type(error).__name__

@@ -1,0 +1,275 @@
+"""PEM files <-> ``cryptography`` objects, and the certificate facts the gateway relies on.
+
+Pure and synchronous: callers that run on the reactor read files in a thread. Errors are
+:class:`PKIError` with a message fit for the log, naming the file when there is one.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from s2sgw.errors import S2sgwError
+
+PrivateKey = (
+    rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
+)
+
+_PEM_CERT = b"-----BEGIN CERTIFICATE-----"
+
+
+class PKIError(S2sgwError):
+    """A certificate, key or CRL file is missing, malformed or does not check out."""
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise PKIError(f"{path}: cannot read: {error.strerror or error}") from None
+
+
+def parse_certificates(data: bytes, source: str = "<bytes>") -> list[x509.Certificate]:
+    """Every certificate in PEM ``data``, in file order; at least one, and no truncated block."""
+    if data.count(_PEM_CERT) != data.count(b"-----END CERTIFICATE-----"):
+        raise PKIError(f"{source}: truncated PEM certificate")
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError as error:
+        raise PKIError(f"{source}: malformed PEM certificate: {error}") from None
+    if not certificates:
+        raise PKIError(f"{source}: no certificate found")
+    return certificates
+
+
+def load_certificates(path: Path) -> list[x509.Certificate]:
+    """A PEM file's certificates: a chain (leaf first) or a trust bundle."""
+    return parse_certificates(_read(path), str(path))
+
+
+def parse_private_key(data: bytes, source: str = "<bytes>") -> PrivateKey:
+    """An unencrypted PEM private key (RSA, EC, Ed25519 or Ed448)."""
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise PKIError(f"{source}: private key is encrypted; s2sgw needs an unencrypted key") from None
+    except Exception as error:  # cryptography raises ValueError or UnsupportedAlgorithm
+        raise PKIError(f"{source}: malformed private key: {error}") from None
+    if not isinstance(
+        key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)
+    ):
+        raise PKIError(f"{source}: unsupported private key type {type(key).__name__}")
+    return key
+
+
+def load_private_key(path: Path) -> PrivateKey:
+    return parse_private_key(_read(path), str(path))
+
+
+def parse_crl(data: bytes, source: str = "<bytes>") -> x509.CertificateRevocationList:
+    """A CRL in PEM or DER."""
+    try:
+        if b"-----BEGIN X509 CRL-----" in data:
+            return x509.load_pem_x509_crl(data)
+        return x509.load_der_x509_crl(data)
+    except ValueError as error:
+        raise PKIError(f"{source}: malformed CRL: {error}") from None
+
+
+def load_crl(path: Path) -> x509.CertificateRevocationList:
+    return parse_crl(_read(path), str(path))
+
+
+# -- facts about certificates --------------------------------------------------------------------
+
+
+def key_matches_certificate(key: PrivateKey, certificate: x509.Certificate) -> bool:
+    """Whether ``key`` is the private half of ``certificate``'s public key."""
+    ours = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    theirs = certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return ours == theirs
+
+
+def _san(certificate: x509.Certificate) -> x509.SubjectAlternativeName | None:
+    try:
+        return certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def has_san(certificate: x509.Certificate) -> bool:
+    """Whether the certificate carries a non-empty subjectAltName (we never read the CN)."""
+    san = _san(certificate)
+    return san is not None and len(san) > 0
+
+
+def spiffe_ids(certificate: x509.Certificate) -> list[str]:
+    """The certificate's ``spiffe://`` URI SANs, exactly as written."""
+    san = _san(certificate)
+    if san is None:
+        return []
+    return [
+        uri for uri in san.get_values_for_type(x509.UniformResourceIdentifier) if uri.startswith("spiffe://")
+    ]
+
+
+def spiffe_id(certificate: x509.Certificate) -> str | None:
+    """The certificate's one SPIFFE ID; None when it has none or (invalid per SPIFFE) several."""
+    ids = spiffe_ids(certificate)
+    return ids[0] if len(ids) == 1 else None
+
+
+def dns_names(certificate: x509.Certificate) -> list[str]:
+    san = _san(certificate)
+    return [] if san is None else list(san.get_values_for_type(x509.DNSName))
+
+
+def identity(certificate: x509.Certificate) -> str | None:
+    """The name logs show for a peer: its SPIFFE ID, else its first DNS SAN."""
+    names = spiffe_ids(certificate) or dns_names(certificate)
+    return names[0] if names else None
+
+
+def trust_domain(spiffe: str) -> str:
+    """``spiffe://DOMAIN/path`` -> ``DOMAIN``."""
+    if not spiffe.startswith("spiffe://"):
+        raise ValueError(f"not a SPIFFE ID: {spiffe!r}")
+    return spiffe[len("spiffe://") :].split("/", 1)[0]
+
+
+def extended_key_usages(certificate: x509.Certificate) -> set[x509.ObjectIdentifier] | None:
+    """The EKU OIDs, or None when the extension is absent (which OpenSSL treats as any use)."""
+    try:
+        return set(certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return None
+
+
+def allows_usage(certificate: x509.Certificate, usage: x509.ObjectIdentifier) -> bool:
+    """Whether the EKU permits ``usage`` (absent EKU or anyExtendedKeyUsage permits all)."""
+    usages = extended_key_usages(certificate)
+    return usages is None or usage in usages or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages
+
+
+def is_ca(certificate: x509.Certificate) -> bool:
+    try:
+        return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def serial_hex(certificate: x509.Certificate) -> str:
+    return format(certificate.serial_number, "x")
+
+
+def validity_problem(certificate: x509.Certificate, now: datetime.datetime) -> str | None:
+    """"expired" / "not yet valid" / None at ``now`` (aware UTC)."""
+    if now > certificate.not_valid_after_utc:
+        return f"expired at {certificate.not_valid_after_utc.isoformat()}"
+    if now < certificate.not_valid_before_utc:
+        return f"not valid before {certificate.not_valid_before_utc.isoformat()}"
+    return None
+
+
+def describe(certificate: x509.Certificate) -> str:
+    """One line for logs: identity, serial and expiry."""
+    return (
+        f"{identity(certificate) or certificate.subject.rfc4514_string()} "
+        f"serial {serial_hex(certificate)} "
+        f"expires {certificate.not_valid_after_utc.isoformat()}"
+    )
+
+
+# -- chains and CRLs -----------------------------------------------------------------------------
+
+
+def verify_chain(
+    chain: Sequence[x509.Certificate],
+    roots: Iterable[x509.Certificate],
+    now: datetime.datetime | None = None,
+) -> None:
+    """Check ``chain`` (leaf first) against ``roots`` with OpenSSL's path building.
+
+    Raises :class:`PKIError` naming OpenSSL's verdict. ``now`` pins the verification time; by
+    default OpenSSL uses the system clock.
+    """
+    from OpenSSL import crypto
+
+    store = crypto.X509Store()
+    for root in roots:
+        store.add_cert(crypto.X509.from_cryptography(root))
+    if now is not None:
+        store.set_time(now.astimezone(datetime.UTC).replace(tzinfo=None))
+    leaf, *rest = chain
+    context = crypto.X509StoreContext(
+        store,
+        crypto.X509.from_cryptography(leaf),
+        [crypto.X509.from_cryptography(c) for c in rest],
+    )
+    try:
+        context.verify_certificate()
+    except crypto.X509StoreContextError as error:
+        subject = error.certificate.to_cryptography().subject.rfc4514_string() if error.certificate else "?"
+        raise PKIError(f"certificate chain does not verify: {error} (at {subject})") from None
+
+
+def issuer_of(certificate: x509.Certificate, candidates: Iterable[x509.Certificate]) -> x509.Certificate | None:
+    """The candidate whose key signed ``certificate``, if any."""
+    for candidate in candidates:
+        if candidate.subject != certificate.issuer:
+            continue
+        try:
+            certificate.verify_directly_issued_by(candidate)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return candidate
+    return None
+
+
+def check_crl(
+    crl: x509.CertificateRevocationList,
+    issuers: Iterable[x509.Certificate],
+    now: datetime.datetime,
+    source: str = "CRL",
+) -> x509.Certificate:
+    """Check the CRL's signature against one of ``issuers`` and that it is current; return its issuer."""
+    for issuer in issuers:
+        if issuer.subject != crl.issuer:
+            continue
+        if crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+            break
+    else:
+        raise PKIError(f"{source}: signature does not verify against any trusted CA certificate")
+    if crl.last_update_utc > now + datetime.timedelta(minutes=5):
+        raise PKIError(f"{source}: issued in the future ({crl.last_update_utc.isoformat()})")
+    if crl.next_update_utc is None:
+        raise PKIError(f"{source}: has no nextUpdate; cannot judge freshness")
+    if crl.next_update_utc < now:
+        raise PKIError(f"{source}: stale since {crl.next_update_utc.isoformat()}")
+    return issuer
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return None
+
+
+def is_revoked(crl: x509.CertificateRevocationList, certificate: x509.Certificate) -> bool:
+    return crl.get_revoked_certificate_by_serial_number(certificate.serial_number) is not None
+

@@ -1,0 +1,301 @@
+"""TLS contexts for mutual authentication, and connection creators that follow reloads.
+
+Every context is built fresh from loaded material and never changed afterwards (pyOpenSSL
+>= 26.2 refuses setters on a context that made a connection); a reload builds new contexts and
+the creators below pick up whichever is current when a handshake starts.
+
+OpenSSL verifies the chain against our bundle only; our verify callback adds the checks
+OpenSSL does not make (a SAN, the right EKU, no CA leaf), fails closed on any exception and
+records why on the TLS protocol object as ``s2sgw_chain_error`` (a :class:`Reason` code), so
+the audit log can say why a handshake failed. Peer *identity* is the authorizer's job after the
+handshake; that is why the client side does not use ``optionsForClientTLS``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from s2sgw import pki
+from s2sgw.interfaces import Reason
+
+CHAIN_ERROR = "s2sgw_chain_error"  # attribute on the TLS protocol: first Reason code from verification
+CHAIN_ERROR_DETAIL = "s2sgw_chain_error_detail"  # plain words for the log
+
+# TLS 1.2 suites: forward secrecy (ECDHE) and AEAD only. TLS 1.3 suites are all AEAD + (EC)DHE.
+TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!SHA1"
+VERIFY_DEPTH = 6
+_SESSION_ID = b"s2sgw"
+
+# OpenSSL X509_V_ERR_* codes -> our reasons. Unlisted codes count as an untrusted chain.
+_X509_ERRORS: dict[int, tuple[str, str]] = {
+    2: (Reason.UNTRUSTED_CHAIN, "unable to get issuer certificate"),
+    3: (Reason.STATUS_UNKNOWN, "unable to get CRL"),
+    4: (Reason.UNTRUSTED_CHAIN, "unable to decrypt certificate signature"),
+    6: (Reason.UNTRUSTED_CHAIN, "unable to decode issuer public key"),
+    7: (Reason.UNTRUSTED_CHAIN, "certificate signature failure"),
+    8: (Reason.STATUS_INVALID, "CRL signature failure"),
+    9: (Reason.NOT_YET_VALID, "certificate is not yet valid"),
+    10: (Reason.EXPIRED, "certificate has expired"),
+    11: (Reason.STATUS_INVALID, "CRL is not yet valid"),
+    12: (Reason.STATUS_INVALID, "CRL has expired"),
+    13: (Reason.BAD_CERTIFICATE, "format error in certificate's notBefore field"),
+    14: (Reason.BAD_CERTIFICATE, "format error in certificate's notAfter field"),
+    18: (Reason.UNTRUSTED_CHAIN, "self-signed certificate"),
+    19: (Reason.UNTRUSTED_CHAIN, "self-signed certificate in certificate chain"),
+    20: (Reason.UNTRUSTED_CHAIN, "unable to get local issuer certificate"),
+    21: (Reason.UNTRUSTED_CHAIN, "unable to verify the first certificate"),
+    22: (Reason.UNTRUSTED_CHAIN, "certificate chain too long"),
+    23: (Reason.REVOKED, "certificate revoked"),
+    24: (Reason.UNTRUSTED_CHAIN, "invalid CA certificate"),
+    25: (Reason.UNTRUSTED_CHAIN, "path length constraint exceeded"),
+    26: (Reason.BAD_CERTIFICATE, "unsuitable certificate purpose"),
+    27: (Reason.UNTRUSTED_CHAIN, "certificate not trusted"),
+    28: (Reason.UNTRUSTED_CHAIN, "certificate rejected"),
+    32: (Reason.UNTRUSTED_CHAIN, "key usage does not include certificate signing"),
+    34: (Reason.BAD_CERTIFICATE, "unhandled critical extension"),
+    66: (Reason.BAD_CERTIFICATE, "EE certificate key too weak"),
+    67: (Reason.UNTRUSTED_CHAIN, "CA certificate key too weak"),
+    68: (Reason.BAD_CERTIFICATE, "CA signature digest algorithm too weak"),
+}
+
+_log = Logger(namespace="s2sgw.tls")
+
+
+def reason_for_verify_error(errno: int) -> tuple[str, str]:
+    """A Reason code and words for an OpenSSL X509_V_ERR_* number."""
+    return _X509_ERRORS.get(errno, (Reason.UNTRUSTED_CHAIN, f"certificate verify error {errno}"))
+
+
+# -- verification ----------------------------------------------------------------------------
+
+
+def _record(connection: SSL.Connection, reason: str, detail: str) -> None:
+    """Remember the first verification failure on the TLS protocol (the connection's app data)."""
+    target = connection.get_app_data()
+    if target is None:
+        return
+    if getattr(target, CHAIN_ERROR, None) is None:
+        setattr(target, CHAIN_ERROR, reason)
+        setattr(target, CHAIN_ERROR_DETAIL, detail)
+
+
+def _subject(certificate: Any) -> str:
+    try:
+        return certificate.to_cryptography().subject.rfc4514_string() or "(empty subject)"
+    except Exception:
+        return "?"
+
+
+def leaf_problem(leaf: x509.Certificate, usage: x509.ObjectIdentifier) -> tuple[str, str] | None:
+    """What OpenSSL lets through but we refuse in a peer's leaf certificate, if anything."""
+    if not pki.has_san(leaf):
+        return Reason.NO_IDENTITY, "certificate has no subjectAltName"
+    if pki.is_ca(leaf):
+        return Reason.BAD_CERTIFICATE, "leaf certificate is a CA (basicConstraints CA:TRUE)"
+    usages = pki.extended_key_usages(leaf)
+    if usages is None or usage not in usages:
+        name = "clientAuth" if usage == ExtendedKeyUsageOID.CLIENT_AUTH else "serverAuth"
+        return Reason.BAD_CERTIFICATE, f"extendedKeyUsage lacks {name}"
+    return None
+
+
+@attrs.frozen
+class _Verifier:
+    """The verify callback for one side: ``usage`` is the EKU the *peer's* leaf must carry."""
+
+    usage: x509.ObjectIdentifier
+
+    def __call__(self, connection: SSL.Connection, certificate: Any, errno: int, depth: int, ok: int) -> bool:
+        try:
+            if not ok:
+                reason, words = reason_for_verify_error(errno)
+                _record(connection, reason, f"{words} (depth {depth}: {_subject(certificate)})")
+                return False
+            if depth == 0:
+                problem = leaf_problem(certificate.to_cryptography(), self.usage)
+                if problem is not None:
+                    reason, words = problem
+                    _record(connection, reason, f"{words} ({_subject(certificate)})")
+                    return False
+            return True
+        except BaseException as error:  # fail closed; pyOpenSSL would re-raise it mid-handshake
+            try:
+                _record(connection, Reason.BAD_CERTIFICATE, f"verification failed: {error!r}")
+                _log.warn("certificate verification raised {error!r}; refusing", error=error)
+            except BaseException:
+                pass
+            return False
+
+
+def _context(
+    chain: Sequence[x509.Certificate],
+    key: pki.PrivateKey,
+    roots: Sequence[x509.Certificate],
+    verify_mode: int,
+    peer_usage: x509.ObjectIdentifier,
+) -> SSL.Context:
+    if not chain:
+        raise ValueError("empty certificate chain")
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(
+        SSL.OP_NO_COMPRESSION
+        | SSL.OP_NO_RENEGOTIATION
+        | SSL.OP_NO_TICKET  # no resumption: every connection proves its certificate against current trust
+        | SSL.OP_CIPHER_SERVER_PREFERENCE
+    )
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    context.set_session_id(_SESSION_ID)
+    context.set_cipher_list(TLS12_CIPHERS)
+    context.use_certificate(chain[0])
+    for intermediate in chain[1:]:
+        context.add_extra_chain_cert(intermediate)
+    context.use_privatekey(key)
+    context.check_privatekey()
+    store = context.get_cert_store()  # empty: no system roots are ever loaded
+    assert store is not None
+    for root in roots:
+        store.add_cert(crypto.X509.from_cryptography(root))
+    context.set_verify(verify_mode, _Verifier(peer_usage))
+    context.set_verify_depth(VERIFY_DEPTH)
+    return context
+
+
+def server_context(
+    chain: Sequence[x509.Certificate], key: pki.PrivateKey, roots: Sequence[x509.Certificate]
+) -> SSL.Context:
+    """A context for inbound listeners: a client certificate chaining to ``roots`` is required."""
+    context = _context(
+        chain,
+        key,
+        roots,
+        SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    )
+    for root in roots:  # tells clients such as openssl s_client which certificate to send
+        context.add_client_ca(root)
+    return context
+
+
+def client_context(
+    chain: Sequence[x509.Certificate], key: pki.PrivateKey, roots: Sequence[x509.Certificate]
+) -> SSL.Context:
+    """A context for outbound connections: presents our chain, verifies the server's against ``roots``."""
+    return _context(chain, key, roots, SSL.VERIFY_PEER, ExtendedKeyUsageOID.SERVER_AUTH)
+
+
+# -- connection creators -----------------------------------------------------------------------
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+@attrs.frozen
+class ServerConnectionCreator:
+    """Makes each inbound connection from whatever context ``current`` returns at that moment."""
+
+    current: Callable[[], SSL.Context]
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self.current(), None)
+        connection.set_app_data(tlsProtocol)
+        connection.set_accept_state()
+        return connection
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+@attrs.frozen
+class ClientConnectionCreator:
+    """Makes each outbound connection from the current context and sends SNI for ``hostname``.
+
+    The chain is verified by OpenSSL; the remote's identity is checked by the authorizer once
+    the handshake completes.
+    """
+
+    current: Callable[[], SSL.Context]
+    hostname: str
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self.current(), None)
+        connection.set_app_data(tlsProtocol)
+        name = sni_name(self.hostname)
+        if name is not None:
+            connection.set_tlsext_host_name(name)
+        connection.set_connect_state()
+        return connection
+
+
+def sni_name(hostname: str) -> bytes | None:
+    """The SNI bytes for ``hostname``; None for IP addresses and empty names (SNI forbids them)."""
+    hostname = hostname.strip().rstrip(".")
+    if not hostname:
+        return None
+    try:
+        ipaddress.ip_address(hostname.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        return None
+    try:
+        return hostname.encode("idna")
+    except UnicodeError:
+        return None
+
+
+# -- after the handshake -------------------------------------------------------------------------
+
+
+def chain_error(tls_protocol: Any) -> tuple[str, str] | None:
+    """The verification failure recorded on ``tls_protocol``, as (reason, detail)."""
+    reason = getattr(tls_protocol, CHAIN_ERROR, None)
+    if reason is None:
+        return None
+    return reason, getattr(tls_protocol, CHAIN_ERROR_DETAIL, "")
+
+
+def handshake_failure(tls_protocol: Any, reason: Failure | BaseException | None) -> tuple[str, str]:
+    """Classify a failed handshake as (Reason code, detail) for the audit log.
+
+    Our own verify callback's verdict wins; otherwise OpenSSL's error text tells a missing
+    client certificate from other TLS errors (versions, ciphers, garbage, alerts from the peer).
+    """
+    recorded = chain_error(tls_protocol)
+    if recorded is not None:
+        return recorded
+    error = reason.value if isinstance(reason, Failure) else reason
+    text = _ssl_error_text(error)
+    if "peer did not return a certificate" in text or "alert certificate required" in text:
+        return Reason.NO_CLIENT_CERT, text
+    return Reason.TLS_ERROR, text or (repr(error) if error is not None else "connection lost during handshake")
+
+
+def _ssl_error_text(error: BaseException | None) -> str:
+    if not isinstance(error, SSL.Error):
+        return str(error) if error is not None else ""
+    parts = []
+    for item in error.args[0] if error.args and isinstance(error.args[0], list) else []:
+        if isinstance(item, tuple) and item:
+            parts.append(str(item[-1]))
+    return "; ".join(parts) or str(error)
+
+
+def peer_chain(tls_protocol: Any) -> list[x509.Certificate]:
+    """The peer's verified chain, leaf first, after a completed handshake (empty if none)."""
+    connection: SSL.Connection = tls_protocol.getHandle()
+    chain = connection.get_verified_chain(as_cryptography=True)
+    return list(chain or [])
+
+
+def negotiated(tls_protocol: Any) -> tuple[str, str]:
+    """(protocol version, cipher name) for the audit log."""
+    connection: SSL.Connection = tls_protocol.getHandle()
+    return connection.get_protocol_version_name(), connection.get_cipher_name() or ""
