@@ -2,22 +2,96 @@
 
 from __future__ import annotations
 
+import datetime
+from typing import Any
+
+from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
+from s2sgw.ca.ocsp import Responder
+from s2sgw.ca.server import (
+    DEFAULT_MAX_BODY,
+    DEFAULT_TIMEOUT,
+    StatusPublisher,
+    StatusSite,
+    StoreWatcher,
+    build_root,
+    thread_runner,
+)
+
+
+def _positive(kind: type, what: str):
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise usage.UsageError(f"{what} must be a number, not {text!r}") from None
+        if value <= 0:
+            raise usage.UsageError(f"{what} must be positive, not {text!r}")
+        return value
+
+    return parse
+
 
 class Options(usage.Options):
-    synopsis = "--dir DIR [--listen ENDPOINT]"
-    longdesc = "Serve OCSP answers, the CRL and the trust bundle of the CA in DIR."
+    synopsis = "--dir DIR [--listen ENDPOINT] [--validity SECONDS] [--max-body BYTES]"
+    longdesc = (
+        "Serve OCSP answers (POST /ocsp, GET /ocsp/BASE64), the CRL (/crl), the trust bundle "
+        "(/bundle.pem) and a health check (/healthz) for the CA in DIR. Revocations made with "
+        "`s2sgw ca revoke` show within a second, without a restart."
+    )
     optParameters = [
         ["dir", "d", None, "CA directory made by `s2sgw ca init`.", str],
         ["listen", "l", "tcp:8080:interface=127.0.0.1", "Endpoint to listen on.", str],
+        ["validity", None, 300.0, "Seconds from thisUpdate to nextUpdate of OCSP answers.",
+         _positive(float, "--validity")],
+        ["crl-hours", None, 24.0, "Lifetime of published CRLs, in hours (regenerated at half).",
+         _positive(float, "--crl-hours")],
+        ["max-body", None, DEFAULT_MAX_BODY, "Largest request body accepted, in bytes.",
+         _positive(int, "--max-body")],
+        ["timeout", None, DEFAULT_TIMEOUT, "Idle timeout of client connections, in seconds.",
+         _positive(float, "--timeout")],
+        ["poll-interval", None, 0.25, "Seconds between checks of the CA store for changes.",
+         _positive(float, "--poll-interval")],
     ]
+
+    ca: Any = None
 
     def postOptions(self) -> None:
         if not self["dir"]:
             raise usage.UsageError("--dir is required")
+        if self["validity"] < 10:
+            raise usage.UsageError("--validity must be at least 10 seconds")
+        from s2sgw.ca.authority import CAError, CertificateAuthority
+
+        try:
+            self.ca = CertificateAuthority.open(self["dir"])
+        except CAError as error:
+            raise usage.UsageError(f"--dir {self['dir']} is not a usable CA directory: {error}") from None
 
 
-def makeService(options: Options, reactor=None) -> IService:
-    return MultiService()
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+    ca = options.ca
+    responder = Responder(
+        issuer=ca.intermediate_cert,
+        signer_cert=ca.ocsp_cert,
+        signer_key=ca.ocsp_key,
+        validity=datetime.timedelta(seconds=options["validity"]),
+    )
+    publisher = StatusPublisher(
+        ca=ca,
+        responder=responder,
+        clock=reactor,
+        in_thread=thread_runner(reactor),
+        crl_hours=options["crl-hours"],
+    )
+    top = MultiService()
+    StoreWatcher(publisher, reactor, poll_interval=options["poll-interval"]).setServiceParent(top)
+    site = StatusSite(
+        build_root(publisher), max_body=options["max-body"], timeout=options["timeout"], reactor=reactor
+    )
+    strports.service(options["listen"], site, reactor=reactor).setServiceParent(top)
+    return top
