@@ -41,7 +41,9 @@ __all__ = [
     "CertificateAuthority",
     "IssuedIdentity",
     "parse_serial",
+    "write_atomically",
     "validate_dns_name",
+    "validate_ip",
     "validate_service_name",
     "validate_trust_domain",
 ]
@@ -99,7 +101,7 @@ def validate_dns_name(name: str) -> str:
     return lowered
 
 
-def _validate_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def validate_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     try:
         return ipaddress.ip_address(text)
     except ValueError:
@@ -332,17 +334,25 @@ def _write_temp(path: Path, data: bytes, mode: int) -> Path:
 def _write_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
     """Write every file or none: all to temporaries first, then rename each into place."""
     temps: list[tuple[Path, Path]] = []
+    current = files[0][0]
     try:
-        for path, data, mode in files:
-            temps.append((_write_temp(path, data, mode), path))
-        for temp, path in temps:
-            os.replace(temp, path)
+        for current, data, mode in files:
+            temps.append((_write_temp(current, data, mode), current))
+        for temp, current in temps:
+            os.replace(temp, current)
     except OSError as error:
         for temp, _ in temps:
             temp.unlink(missing_ok=True)
-        raise CAError(f"cannot write {error.filename or files[0][0]}: {error.strerror}") from None
+        raise CAError(f"cannot write {current}: {error.strerror}") from None
     for directory in {path.parent for path, _, _ in files}:
         _fsync_dir(directory)
+
+
+def write_atomically(path: Path | str, data: bytes, mode: int = 0o644) -> Path:
+    """Replace ``path`` with ``data`` in one rename (CAError on failure, no partial file)."""
+    path = Path(path)
+    _write_files([(path, data, mode)])
+    return path
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -559,7 +569,7 @@ class CertificateAuthority:
         dns_names = _unique(
             [name, validate_dns_name(f"{name}.{self.trust_domain}")] + [validate_dns_name(d) for d in dns]
         )
-        addresses = _unique([_validate_ip(ip) for ip in ips])
+        addresses = _unique([validate_ip(ip) for ip in ips])
         now = _utc(now)
         not_before = now - BACKDATE
         try:

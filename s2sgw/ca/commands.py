@@ -1,9 +1,189 @@
-"""``s2sgw ca ...``: init, issue, revoke, crl, list."""
+"""``s2sgw ca ...``: init, issue, revoke, crl, list.
+
+Thin wrappers over :class:`~s2sgw.ca.authority.CertificateAuthority`: parse, call, report.
+Every failure is a :class:`~s2sgw.ca.authority.CAError`, which ``s2sgw.cli`` prints as one line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from s2sgw.ca.authority import (
+    KEY_TYPES,
+    REVOCATION_REASONS,
+    CAError,
+    CertificateAuthority,
+    CertRecord,
+    parse_serial,
+    validate_dns_name,
+    validate_ip,
+    validate_service_name,
+    write_atomically,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """CA subcommands are added here as they land."""
+    """Add the ``ca`` group and its subcommands to the top-level parser."""
+    ca = sub.add_parser(
+        "ca",
+        help="run the certificate authority: init, issue, revoke, crl, list",
+        description="Create a CA, issue service identities, revoke them and publish CRLs.",
+    )
+    commands = ca.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
+
+    init = commands.add_parser(
+        "init",
+        help="create a root CA, an issuing CA and an OCSP signer in DIR",
+        description="Create an offline root CA, an intermediate issuing CA and a delegated OCSP "
+        "signing certificate in DIR. DIR/bundle.pem is the trust bundle.",
+    )
+    _dir_option(init)
+    init.add_argument("--trust-domain", required=True, metavar="DOMAIN", help="e.g. example.internal")
+    init.add_argument("--key-type", choices=KEY_TYPES, default="ecdsa-p256", help="default: %(default)s")
+    init.add_argument(
+        "--url",
+        metavar="URL",
+        help="public base URL of the status server (http://HOST:PORT); leaves then name URL/crl and URL/ocsp",
+    )
+    init.set_defaults(run=run_init)
+
+    issue = commands.add_parser(
+        "issue",
+        help="issue a certificate and key for a service",
+        description="Write OUTDIR/NAME.pem (leaf, then intermediate) and OUTDIR/NAME.key (0600).",
+    )
+    _dir_option(issue)
+    issue.add_argument("name", metavar="NAME", help="service name: a-z, 0-9 and '-'")
+    issue.add_argument("--out", required=True, metavar="OUTDIR", type=Path, help="where to write the files")
+    issue.add_argument("--dns", action="append", default=[], metavar="N", help="extra DNS name (repeatable)")
+    issue.add_argument("--ip", action="append", default=[], metavar="A", help="IP address SAN (repeatable)")
+    issue.add_argument("--hours", type=float, default=24.0, metavar="H", help="lifetime (default: %(default)g)")
+    issue.set_defaults(run=run_issue)
+
+    revoke = commands.add_parser(
+        "revoke",
+        help="revoke every certificate of a service, or one serial",
+        description="Revoke every unrevoked certificate issued to NAME, or the one with --serial.",
+    )
+    _dir_option(revoke)
+    revoke.add_argument("name", metavar="NAME", nargs="?", help="service name")
+    revoke.add_argument("--serial", metavar="HEX", help="serial number in hexadecimal")
+    revoke.add_argument(
+        "--reason", choices=REVOCATION_REASONS, default="unspecified", metavar="REASON",
+        help=f"one of {', '.join(REVOCATION_REASONS)} (default: %(default)s)",
+    )
+    revoke.set_defaults(run=run_revoke)
+
+    crl = commands.add_parser(
+        "crl",
+        help="write a fresh CRL signed by the issuing CA",
+        description="Write a CRL with the next CRL number, valid for 24 hours.",
+    )
+    _dir_option(crl)
+    crl.add_argument("--out", required=True, metavar="FILE", type=Path, help="where to write the CRL")
+    crl.add_argument("--pem", action="store_true", help="write PEM instead of DER")
+    crl.set_defaults(run=run_crl)
+
+    listing = commands.add_parser("list", help="show every issued certificate and its status")
+    _dir_option(listing)
+    listing.set_defaults(run=run_list)
+
+
+def _dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", required=True, metavar="DIR", type=Path, help="the CA directory")
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+
+
+def _time(moment: datetime.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def run_init(args: argparse.Namespace) -> int:
+    ca = CertificateAuthority.init(args.dir, args.trust_domain, key_type=args.key_type, url=args.url)
+    _out(f"created CA for trust domain {ca.trust_domain} in {ca.directory} ({ca.key_type})")
+    _out(f"trust bundle: {ca.directory / 'bundle.pem'}")
+    if ca.url:
+        _out(f"leaves point at {ca.url}/crl and {ca.url}/ocsp")
+    return 0
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Fail before issuing, so an unwritable OUTDIR leaves no unused certificate behind."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".s2sgw-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise CAError(f"cannot write to {out_dir}: {error.strerror}") from None
+
+
+def run_issue(args: argparse.Namespace) -> int:
+    ca = CertificateAuthority.open(args.dir)
+    validate_service_name(args.name)
+    for name in args.dns:
+        validate_dns_name(name)
+    for address in args.ip:
+        validate_ip(address)
+    _prepare_out_dir(args.out)
+    identity = ca.issue(args.name, dns=args.dns, ips=args.ip, hours=args.hours)
+    pem, key = ca.write_identity(identity, args.out)
+    record = identity.record
+    _out(f"issued {record.name} serial {record.serial_hex} valid until {_time(record.not_after)}")
+    _out(f"certificate chain: {pem}")
+    _out(f"private key: {key}")
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    if (args.name is None) == (args.serial is None):
+        raise CAError("revoke needs exactly one of NAME or --serial HEX")
+    ca = CertificateAuthority.open(args.dir)
+    serial = None if args.serial is None else parse_serial(args.serial)
+    for record in ca.revoke(name=args.name, serial=serial, reason=args.reason):
+        _out(f"revoked {record.name} serial {record.serial_hex} ({record.reason})")
+    return 0
+
+
+def run_crl(args: argparse.Namespace) -> int:
+    ca = CertificateAuthority.open(args.dir)
+    crl = ca.make_crl()
+    encoding = serialization.Encoding.PEM if args.pem else serialization.Encoding.DER
+    write_atomically(args.out, crl.public_bytes(encoding), 0o644)
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    _out(
+        f"wrote CRL number {number} with {len(crl)} entries to {args.out}, "
+        f"next update {_time(crl.next_update_utc)}"
+    )
+    return 0
+
+
+def status_text(record: CertRecord, now: datetime.datetime) -> str:
+    state = record.state(now)
+    return f"revoked ({record.reason})" if state == "revoked" else state
+
+
+def run_list(args: argparse.Namespace) -> int:
+    ca = CertificateAuthority.open(args.dir)
+    now = _now()
+    rows = [("SERIAL", "NAME", "NOT AFTER", "STATUS")]
+    rows += [(r.serial_hex, r.name, _time(r.not_after), status_text(r, now)) for r in ca.records()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        _out("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    return 0

@@ -231,17 +231,21 @@ class CAStore:
         """Mark matching unrevoked leaves revoked in one transaction; return them as revoked."""
         with self._write() as connection:
             if serial is not None:
-                where, args, what = "serial = ?", (serial_hex(serial),), f"serial {serial_hex(serial)}"
+                where, args = "serial = ?", (serial_hex(serial),)
+                unknown = f"no certificate with serial {serial_hex(serial)}"
+                done = f"certificate {serial_hex(serial)} is already revoked"
             else:
-                where, args, what = "name = ?", (name,), f"name {name!r}"
+                where, args = "name = ?", (name,)
+                unknown = f"no certificate was issued to {name!r}"
+                done = f"every certificate issued to {name!r} is already revoked"
             matched = connection.execute(
                 f"SELECT serial, revoked_at FROM certificates WHERE kind = 'leaf' AND {where}", args
             ).fetchall()
             if not matched:
-                raise NotRevocable(f"no certificate with {what}")
+                raise NotRevocable(unknown)
             pending = [serial_text for serial_text, already in matched if already is None]
             if not pending:
-                raise NotRevocable(f"the certificate with {what} is already revoked")
+                raise NotRevocable(done)
             (seq,) = connection.execute("SELECT value FROM meta WHERE key = 'revocation_seq'").fetchone()
             for serial_text in pending:
                 seq += 1
