@@ -252,14 +252,14 @@ class _Parser:
             parsed = _parseServer(value, None)
         except Exception as error:  # the parsers raise ValueError, TypeError, IndexError, KeyError
             raise self.fail(key, f"bad endpoint {value!r}: {_endpoint_error(error)}") from None
-        kind, args = parsed[0], parsed[1:]
+        kind = parsed[0]
         if kind == "TCP":
-            port, _factory, _backlog, interface = args
+            (port, _factory), options = parsed[1], parsed[2]
             if not 0 <= port <= 65535:
                 raise self.fail(key, f"bad endpoint {value!r}: port out of range")
-            identity: tuple[Any, ...] = ("tcp", port, interface)
+            identity: tuple[Any, ...] = ("tcp", port, options.get("interface", ""))
         elif kind == "UNIX":
-            identity = ("unix", str(args[0]))
+            identity = ("unix", str(parsed[1][0]))
         else:
             identity = ("other", value)
         for other_identity, other_key, other_value in ((i, k, v) for k, i, v in self._listens):
