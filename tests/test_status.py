@@ -21,6 +21,7 @@ from zope.interface.verify import verifyObject
 from s2sgw.interfaces import CertStatus, IStatusChecker, StatusInvalid, StatusUnavailable
 from s2sgw.status import (
     CRLStatusChecker,
+    FakeStatusChecker,
     NoStatusChecker,
     OCSPStatusChecker,
     build_request,
@@ -677,3 +678,83 @@ class TestCRLStatusChecker:
 
 def test_no_status_checker_says_good(pki, clock):
     assert _result(NoStatusChecker(clock).check(pki.leaf.cert, pki.ca.cert)).state == "good"
+
+
+# ---------------------------------------------------------------------------------------------
+# one behavioural contract for every IStatusChecker, the fake included
+
+
+class StatusCheckerContract:
+    """What the gateway relies on from any status checker."""
+
+    def make(self, pki, clock, revoked: set[int]):
+        """Return (checker, settle): ``settle()`` lets pending I/O complete."""
+        raise NotImplementedError
+
+    def _check(self, pki, clock, cert, revoked=frozenset()):
+        checker, settle = self.make(pki, clock, set(revoked))
+        d = checker.check(cert, pki.ca.cert)
+        settle()
+        return checker, _result(d)
+
+    def test_provides_interface(self, pki, clock):
+        checker, _ = self.make(pki, clock, set())
+        assert verifyObject(IStatusChecker, checker)
+
+    def test_good_certificate_is_good(self, pki, clock):
+        _, status = self._check(pki, clock, pki.leaf.cert)
+        assert isinstance(status, CertStatus)
+        assert status.state == "good"
+        assert status.this_update <= NOW + MINUTE
+        assert status.revoked_at is None
+
+    def test_revoked_certificate_is_revoked_with_time(self, pki, clock):
+        _, status = self._check(pki, clock, pki.other.cert, {pki.other.cert.serial_number})
+        assert status.state == "revoked"
+        assert status.revoked_at is not None and status.revoked_at <= NOW + MINUTE
+
+    def test_revocation_of_one_serial_leaves_others_good(self, pki, clock):
+        checker, settle = self.make(pki, clock, {pki.other.cert.serial_number})
+        d1, d2 = checker.check(pki.leaf.cert, pki.ca.cert), checker.check(pki.other.cert, pki.ca.cert)
+        settle()
+        assert (_result(d1).state, _result(d2).state) == ("good", "revoked")
+
+
+class TestOCSPContract(StatusCheckerContract):
+    def make(self, pki, clock, revoked):
+        def answer(der):
+            serial = ocsp.load_der_ocsp_request(der).serial_number
+            leaf = {c.serial_number: c for c in (pki.leaf.cert, pki.other.cert)}[serial]
+            state = ocsp.OCSPCertStatus.REVOKED if serial in revoked else ocsp.OCSPCertStatus.GOOD
+            return make_response(der, leaf, pki.ca.cert, pki.responder, status=state)
+
+        stub = StubTreq(OCSPResource(answer))
+        return OCSPStatusChecker("http://ca.test/ocsp", clock, http=stub), stub.flush
+
+
+class TestCRLContract(StatusCheckerContract):
+    def make(self, pki, clock, revoked):
+        certs = [c for c in (pki.leaf.cert, pki.other.cert) if c.serial_number in revoked]
+        return CRLStatusChecker(make_crl(pki.ca, [(c, None) for c in certs]), clock), lambda: None
+
+
+class TestFakeContract(StatusCheckerContract):
+    def make(self, pki, clock, revoked):
+        checker = FakeStatusChecker(clock)
+        for serial in revoked:
+            checker.set(serial, "revoked")
+        return checker, lambda: None
+
+
+class TestFakeStatusChecker:
+    def test_failures_and_holding(self, pki, clock):
+        """The fake can fail like the real one and hold answers to test ordering."""
+        fake = FakeStatusChecker(clock, default=StatusUnavailable("down"))
+        _failure(fake.check(pki.leaf.cert, pki.ca.cert), StatusUnavailable)
+        fake.default = "good"
+        fake.hold = True
+        d = fake.check(pki.leaf.cert, pki.ca.cert)
+        assert not d.called
+        fake.release()
+        assert _result(d).state == "good"
+        assert [serial for serial, _ in fake.calls] == [pki.leaf.cert.serial_number] * 2
