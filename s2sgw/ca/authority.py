@@ -43,6 +43,7 @@ __all__ = [
     "parse_serial",
     "write_atomically",
     "validate_dns_name",
+    "validate_hours",
     "validate_ip",
     "validate_service_name",
     "validate_trust_domain",
@@ -131,7 +132,7 @@ def _validate_reason(reason: str) -> x509.ReasonFlags:
     return x509.ReasonFlags(reason)
 
 
-def _validate_hours(hours: float, what: str) -> float:
+def validate_hours(hours: float, what: str) -> float:
     if not isinstance(hours, (int, float)) or not math.isfinite(hours) or hours <= 0:
         raise CAError(f"{what} must be a positive number of hours, not {hours!r}")
     return float(hours)
@@ -565,7 +566,7 @@ class CertificateAuthority:
     ) -> IssuedIdentity:
         """Sign and record a leaf for service ``name``, valid from ``now`` - 5 min to ``now`` + hours."""
         validate_service_name(name)
-        hours = _validate_hours(hours, "the lifetime")
+        hours = validate_hours(hours, "the lifetime")
         dns_names = _unique(
             [name, validate_dns_name(f"{name}.{self.trust_domain}")] + [validate_dns_name(d) for d in dns]
         )
@@ -711,7 +712,7 @@ class CertificateAuthority:
         keep_expired: bool = False,
     ) -> x509.CertificateRevocationList:
         """A CRL with the next CRL number; expired revoked certificates are left out by default."""
-        hours = _validate_hours(hours, "the CRL lifetime")
+        hours = validate_hours(hours, "the CRL lifetime")
         if hours > MAX_CRL_HOURS:
             raise CAError(f"the CRL lifetime must be at most {MAX_CRL_HOURS:g} hours")
         now = _utc(now)

@@ -24,6 +24,7 @@ from s2sgw.ca.authority import (
     CertRecord,
     parse_serial,
     validate_dns_name,
+    validate_hours,
     validate_ip,
     validate_service_name,
     write_atomically,
@@ -140,6 +141,7 @@ def run_issue(args: argparse.Namespace) -> int:
         validate_dns_name(name)
     for address in args.ip:
         validate_ip(address)
+    validate_hours(args.hours, "the lifetime")
     _prepare_out_dir(args.out)
     identity = ca.issue(args.name, dns=args.dns, ips=args.ip, hours=args.hours)
     pem, key = ca.write_identity(identity, args.out)
