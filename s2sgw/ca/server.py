@@ -348,6 +348,15 @@ def decode_get_path(segments: list[bytes]) -> bytes | None:
         return None
 
 
+def _etag_matches(request: server.Request, etag: str) -> bool:
+    """If-None-Match (RFC 9110 13.1.2): a list of tags, weak ones compared by their opaque part."""
+    header = request.getHeader(b"If-None-Match")
+    if not header:
+        return False
+    tags = {tag.strip().removeprefix(b"W/") for tag in header.split(b",")}
+    return b"*" in tags or etag.encode("ascii") in tags
+
+
 class OCSPResource(resource.Resource):
     """``POST /ocsp`` and ``GET /ocsp/{base64 request}``."""
 
@@ -380,7 +389,9 @@ class OCSPResource(resource.Resource):
         def deliver(answer: Answer) -> None:
             if finished[0]:
                 return
-            request.write(self._write(request, answer, get))
+            body = self._write(request, answer, get)
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            request.write(body)
             request.finish()
 
         result.addCallback(deliver)
@@ -401,7 +412,7 @@ class OCSPResource(resource.Resource):
         request.setHeader(b"Expires", _http_date(answer.next_update))
         if answer.etag is not None:
             request.setHeader(b"ETag", answer.etag.encode("ascii"))
-            if request.getHeader(b"If-None-Match") == answer.etag:
+            if _etag_matches(request, answer.etag):
                 request.setResponseCode(http.NOT_MODIFIED)
                 return b""
         return answer.der
@@ -441,7 +452,7 @@ class CRLResource(resource.Resource):
             request.setHeader(b"Cache-Control", b"max-age=%d, public, no-transform" % max_age)
         if p.crl_etag is not None:
             request.setHeader(b"ETag", p.crl_etag.encode("ascii"))
-            if request.getHeader(b"If-None-Match") == p.crl_etag:
+            if _etag_matches(request, p.crl_etag):
                 request.setResponseCode(http.NOT_MODIFIED)
                 return b""
         return p.crl_der
