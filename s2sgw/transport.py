@@ -1,0 +1,320 @@
+"""Transports for the relay path: eager TCP writes, TLS without write aggregation, half-close over TLS.
+
+See PERFORMANCE.md: Twisted's default TCP transport never sends inside ``write()`` (it registers
+for writability and sends on the next reactor pass), and its default TLS transport holds small
+writes until the next tick. In a relay every read becomes exactly one write, so both only add
+latency and system calls. Nothing here patches Twisted globally: the subclasses are used only by
+the ports and connectors this module creates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from OpenSSL.SSL import Connection, Error, WantReadError, ZeroReturnError
+from twisted.internet import endpoints, tcp
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+    ITCPTransport,
+)
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.task import Clock
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from s2sgw.interfaces import ITrustStore
+
+# ---------------------------------------------------------------------------------------------
+# Eager writes
+
+
+class _EagerWrites:
+    """Send inside ``write()`` when nothing is queued; hand any remainder to the normal path.
+
+    Mixed in front of ``tcp.Server`` / ``tcp.Client``. The normal path (buffer, register for
+    writability, ``doWrite``) still owns partial sends, producer pausing, half-close and error
+    reporting, so the fast path only ever runs when the transport's buffers are empty and no
+    close is pending. A send error is not reported here (that would re-enter the protocol from
+    inside its own ``write``): the data goes to the normal path, whose ``doWrite`` on the next
+    reactor pass fails the same way and reports it through ``connectionLost``.
+    """
+
+    # Attributes of abstract.FileDescriptor (Twisted >= 26.4); declared for type checkers.
+    connected: int
+    disconnecting: int
+    _writeDisconnecting: bool
+    _writeDisconnected: bool
+    dataBuffer: bytes
+    offset: int
+    _tempDataLen: int
+
+    def write(self, data: bytes) -> None:
+        if (
+            self._tempDataLen == 0
+            and self.offset == len(self.dataBuffer)
+            and type(data) is bytes
+            and data
+            and self.connected
+            and not self.disconnecting
+            and not self._writeDisconnecting
+        ):
+            sent = self.writeSomeData(data)  # type: ignore[attr-defined]
+            if type(sent) is int:
+                if sent == len(data):
+                    return
+                if sent > 0:
+                    data = data[sent:]
+        super().write(data)  # type: ignore[misc]
+
+    def writeSequence(self, iovec: Any) -> None:
+        self.write(b"".join(iovec))
+
+
+class EagerServer(_EagerWrites, tcp.Server):
+    """An accepted TCP connection that writes eagerly."""
+
+
+class EagerClient(_EagerWrites, tcp.Client):
+    """An outgoing TCP connection that writes eagerly."""
+
+
+class EagerPort(tcp.Port):
+    """A listening TCP port whose connections write eagerly."""
+
+    transport = EagerServer
+
+
+class EagerConnector(tcp.Connector):
+    """A TCP connector whose connection writes eagerly."""
+
+    def _makeTransport(self) -> EagerClient:
+        return EagerClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+@attrs.define(eq=False)
+class _EagerTCPReactor:
+    """The real reactor, except that TCP listens and connects use the eager transports.
+
+    Handed only to the endpoints this module builds from ``tcp:`` strings, so Twisted's own
+    endpoint parsing and options (interface, backlog, timeout, bindAddress) stay in charge.
+    """
+
+    _reactor: PosixReactorBase
+
+    def listenTCP(self, port: int, factory: IProtocolFactory, backlog: int = 50, interface: str = "") -> EagerPort:
+        listening = EagerPort(port, factory, backlog, interface, self._reactor)
+        listening.startListening()
+        return listening
+
+    def connectTCP(
+        self,
+        host: str,
+        port: int,
+        factory: Any,
+        timeout: float = 30.0,
+        bindAddress: Any = None,
+    ) -> EagerConnector:
+        connector = EagerConnector(host, port, factory, timeout, bindAddress, self._reactor)
+        connector.connect()
+        return connector
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
+_TCP_SCHEMES = ("tcp", "tcp6")
+
+
+def _scheme(description: str) -> str:
+    return description.split(":", 1)[0].strip().lower()
+
+
+def _endpoint_reactor(reactor: Any, description: str) -> Any:
+    if _scheme(description) in _TCP_SCHEMES and isinstance(reactor, PosixReactorBase):
+        return _EagerTCPReactor(reactor)
+    return reactor
+
+
+def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """A server endpoint for ``description``; ``tcp:``/``tcp6:`` ones write eagerly."""
+    return endpoints.serverFromString(_endpoint_reactor(reactor, description), description)
+
+
+def client_endpoint(reactor: Any, description: str) -> IStreamClientEndpoint:
+    """A client endpoint for ``description``; ``tcp:``/``tcp6:`` ones write eagerly."""
+    return endpoints.clientFromString(_endpoint_reactor(reactor, description), description)
+
+
+def _split_unescaped(text: str) -> list[str]:
+    parts, current, escaped = [], [], False
+    for char in text:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def endpoint_host(description: str) -> str | None:
+    """The host named by a ``tcp:``/``tcp6:`` client endpoint string (for SNI), else None."""
+    parts = _split_unescaped(description)
+    if parts[0].strip().lower() not in _TCP_SCHEMES:
+        return None
+    positional = [p for p in parts[1:] if "=" not in p]
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if sep and key == "host":
+            return value
+    return positional[0] if positional else None
+
+
+def set_tcp_nodelay(transport: Any) -> None:
+    """Disable Nagle on a TCP transport (no-op for other transports): lowers relay latency."""
+    if ITCPTransport.providedBy(transport):
+        transport.setTcpNoDelay(True)
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS
+
+
+class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
+    """``TLSMemoryBIOProtocol`` without small-write aggregation, with TCP_NODELAY and half-close.
+
+    Stock Twisted has no half-close over TLS: receiving ``close_notify`` closes the whole
+    connection, and ``loseWriteConnection`` would reach the TCP socket under the TLS layer. A
+    relay must let a client that shuts its write side still read the whole answer, so:
+
+    - ``loseWriteConnection()`` sends ``close_notify`` and keeps the connection open for reading;
+    - a received ``close_notify`` is delivered as ``readConnectionLost()`` when the wrapped
+      protocol provides ``IHalfCloseableProtocol`` and this side has not closed its write side
+      (otherwise it closes as before);
+    - ``loseConnection()`` sends ``close_notify`` and closes the TCP connection without waiting
+      for the peer's reply: a relay that closes has nothing more to say or to hear.
+
+    A TCP EOF without ``close_notify`` stays a full close (truncation is not a half-close).
+    This overrides ``_flushReceiveBIO``, an internal of Twisted's TLS layer (tested against
+    Twisted 26.x in tests/test_transport.py).
+    """
+
+    _write_shut = False
+    _read_eof = False
+
+    def makeConnection(self, transport: Any) -> None:
+        set_tcp_nodelay(transport)
+        super().makeConnection(transport)
+
+    def write(self, data: bytes) -> None:
+        if self._write_shut:
+            return
+        super().write(data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        self.write(b"".join(iovec))
+
+    def loseWriteConnection(self) -> None:
+        """Send ``close_notify``; keep reading until the peer closes too."""
+        if self._write_shut or self.disconnecting or not self.connected or self._lostTLSConnection:
+            return
+        if not self._handshakeDone or self._appSendBuffer:
+            self.loseConnection()
+            return
+        self._write_shut = True
+        self._shutdownTLS()
+        handler = IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if handler is not None:
+            handler.writeConnectionLost()
+
+    def loseConnection(self) -> None:
+        if self.disconnecting or not self.connected:
+            return
+        super().loseConnection()
+        if not self._appSendBuffer and self._producer is None and self.transport is not None:
+            self.transport.loseConnection()
+
+    def _flushReceiveBIO(self) -> None:
+        # Same as TLSMemoryBIOProtocol._flushReceiveBIO, except for ZeroReturnError (see class doc).
+        while not self._lostTLSConnection and not self._read_eof:
+            try:
+                data = self._tlsConnection.recv(2**15)
+            except WantReadError:
+                break
+            except ZeroReturnError:
+                handler = IHalfCloseableProtocol(self.wrappedProtocol, None)
+                if handler is None or self._write_shut or self._aborted:
+                    self._shutdownTLS()
+                    self._tlsShutdownFinished(None)
+                else:
+                    self._read_eof = True
+                    handler.readConnectionLost()
+            except Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, data)
+        self._flushSendBIO()
+
+
+class TLSFactory(TLSMemoryBIOFactory):
+    """``TLSMemoryBIOFactory`` whose connections send each write at once (no aggregation)."""
+
+    protocol = HalfCloseTLSProtocol
+
+    def __init__(
+        self,
+        creator: Any,
+        is_client: bool,
+        wrapped_factory: IProtocolFactory,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        # The clock only drives the aggregation HalfCloseTLSProtocol does not do.
+        super().__init__(creator, is_client, wrapped_factory, clock if clock is not None else Clock())
+
+
+def _connection_from(creator: Any, tls_protocol: Any, is_client: bool) -> Connection:
+    if is_client and IOpenSSLClientConnectionCreator.providedBy(creator):
+        return creator.clientConnectionForTLS(tls_protocol)
+    if not is_client and IOpenSSLServerConnectionCreator.providedBy(creator):
+        return creator.serverConnectionForTLS(tls_protocol)
+    return Connection(creator.getContext(), None)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+@attrs.frozen
+class CurrentServerCreator:
+    """Asks the trust store for the service's server creator per connection, so reloads apply."""
+
+    store: ITrustStore
+    service: str
+
+    def serverConnectionForTLS(self, tls_protocol: Any) -> Connection:
+        return _connection_from(self.store.server_creator(self.service), tls_protocol, False)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+@attrs.frozen
+class CurrentClientCreator:
+    """Asks the trust store for the service's client creator per connection, so reloads apply."""
+
+    store: ITrustStore
+    service: str
+    hostname: str
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> Connection:
+        return _connection_from(self.store.client_creator(self.service, self.hostname), tls_protocol, True)
