@@ -19,6 +19,7 @@ from typing import Any
 
 import attrs
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
@@ -33,7 +34,10 @@ CHAIN_ERROR = "s2sgw_chain_error"  # attribute on the TLS protocol: first Reason
 CHAIN_ERROR_DETAIL = "s2sgw_chain_error_detail"  # plain words for the log
 
 # TLS 1.2 suites: forward secrecy (ECDHE) and AEAD only. TLS 1.3 suites are all AEAD + (EC)DHE.
-TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!SHA1"
+# SECLEVEL 2: RSA/DH keys >= 2048 bits, EC >= 224, no SHA-1 signatures, anywhere in either chain.
+TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:@SECLEVEL=2"
+MIN_RSA_BITS = 2048
+MIN_EC_BITS = 256
 VERIFY_DEPTH = 6
 _SESSION_ID = b"s2sgw"
 
@@ -103,10 +107,24 @@ def leaf_problem(leaf: x509.Certificate, usage: x509.ObjectIdentifier) -> tuple[
         return Reason.NO_IDENTITY, "certificate has no subjectAltName"
     if pki.is_ca(leaf):
         return Reason.BAD_CERTIFICATE, "leaf certificate is a CA (basicConstraints CA:TRUE)"
+    weak = _weak_key(leaf)
+    if weak is not None:
+        return Reason.BAD_CERTIFICATE, weak
     usages = pki.extended_key_usages(leaf)
     if usages is None or usage not in usages:
         name = "clientAuth" if usage == ExtendedKeyUsageOID.CLIENT_AUTH else "serverAuth"
         return Reason.BAD_CERTIFICATE, f"extendedKeyUsage lacks {name}"
+    return None
+
+
+def _weak_key(certificate: x509.Certificate) -> str | None:
+    key = certificate.public_key()
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        return f"RSA key of {key.key_size} bits is too small"
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size < MIN_EC_BITS:
+        return f"EC key on {key.curve.name} is too small"
+    if isinstance(key, dsa.DSAPublicKey):
+        return "DSA keys are not accepted"
     return None
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import attrs
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL
 from twisted.internet.interfaces import IHandshakeListener
@@ -151,10 +152,12 @@ def test_tls12_is_negotiated_only_with_ecdhe_aead() -> None:
     assert tls.handshake_failure(pair.server_tls, pair.server.lost)[0] == Reason.TLS_ERROR
 
 
-def test_client_without_certificate_is_refused_as_no_client_cert(ca, orders) -> None:
+@pytest.mark.parametrize("max_version", [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION], ids=["tls1.2", "tls1.3"])
+def test_client_without_certificate_is_refused_as_no_client_cert(ca, orders, max_version: int) -> None:
     """A client that presents no certificate never completes a handshake with the server."""
     bare = SSL.Context(SSL.TLS_METHOD)
     bare.set_verify(SSL.VERIFY_NONE)
+    bare.set_max_proto_version(max_version)
     pair = connect(server_side(orders, ca), tls.ClientConnectionCreator(lambda: bare, "orders"))
     assert not pair.server.completed
     assert pair.server.lost is not None
@@ -175,8 +178,9 @@ def test_client_without_certificate_is_refused_as_no_client_cert(ca, orders) -> 
         (lambda ca, other: ca.issue("users", eku=(ExtendedKeyUsageOID.SERVER_AUTH,)), Reason.BAD_CERTIFICATE),
         (lambda ca, other: ca.issue("users", ca=True), Reason.BAD_CERTIFICATE),
         (lambda ca, other: ca.issue("users", eku=None), Reason.BAD_CERTIFICATE),
+        (lambda ca, other: ca.issue("users", key=rsa.generate_private_key(65537, 1024)), Reason.BAD_CERTIFICATE),
     ],
-    ids=["expired", "not-yet-valid", "foreign-ca", "no-san", "server-only-eku", "ca-leaf", "no-eku"],
+    ids=["expired", "not-yet-valid", "foreign-ca", "no-san", "server-only-eku", "ca-leaf", "no-eku", "rsa1024"],
 )
 def test_server_records_why_a_client_certificate_was_refused(
     ca: TestCA, orders: Identity, make: Callable[[TestCA, TestCA], Identity], reason: str
@@ -184,8 +188,13 @@ def test_server_records_why_a_client_certificate_was_refused(
     """The server refuses the handshake and records the reason code on its TLS protocol."""
     other = TestCA.create(cn="Foreign Root")
     client = make(ca, other)
-    issuer_root = other.root if client.chain[1] == other.intermediate else ca.root
-    context = tls.client_context(client.chain, client.key, [ca.root, issuer_root])
+    context = SSL.Context(SSL.TLS_METHOD)  # a permissive client: the server must do the refusing
+    context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    context.use_certificate(client.chain[0])
+    for intermediate in client.chain[1:]:
+        context.add_extra_chain_cert(intermediate)
+    context.use_privatekey(client.key)
+    context.set_verify(SSL.VERIFY_NONE)
     pair = connect(server_side(orders, ca), tls.ClientConnectionCreator(lambda: context, "orders"))
     assert not pair.server.completed
     assert getattr(pair.server_tls, tls.CHAIN_ERROR) == reason
@@ -280,6 +289,18 @@ def test_context_rejects_key_that_does_not_match(ca) -> None:
     identity = ca.issue("orders")
     with pytest.raises(SSL.Error):
         tls.server_context(identity.chain, new_key(), [ca.root])
+
+
+def test_tls11_client_is_refused(ca, orders) -> None:
+    """Protocol versions below TLS 1.2 never complete a handshake."""
+    old = SSL.Context(SSL.TLS_METHOD)
+    old.set_verify(SSL.VERIFY_NONE)
+    old.set_min_proto_version(SSL.TLS1_VERSION)
+    old.set_max_proto_version(SSL.TLS1_1_VERSION)
+    old.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    pair = connect(server_side(orders, ca), tls.ClientConnectionCreator(lambda: old, "orders"))
+    assert not pair.server.completed
+    assert tls.handshake_failure(pair.server_tls, pair.server.lost)[0] == Reason.TLS_ERROR
 
 
 def test_sni_name_rules() -> None:
