@@ -349,7 +349,9 @@ def _default_http(reactor):
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 
-    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=True)))
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 4
+    return HTTPClient(Agent(reactor, pool=pool)), pool
 
 
 @implementer(IStatusChecker)
@@ -377,12 +379,19 @@ class OCSPStatusChecker:
     _cache: collections.OrderedDict = attrs.field(factory=collections.OrderedDict)
     _revoked: collections.OrderedDict = attrs.field(factory=collections.OrderedDict)
     _inflight: dict = attrs.field(factory=dict)
+    _pool: object = None
 
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
         if self.http is None:
-            self.http = _default_http(self.clock)
+            self.http, self._pool = _default_http(self.clock)
+
+    def close(self) -> Deferred[None]:
+        """Close kept-alive connections to the status server (a service's stopService)."""
+        if self._pool is None:
+            return defer.succeed(None)
+        return self._pool.closeCachedConnections()
 
     # -- IStatusChecker
 

@@ -6,6 +6,7 @@ import datetime
 
 import attrs
 import pytest
+import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -758,3 +759,122 @@ class TestFakeStatusChecker:
         fake.release()
         assert _result(d).state == "good"
         assert [serial for serial, _ in fake.calls] == [pki.leaf.cert.serial_number] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# against the CA's own responder
+
+
+class CAResponderResource(Resource):
+    """The CA's OCSP logic behind a plain resource (the CA server adds caching headers etc.)."""
+
+    isLeaf = True
+
+    def __init__(self, ca, clock) -> None:
+        super().__init__()
+        from s2sgw.ca.ocsp import Responder, SerialStatus
+
+        self.responder = Responder(ca.intermediate_cert, ca.ocsp_cert, ca.ocsp_key)
+        self.lookup = lambda serial: SerialStatus.from_record(ca.lookup(serial))
+        self.clock = clock
+
+    def render_POST(self, request):
+        answer = self.responder.answer(request.content.read(), _now(self.clock), self.lookup)
+        request.setHeader(b"content-type", b"application/ocsp-response")
+        return answer.der
+
+
+@pytest.mark.parametrize("key_type", ["ecdsa-p256", "ed25519"])
+def test_checker_accepts_the_ca_responders_answers(tmp_path, key_type):
+    """Answers of s2sgw's own CA responder verify: good before, revoked (with reason) after."""
+    from s2sgw.ca.authority import CertificateAuthority
+
+    ca = CertificateAuthority.init(tmp_path / "ca", "s2s.test", key_type=key_type)
+    identity = ca.issue("users")
+    chain = x509.load_pem_x509_certificates(identity.chain_pem)
+    leaf, issuer = chain[0], chain[1]
+    clock = task.Clock()
+    clock.advance(datetime.datetime.now(datetime.UTC).timestamp())
+    stub = StubTreq(CAResponderResource(ca, clock))
+    checker = OCSPStatusChecker("http://ca.test/ocsp", clock, http=stub)
+
+    d = checker.check(leaf, issuer)
+    stub.flush()
+    assert _result(d).state == "good"
+
+    ca.revoke(name="users", reason="keyCompromise")
+    checker.forget(leaf.serial_number)
+    d = checker.check(leaf, issuer)
+    stub.flush()
+    status = _result(d)
+    assert (status.state, status.revocation_reason) == ("revoked", "keyCompromise")
+
+
+# ---------------------------------------------------------------------------------------------
+# real loopback sockets, the default HTTP client
+
+
+class EndlessResource(Resource):
+    """Streams zeros for as long as the client reads."""
+
+    isLeaf = True
+
+    def __init__(self, reactor) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.lost = defer.Deferred()
+
+    def render_POST(self, request):
+        request.setHeader(b"content-type", b"application/ocsp-response")
+        request.notifyFinish().addBoth(lambda _: self.lost.callback(None) if not self.lost.called else None)
+
+        def pump():
+            if not request.finished and not request._disconnected:
+                request.write(b"\x00" * 65536)
+                self.reactor.callLater(0, pump)
+
+        pump()
+        return NOT_DONE_YET
+
+
+@pytest.mark.e2e
+@pytest_twisted.ensureDeferred
+async def test_default_client_over_loopback(pki):
+    """With its own treq client on the real reactor: good answers verify, an endless body is cut
+    off, a closed port is StatusUnavailable."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+    from twisted.web.server import Site
+
+    now = _now(reactor)
+    assert abs((now - NOW).total_seconds()) < 600
+
+    def good(der):
+        return make_response(der, pki.leaf.cert, pki.ca.cert, pki.responder, this_update=now - MINUTE)
+
+    root = Resource()
+    root.putChild(b"ocsp", OCSPResource(good))
+    endless = EndlessResource(reactor)
+    root.putChild(b"endless", endless)
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Site(root))
+    base = f"http://127.0.0.1:{port.getHost().port}"
+    checkers = []
+    try:
+        checker = OCSPStatusChecker(f"{base}/ocsp", reactor, timeout=5)
+        checkers.append(checker)
+        assert (await checker.check(pki.leaf.cert, pki.ca.cert)).state == "good"
+
+        checker = OCSPStatusChecker(f"{base}/endless", reactor, timeout=5)
+        checkers.append(checker)
+        with pytest.raises(StatusInvalid, match="larger than"):
+            await checker.check(pki.leaf.cert, pki.ca.cert)
+        await endless.lost  # the server saw the connection go
+    finally:
+        for checker in checkers:
+            await checker.close()
+        await port.stopListening()
+
+    checker = OCSPStatusChecker(base + "/ocsp", reactor, timeout=5)
+    with pytest.raises(StatusUnavailable):
+        await checker.check(pki.leaf.cert, pki.ca.cert)
+    await checker.close()
