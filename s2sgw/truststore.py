@@ -213,7 +213,7 @@ class TrustStore:
     file, so changed paths and allow-lists apply; changed listeners need a restart.
     """
 
-    reactor: Any
+    _reactor: Any
     _material: TrustMaterial
     threadpool: Any = None
     reread_config: bool = True
@@ -233,12 +233,13 @@ class TrustStore:
         threadpool: Any = None,
         reread_config: bool = True,
     ) -> TrustStore:
-        """Load synchronously: for start-up, before the reactor runs. Raises ConfigError."""
-        if reactor is None:
-            from twisted.internet import reactor as global_reactor
+        """Load synchronously: for start-up, before the reactor runs. Raises ConfigError.
 
-            reactor = global_reactor
-        now = _now(reactor)
+        Without a ``reactor`` the global one is looked up only when first needed, so calling
+        this from ``twistd``'s option parsing does not install a reactor early.
+        """
+        # Before any reactor exists the wall clock is the only clock there is.
+        now = _now(reactor) if reactor is not None else datetime.datetime.now(UTC)
         material = load_material(config, now, 1)
         store = cls(reactor, material, threadpool=threadpool, reread_config=reread_config)
         store._log.info(
@@ -247,6 +248,14 @@ class TrustStore:
             services=_describe_services(material),
         )
         return store
+
+    @property
+    def reactor(self) -> Any:
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
 
     # -- what is current -----------------------------------------------------------------------
 
