@@ -586,6 +586,13 @@ class CRLStatusChecker:
         loader = x509.load_pem_x509_crl if b"-----BEGIN" in data else x509.load_der_x509_crl
         return cls(loader(data), clock, issuer)
 
+    def replace(self, crl: x509.CertificateRevocationList) -> None:
+        """Swap in a newer CRL (after a reload); it is verified again on first use."""
+        if self.issuer is not None:
+            CRLStatusChecker(crl, self.clock, self.issuer, self.leeway)  # raises StatusInvalid
+        self.crl = crl
+        self._verified = set()
+
     def _verify_issuer(self, issuer: x509.Certificate) -> None:
         fingerprint = issuer.fingerprint(hashes.SHA256())
         if fingerprint in self._verified:

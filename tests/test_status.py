@@ -878,3 +878,26 @@ async def test_default_client_over_loopback(pki):
     with pytest.raises(StatusUnavailable):
         await checker.check(pki.leaf.cert, pki.ca.cert)
     await checker.close()
+
+
+def test_crl_checker_reads_the_cas_crl(tmp_path):
+    """A CRL made by s2sgw's CA verifies against the leaf's issuer; a new CRL can be swapped in."""
+    from s2sgw.ca.authority import CertificateAuthority
+
+    ca = CertificateAuthority.init(tmp_path / "ca", "s2s.test")
+    users = x509.load_pem_x509_certificates(ca.issue("users").chain_pem)
+    orders = x509.load_pem_x509_certificates(ca.issue("orders").chain_pem)
+    clock = task.Clock()
+    clock.advance(datetime.datetime.now(datetime.UTC).timestamp())
+    path = tmp_path / "ca.crl"
+    path.write_bytes(ca.make_crl().public_bytes(serialization.Encoding.PEM))
+    checker = CRLStatusChecker.from_path(path, clock, ca.intermediate_cert)
+    assert _result(checker.check(*users)).state == "good"
+
+    ca.revoke(name="users", reason="keyCompromise")
+    checker.replace(ca.make_crl())
+    status = _result(checker.check(*users))
+    assert (status.state, status.revocation_reason) == ("revoked", "keyCompromise")
+    assert _result(checker.check(*orders)).state == "good"
+    with pytest.raises(StatusInvalid):
+        checker.replace(make_crl(make_ca("Other CA")))
