@@ -376,10 +376,10 @@ class OCSPStatusChecker:
     hits: int = 0
     misses: int = 0
     queries: int = 0
-    _cache: collections.OrderedDict = attrs.field(factory=collections.OrderedDict)
-    _revoked: collections.OrderedDict = attrs.field(factory=collections.OrderedDict)
-    _inflight: dict = attrs.field(factory=dict)
-    _pool: object = None
+    _cache: collections.OrderedDict = attrs.field(init=False, factory=collections.OrderedDict)
+    _revoked: collections.OrderedDict = attrs.field(init=False, factory=collections.OrderedDict)
+    _inflight: dict = attrs.field(init=False, factory=dict)
+    _pool: object = attrs.field(init=False, default=None)
 
     _log = Logger()
 
@@ -573,7 +573,7 @@ class CRLStatusChecker:
     clock: IReactorTime
     issuer: x509.Certificate | None = None  # if given, checked at construction
     leeway: datetime.timedelta = DEFAULT_LEEWAY
-    _verified: set = attrs.field(factory=set)
+    _verified: set = attrs.field(init=False, factory=set)
 
     def __attrs_post_init__(self) -> None:
         if self.issuer is not None:
@@ -662,8 +662,8 @@ class FakeStatusChecker:
     default: str | Exception = "good"
     hold: bool = False
     calls: list = attrs.field(factory=list)  # (serial, issuer subject) per check
-    _table: dict = attrs.field(factory=dict)
-    _pending: list = attrs.field(factory=list)
+    _table: dict = attrs.field(init=False, factory=dict)
+    _pending: list = attrs.field(init=False, factory=list)
 
     def set(self, serial: int, answer: str | CertStatus | Exception) -> None:
         self._table[serial] = answer
