@@ -1,9 +1,421 @@
-"""``s2sgw demo``: the whole architecture, running, in one command."""
+"""``s2sgw demo``: the whole architecture, running, in one command.
+
+A throwaway PKI, the CA status server and the gateways run as real ``twistd`` processes; a sample
+REST "users" service runs in this process behind its gateway, and this process also plays the
+calling services. Every step checks what it shows and the demo exits non-zero when one does not.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import attrs
+import treq
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.internet.task import deferLater, react
+from twisted.internet.threads import deferToThread
+from twisted.web import resource, server
+
+from s2sgw.ca.authority import CertificateAuthority
+from s2sgw.errors import S2sgwError
+
+TRUST_DOMAIN = "demo.s2sgw.test"
+USER = {"id": 1, "name": "John Doe", "email": "john.doe@example.com"}
+
+
+class DemoFailed(S2sgwError):
+    """A step did not behave as the demo says it should."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """The demo subcommand is added here when it lands."""
+    parser = sub.add_parser("demo", help="run the quickstart demo", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="host every gateway in one twistd process instead of one process per side",
+    )
+    parser.add_argument("--workdir", help="keep the PKI, configs and logs here instead of a temporary directory")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="s2sgw-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    demo = Demo(workdir=workdir.resolve(), one_process=args.one_process)
+    outcome: list[BaseException] = []
+
+    async def main(reactor: Any) -> None:
+        demo.reactor = reactor
+        try:
+            await demo.run()
+        except BaseException as error:  # reported after the reactor stops
+            outcome.append(error)
+        finally:
+            demo.stop_processes()
+
+    try:
+        react(lambda reactor: ensureDeferred(main(reactor)))
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            outcome.append(DemoFailed(f"reactor exited with {exit_.code}"))
+    finally:
+        demo.stop_processes()
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if outcome:
+        error = outcome[0]
+        if isinstance(error, S2sgwError):
+            raise error
+        raise DemoFailed(f"{type(error).__name__}: {error}") from error
+    say("\nAll steps behaved as shown.")
+    return 0
+
+
+def say(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class UserResource(resource.Resource):
+    """The sample REST service: GET /api/users/1."""
+
+    isLeaf = True
+
+    def render_GET(self, request: server.Request) -> bytes:
+        if request.path == b"/api/users/1":
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps(USER).encode()
+        request.setResponseCode(404)
+        return b'{"error": "not found"}'
+
+
+class Collect(Protocol):
+    """Send a request, collect whatever comes back until the connection ends."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object) -> None:
+        self.done.callback(self.received)
+
+
+@attrs.define(eq=False)
+class Demo:
+    workdir: Path
+    one_process: bool = False
+    reactor: Any = None
+    processes: list[subprocess.Popen] = attrs.Factory(list)
+    ports: dict[str, int] = attrs.Factory(dict)
+    backend_port: Any = None
+    users_log: str = "users-gw"  # which log file holds each side's audit lines
+    callers_log: str = "callers-gw"
+
+    # -- orchestration -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        say(f"s2sgw demo in {self.workdir}\n")
+        await self.step_pki()
+        await self.start_ca()
+        await self.start_backend()
+        await self.start_gateways()
+        await self.step_allowed_call()
+        await self.step_not_allowed()
+        await self.step_rogue_ca()
+        await self.step_rotation()
+        await self.step_revocation()
+
+    def stop_processes(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+    # -- set-up --------------------------------------------------------------------------
+
+    async def step_pki(self) -> None:
+        header("1. A throwaway PKI", "A root CA, an issuing CA and an OCSP signer; one identity per service.")
+        self.ports = {name: free_port() for name in ("ca", "users_gw", "users_backend", "orders_local", "billing_local")}
+
+        def make() -> None:
+            ca = CertificateAuthority.init(
+                self.workdir / "ca", TRUST_DOMAIN, url=f"http://127.0.0.1:{self.ports['ca']}"
+            )
+            for name in ("users", "orders", "billing"):
+                ca.write_identity(ca.issue(name), self.workdir / "certs")
+            rogue = CertificateAuthority.init(self.workdir / "rogue-ca", TRUST_DOMAIN)
+            rogue.write_identity(rogue.issue("orders"), self.workdir / "rogue")
+
+        await deferToThread(make)
+        for name in ("users", "orders", "billing"):
+            say(f"   issued spiffe://{TRUST_DOMAIN}/{name}  ->  certs/{name}.pem")
+        say("   a rogue CA issued its own 'orders' certificate  ->  rogue/orders.pem")
+
+    async def start_ca(self) -> None:
+        self.spawn_twistd("ca", ["s2sgw-ca", "--dir", str(self.workdir / "ca"), "--listen", f"tcp:{self.ports['ca']}:interface=127.0.0.1"])
+        await self.wait_for_port(self.ports["ca"], "CA status server")
+        say(f"\n   CA status server (OCSP) on http://127.0.0.1:{self.ports['ca']}/ocsp")
+
+    async def start_backend(self) -> None:
+        endpoint = endpoints.TCP4ServerEndpoint(self.reactor, self.ports["users_backend"], interface="127.0.0.1")
+        self.backend_port = await endpoint.listen(server.Site(UserResource()))
+        say(f"   sample 'users' REST service on 127.0.0.1:{self.ports['users_backend']} (plain HTTP)")
+
+    async def start_gateways(self) -> None:
+        users = self.service_toml(
+            "users",
+            f"""
+              [[service.inbound]]
+              name = "users-in"
+              listen = "tcp:{self.ports['users_gw']}:interface=127.0.0.1"
+              backend = "tcp:127.0.0.1:{self.ports['users_backend']}"
+              allow = ["orders"]
+            """,
+        )
+        callers = "".join(
+            self.service_toml(
+                name,
+                f"""
+                  [[service.outbound]]
+                  name = "{name}-to-users"
+                  listen = "tcp:{self.ports[name + '_local']}:interface=127.0.0.1"
+                  remote = "tcp:127.0.0.1:{self.ports['users_gw']}"
+                  peer = "users"
+                """,
+            )
+            for name in ("orders", "billing")
+        )
+        if self.one_process:
+            self.write_config("gateways", users + callers)
+            self.spawn_twistd("gateways", ["s2sgw", "--config", str(self.workdir / "gateways.toml")])
+            self.users_log = self.callers_log = "gateways"
+        else:
+            self.write_config("users-gw", users)
+            self.write_config("callers-gw", callers)
+            self.spawn_twistd("users-gw", ["s2sgw", "--config", str(self.workdir / "users-gw.toml")])
+            self.spawn_twistd("callers-gw", ["s2sgw", "--config", str(self.workdir / "callers-gw.toml")])
+            self.users_log, self.callers_log = "users-gw", "callers-gw"
+        for log, route in ((self.users_log, "users-in"), (self.callers_log, "orders-to-users"), (self.callers_log, "billing-to-users")):
+            await self.wait_for_log(log, f"route {route} listening on")
+        layout = "one twistd process" if self.one_process else "one twistd process per side"
+        say(f"   gateways running ({layout}):")
+        say(f"     orders  -> 127.0.0.1:{self.ports['orders_local']} (plain) -> mTLS -> users gateway :{self.ports['users_gw']} -> users service")
+        say(f"     billing -> 127.0.0.1:{self.ports['billing_local']} (plain) -> mTLS -> users gateway (billing is not on its allow-list)")
+
+    def service_toml(self, name: str, routes: str) -> str:
+        return (
+            f'\n[[service]]\nname = "{name}"\ncert = "certs/{name}.pem"\nkey = "certs/{name}.key"\n'
+            + textwrap.dedent(routes)
+        )
+
+    def write_config(self, name: str, services: str) -> None:
+        head = textwrap.dedent(
+            f"""\
+            # written by s2sgw demo
+            trust = "ca/bundle.pem"
+            [status]
+            mode = "ocsp"
+            url = "http://127.0.0.1:{self.ports['ca']}/ocsp"
+            fail = "closed"
+            max_cache_age = 1.0
+            [timeouts]
+            drain = 2.0
+            """
+        )
+        (self.workdir / f"{name}.toml").write_text(head + services)
+
+    def spawn_twistd(self, name: str, plugin_args: list[str]) -> None:
+        twistd = Path(sys.executable).parent / "twistd"
+        log = self.workdir / f"{name}.log"
+        command = [str(twistd), "--nodaemon", "--pidfile=", f"--logfile={log}", *plugin_args]
+        process = subprocess.Popen(command, cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        process.s2sgw_name = name  # type: ignore[attr-defined]
+        self.processes.append(process)
+
+    def process(self, name: str) -> subprocess.Popen:
+        return next(p for p in self.processes if p.s2sgw_name == name)  # type: ignore[attr-defined]
+
+    async def wait_for_log(self, log: str, text: str, timeout: float = 20.0) -> None:
+        """Wait for a line in a twistd log (a connection probe would show up in the audit trail)."""
+        path = self.workdir / f"{log}.log"
+        for _ in range(int(timeout / 0.1)):
+            self.check_processes()
+            if path.exists() and text in await deferToThread(path.read_text, errors="replace"):
+                return
+            await deferLater(self.reactor, 0.1, lambda: None)
+        raise DemoFailed(f"{log} did not log {text!r} within {timeout:.0f} s; see {path}")
+
+    def check_processes(self) -> None:
+        for process in self.processes:
+            if process.poll() is not None:
+                name = process.s2sgw_name  # type: ignore[attr-defined]
+                raise DemoFailed(f"{name} exited with status {process.returncode}; see {self.workdir / name}.log")
+
+    async def wait_for_port(self, port: int, what: str, timeout: float = 20.0) -> None:
+        for _ in range(int(timeout / 0.1)):
+            self.check_processes()
+            endpoint = endpoints.TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, timeout=1)
+            try:
+                protocol = await endpoint.connect(Factory.forProtocol(Protocol))
+            except Exception:
+                await deferLater(self.reactor, 0.1, lambda: None)
+                continue
+            protocol.transport.loseConnection()
+            return
+        raise DemoFailed(f"{what} did not start listening on port {port} within {timeout:.0f} s")
+
+    # -- the steps -----------------------------------------------------------------------
+
+    async def call(self, local: str) -> tuple[int | None, bytes]:
+        """GET /api/users/1 through a caller's local gateway port; (None, b"") when refused."""
+        url = f"http://127.0.0.1:{self.ports[local]}/api/users/1"
+        try:
+            response = await treq.get(url, timeout=5, persistent=False)
+            return response.code, await response.content()
+        except Exception:
+            return None, b""
+
+    async def audit_line(self, log: str, route: str, needle: str, timeout: float = 5.0) -> str:
+        """The newest audit line of ``route`` containing ``needle``, without the log prefix."""
+        path = self.workdir / f"{log}.log"
+        for _ in range(int(timeout / 0.1)):
+            text = await deferToThread(path.read_text, errors="replace")
+            for line in reversed(text.splitlines()):
+                if "s2sgw.audit" in line and f"route={route} " in line and needle in line:
+                    return line.split("] ", 1)[-1]
+            await deferLater(self.reactor, 0.1, lambda: None)
+        raise DemoFailed(f"no audit line of route {route} with {needle!r} in {path}")
+
+    async def step_allowed_call(self) -> None:
+        header(
+            "2. orders calls users",
+            "orders speaks plain HTTP to its own gateway; the gateways authenticate each other with mTLS,\n"
+            "   each asks the CA (OCSP) whether the other's certificate is still good, and users' gateway\n"
+            "   checks that orders is on its allow-list. Only then do the bytes reach the users service.",
+        )
+        code, body = await self.call("orders_local")
+        say(f"   GET /api/users/1 -> {code} {body.decode(errors='replace')}")
+        if code != 200 or json.loads(body) != USER:
+            raise DemoFailed("the allowed call did not return the user")
+        say("   users gateway:  " + await self.audit_line(self.users_log, "users-in", "outcome=closed"))
+
+    async def step_not_allowed(self) -> None:
+        header("3. billing calls users", "billing has a valid certificate from our CA, but users only allows orders.")
+        code, _ = await self.call("billing_local")
+        if code is not None:
+            raise DemoFailed(f"billing was let through (HTTP {code})")
+        say("   refused: the connection was closed before any byte reached the users service")
+        say("   users gateway:  " + await self.audit_line(self.users_log, "users-in", "reason=identity_not_allowed "))
+
+    async def step_rogue_ca(self) -> None:
+        header(
+            "4. an impostor with a rogue CA",
+            "It presents a certificate naming itself orders, issued by a CA the gateways do not trust.",
+        )
+        rogue = self.workdir / "rogue"
+        client_cert = PrivateCertificate.loadPEM((rogue / "orders.key").read_text() + (rogue / "orders.pem").read_text())
+        trust = Certificate.loadPEM((self.workdir / "ca" / "bundle.pem").read_bytes())
+        creator = optionsForClientTLS("users", trustRoot=trust, clientCertificate=client_cert)
+        endpoint = endpoints.wrapClientTLS(creator, endpoints.TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.ports["users_gw"], timeout=5))
+        protocol = Collect(b"GET /api/users/1 HTTP/1.0\r\n\r\n")
+        try:
+            await endpoint.connect(Factory.forProtocol(lambda: protocol))
+            received = await protocol.done
+        except Exception:
+            received = b""
+        if received:
+            raise DemoFailed("the rogue certificate got an answer")
+        say("   refused during the TLS handshake; no byte reached the users service")
+        say("   users gateway:  " + await self.audit_line(self.users_log, "users-in", "reason=untrusted_chain "))
+
+    async def step_rotation(self) -> None:
+        header(
+            "5. users' certificate is rotated",
+            "A new certificate and key are written, and the gateway is told with SIGHUP (what `systemctl\n"
+            "   reload` does). orders keeps calling the whole time; no request may fail.",
+        )
+        old_serial = await self.peer_serial_seen()
+
+        def reissue() -> int:
+            ca = CertificateAuthority.open(self.workdir / "ca")
+            identity = ca.issue("users")
+            ca.write_identity(identity, self.workdir / "certs")
+            return identity.record.serial
+
+        new_serial = await deferToThread(reissue)
+        failures = 0
+        calls = 0
+        os.kill(self.process(self.users_log).pid, signal.SIGHUP)
+        for _ in range(60):
+            code, _ = await self.call("orders_local")
+            calls += 1
+            failures += code != 200
+            if await self.peer_serial_seen() == f"{new_serial:x}":
+                break
+        else:
+            raise DemoFailed("the users gateway did not present its new certificate after SIGHUP")
+        say(f"   users' serial {old_serial} -> {new_serial:x}; {calls} calls during the reload, {failures} failed")
+        if failures:
+            raise DemoFailed(f"{failures} calls failed during the rotation")
+
+    async def peer_serial_seen(self) -> str | None:
+        line = await self.audit_line(self.callers_log, "orders-to-users", "outcome=closed")
+        for word in line.split():
+            if word.startswith("serial="):
+                return word.removeprefix("serial=")
+        return None
+
+    async def step_revocation(self) -> None:
+        header(
+            "6. orders is revoked at the CA",
+            "`s2sgw ca revoke orders --reason keyCompromise`. The users gateway's next status query\n"
+            "   (OCSP) answers revoked, and orders is refused.",
+        )
+        await deferToThread(lambda: CertificateAuthority.open(self.workdir / "ca").revoke(name="orders", reason="keyCompromise"))
+        for _ in range(50):
+            code, _ = await self.call("orders_local")
+            if code is None:
+                break
+            await deferLater(self.reactor, 0.1, lambda: None)
+        else:
+            raise DemoFailed("orders was still admitted 5 s after its revocation")
+        say("   refused")
+        say("   users gateway:  " + await self.audit_line(self.users_log, "users-in", "reason=revoked "))
+
+
+def header(title: str, explanation: str) -> None:
+    say(f"\n{title}\n   {explanation}")
+

@@ -70,7 +70,7 @@ class CertStatus:
     this_update: datetime.datetime
     next_update: datetime.datetime | None
     revoked_at: datetime.datetime | None = None
-    revocation_reason: str | None = None  # e.g. "key_compromise" (x509.ReasonFlags value)
+    revocation_reason: str | None = None  # e.g. "keyCompromise" (x509.ReasonFlags value)
 
 
 class StatusUnavailable(S2sgwError):

@@ -1,0 +1,159 @@
+"""Helpers for end-to-end tests: real twistd processes, loopback ports, audit lines in logs."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import attrs
+
+from s2sgw.ca.authority import CertificateAuthority
+
+BIN = Path(sys.executable).parent
+TRUST_DOMAIN = "e2e.s2sgw.test"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@attrs.define
+class Processes:
+    """Child processes of one test module, each logging to a file; all stopped at the end."""
+
+    directory: Path
+    running: dict[str, subprocess.Popen] = attrs.Factory(dict)
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.directory / f"{name}.out", "wb")
+        process = subprocess.Popen(argv, cwd=self.directory, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        self.running[name] = process
+        return process
+
+    def twistd(self, name: str, *plugin_args: str) -> subprocess.Popen:
+        return self.start(
+            name,
+            [str(BIN / "twistd"), "--nodaemon", "--pidfile=", f"--logfile={self.directory / (name + '.log')}", *plugin_args],
+        )
+
+    def log(self, name: str) -> str:
+        path = self.directory / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_port(self, port: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, process in self.running.items():
+                if process.poll() is not None:
+                    raise AssertionError(f"{name} exited with {process.returncode}:\n{self.output(name)}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+    def output(self, name: str) -> str:
+        out = self.directory / f"{name}.out"
+        return (out.read_text(errors="replace") if out.exists() else "") + self.log(name)
+
+    def wait_audit(self, name: str, route: str, *needles: str, timeout: float = 5.0) -> str:
+        """The first audit line of ``route`` in ``name``'s log containing every needle."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.log(name).splitlines():
+                if "s2sgw.audit" in line and f"route={route} " in line and all(n in line for n in needles):
+                    return line
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no audit line for {route} with {needles} in {name}:\n{self.log(name)[-4000:]}")
+            time.sleep(0.05)
+
+    def signal(self, name: str, signum: int = signal.SIGHUP) -> None:
+        os.kill(self.running[name].pid, signum)
+
+    def stop_all(self) -> None:
+        for process in self.running.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.running.values():
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@attrs.define
+class Pki:
+    """A CA directory plus identities written as NAME.pem / NAME.key under ``certs``."""
+
+    directory: Path
+    ca: CertificateAuthority
+    certs: Path
+
+    @classmethod
+    def create(cls, directory: Path, ca_url: str | None, names: tuple[str, ...]) -> Pki:
+        ca = CertificateAuthority.init(directory / "ca", TRUST_DOMAIN, url=ca_url)
+        pki = cls(directory, ca, directory / "certs")
+        for name in names:
+            pki.issue(name)
+        return pki
+
+    def issue(self, name: str, **kwargs) -> int:
+        identity = self.ca.issue(name, **kwargs)
+        self.ca.write_identity(identity, self.certs)
+        return identity.record.serial
+
+    def issue_expired(self, name: str, out: Path) -> None:
+        past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=3)
+        self.ca.write_identity(self.ca.issue(name, hours=1, now=past), out)
+
+    @property
+    def bundle(self) -> Path:
+        return self.directory / "ca" / "bundle.pem"
+
+
+def gateway_config(
+    pki: Pki,
+    ca_port: int | None,
+    services: str,
+    *,
+    mode: str = "ocsp",
+    fail: str = "closed",
+    extra: str = "",
+) -> str:
+    status = f'url = "http://127.0.0.1:{ca_port}/ocsp"' if ca_port else ""
+    return textwrap.dedent(
+        f"""\
+        trust = "{pki.bundle}"
+        {extra}
+        [status]
+        mode = "{mode}"
+        {status}
+        fail = "{fail}"
+        max_cache_age = 1.0
+        [timeouts]
+        handshake = 5
+        drain = 2
+        """
+    ) + textwrap.dedent(services)
+
+
+def service_block(pki: Pki, name: str, routes: str) -> str:
+    return f'\n[[service]]\nname = "{name}"\ncert = "{pki.certs / (name + ".pem")}"\nkey = "{pki.certs / (name + ".key")}"\n' + textwrap.dedent(routes)
