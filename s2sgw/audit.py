@@ -1,0 +1,64 @@
+"""The audit trail: one structured log event per connection, refusals included.
+
+Events go to the ``s2sgw.audit`` namespace with stable keys, so they can be filtered as objects
+(``twisted.logger`` observers, JSON logs) or grepped in text logs (``route=... outcome=...``).
+Nothing secret is logged: identities, serial numbers, addresses, TLS parameters and counters.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+from twisted.logger import Logger
+
+Direction = Literal["inbound", "outbound"]
+Outcome = Literal["closed", "refused"]
+
+AUDIT_NAMESPACE = "s2sgw.audit"
+
+AUDIT_FORMAT = (
+    "route={route} outcome={outcome} reason={reason} peer={peer} serial={serial} "
+    "direction={direction} address={address} tls={tls_version} cipher={cipher} "
+    "bytes_in={bytes_in} bytes_out={bytes_out} duration={duration}"
+)
+
+
+@attrs.frozen
+class AuditRecord:
+    """What is known about one connection when it ends.
+
+    ``bytes_in`` counts bytes read from the accepted connection (the peer gateway for inbound
+    routes, the local client for outbound ones) and relayed on; ``bytes_out`` the bytes written
+    back to it.
+    """
+
+    route: str
+    direction: Direction
+    outcome: Outcome
+    reason: str
+    peer: str = "-"  # the proven identity (SPIFFE ID or DNS name), "-" before it is known
+    serial: str = "-"  # the peer certificate's serial number in hex
+    address: str = "-"  # the accepted connection's remote address
+    tls_version: str = "-"
+    cipher: str = "-"
+    bytes_in: int = 0
+    bytes_out: int = 0
+    duration: float = 0.0  # seconds from accept to close
+    detail: str = ""  # plain words for a human (never secrets)
+
+
+class AuditLog:
+    """Writes :class:`AuditRecord` events: info for closes, warn for refusals."""
+
+    def __init__(self) -> None:
+        # An instance attribute: a Logger class attribute would take the class's namespace.
+        self._log = Logger(namespace=AUDIT_NAMESPACE, source=self)
+
+    def connection(self, record: AuditRecord) -> None:
+        fields = attrs.asdict(record)
+        fields["duration"] = round(record.duration, 3)
+        if record.outcome == "refused":
+            self._log.warn(AUDIT_FORMAT + " detail={detail}", audit=True, **fields)
+        else:
+            self._log.info(AUDIT_FORMAT, audit=True, **fields)
