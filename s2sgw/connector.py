@@ -1,0 +1,285 @@
+"""Outbound routes: a local plaintext client -> mTLS to the peer's gateway -> authorize -> splice.
+
+The local client's bytes are not read until the remote gateway has completed the handshake and
+the authorizer has accepted it as ``route.peer`` with a good status: a client never talks to an
+impostor, not even one request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IListeningPort,
+    IReactorTime,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from s2sgw.audit import AuditLog
+from s2sgw.config import OutboundRoute, TimeoutsConfig
+from s2sgw.interfaces import Decision, IAuthorizer, ITrustStore, Reason
+from s2sgw.listener import (
+    CHAIN_ERROR,
+    RouteGate,
+    Session,
+    _Refused,
+    classify_handshake_failure,
+    peer_chain,
+    tls_parameters,
+)
+from s2sgw.metrics import INTERNAL_ERROR, Metrics, default_metrics
+from s2sgw.relay import RelaySide, splice
+from s2sgw.transport import (
+    CurrentClientCreator,
+    TLSFactory,
+    client_endpoint,
+    endpoint_host,
+    server_endpoint,
+    set_tcp_nodelay,
+)
+
+
+class LocalSide(RelaySide):
+    """The local service's plaintext connection; paused until the remote is proven."""
+
+    _log = Logger()
+
+    session: Session
+    remote: RemoteSide | None = None
+    _dialing: Deferred[Any] | None = None
+
+    def __init__(self, connector: OutboundConnector, addr: Any) -> None:
+        super().__init__()
+        self.connector = connector
+        self.addr = addr
+
+    def connectionMade(self) -> None:
+        set_tcp_nodelay(self.transport)
+        self.transport.pauseProducing()
+        connector = self.connector
+        self.session = connector.gate.open(self.addr)
+        self.session.abort = self._abort
+        dialing = connector.remote.connect(connector.tls_factory_for(self))
+        dialing.addTimeout(connector.timeouts.connect, connector.clock)
+        self._dialing = dialing
+        dialing.addCallbacks(self._connected, self._unreachable)
+
+    def _connected(self, tls_protocol: Any) -> None:
+        self._dialing = None
+        if self.lost:
+            tls_protocol.abortConnection()
+
+    def _unreachable(self, failure: Failure) -> None:
+        self._dialing = None
+        if self.lost:
+            return
+        error = failure.getErrorMessage() or failure.type.__name__
+        self._log.warn(
+            "route {route}: remote {remote} unreachable: {error}",
+            route=self.connector.route.name,
+            remote=self.connector.route.remote,
+            error=error,
+        )
+        self.refuse(Reason.REMOTE_UNREACHABLE, error)
+
+    def refuse(self, reason: str, detail: str = "") -> None:
+        """Give up on this connection: record why and close the local client."""
+        self.session.refuse(reason, detail)
+        if not self.lost and self.transport is not None:
+            self.transport.loseConnection()
+        remote = self.remote
+        if remote is not None and not remote.lost and remote.transport is not None:
+            remote.transport.abortConnection()
+
+    def _abort(self, reason: str) -> None:
+        self.session.refuse(reason)
+        for side in (self, self.remote):
+            if side is not None and not side.lost and side.transport is not None:
+                side.transport.abortConnection()
+
+    def lost_before_splice(self, reason: Failure) -> None:
+        if self._dialing is not None:
+            dialing, self._dialing = self._dialing, None
+            dialing.cancel()
+        remote = self.remote
+        if remote is not None and not remote.lost and remote.transport is not None:
+            remote.transport.abortConnection()
+        if self.session.outcome is None:
+            self.session.outcome, self.session.reason = "closed", Reason.PEER_CLOSED
+            self.session.detail = "the local client left before the relay started"
+        # The audit waits for the remote connection to end too, if there is one.
+        if remote is None or remote.lost:
+            self.connector.gate.end(self.session)
+
+
+@implementer(IHandshakeListener)
+class RemoteSide(RelaySide):
+    """The mTLS connection to the peer's gateway: handshake -> authorize -> splice."""
+
+    _log = Logger()
+
+    handshake_done = False
+    counted = False
+    _timer: IDelayedCall | None = None
+
+    def __init__(self, local: LocalSide) -> None:
+        super().__init__()
+        self.local = local
+        self.connector = local.connector
+
+    def connectionMade(self) -> None:
+        self.local.remote = self
+        if self.local.lost:
+            self.transport.abortConnection()
+            return
+        self._timer = self.connector.clock.callLater(self.connector.timeouts.handshake, self._timed_out)
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
+        if self.lost or self.local.lost:
+            return
+        self.transport.pauseProducing()
+        connector = self.connector
+        session = self.local.session
+        try:
+            session.tls_version, session.cipher = tls_parameters(self.transport)
+            chain = peer_chain(self.transport)
+        except Exception:
+            self._log.failure("reading the remote chain on route {route}", route=connector.route.name)
+            self._count(False, INTERNAL_ERROR)
+            self.local.refuse(INTERNAL_ERROR, "could not read the remote chain")
+            return
+        deciding = defer.maybeDeferred(connector.authorizer.authorize, connector.route, chain)
+        deciding.addCallbacks(self._decided, self._decision_failed)
+
+    def _decided(self, decision: Decision) -> None:
+        if self.lost or self.local.lost:
+            return
+        connector = self.connector
+        self.local.session.note_decision(decision)
+        self._count(decision.allowed, decision.reason)
+        if not decision.allowed:
+            self.local.refuse(decision.reason, decision.detail)
+            return
+        self._cancel_timer()
+        local = self.local
+        relay = splice(
+            local,
+            self,
+            clock=connector.clock,
+            idle_timeout=connector.timeouts.idle,
+            on_close=lambda relay: connector.gate.end(local.session),
+        )
+        connector.gate.spliced(local.session, relay)
+
+    def _decision_failed(self, failure: Failure) -> None:
+        self._log.failure("authorizer failed on route {route}", failure, route=self.connector.route.name)
+        if not self.lost and not self.local.lost:
+            self._count(False, INTERNAL_ERROR)
+            self.local.refuse(INTERNAL_ERROR, "the authorizer failed")
+
+    def _count(self, allowed: bool, reason: str) -> None:
+        if not self.counted:
+            self.counted = True
+            self.connector.metrics.handshake(self.connector.route.name, allowed, reason)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._count(False, Reason.HANDSHAKE_TIMEOUT)
+        self.local.refuse(Reason.HANDSHAKE_TIMEOUT, f"not done after {self.connector.timeouts.handshake:g}s")
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def lost_before_splice(self, reason: Failure) -> None:
+        self._cancel_timer()
+        local = self.local
+        if local.session.outcome is None:
+            if not self.handshake_done or getattr(self.transport, CHAIN_ERROR, None):
+                code, detail = classify_handshake_failure(self.transport, reason)
+            else:
+                code, detail = Reason.PEER_CLOSED, "the remote gateway closed before the relay started"
+                text = reason.getErrorMessage()
+                if "alert" in text.lower():
+                    code, detail = Reason.TLS_ERROR, text
+            self._count(False, code)
+            local.refuse(code, detail)
+        if local.lost:
+            self.connector.gate.end(local.session)
+
+
+class _LocalFactory(Factory):
+    def __init__(self, connector: OutboundConnector) -> None:
+        self.connector = connector
+
+    def buildProtocol(self, addr: Any) -> Any:
+        gate = self.connector.gate
+        if gate.full:
+            gate.refuse_excess(addr)
+            return _Refused()
+        return LocalSide(self.connector, addr)
+
+
+@attrs.define(eq=False)
+class OutboundConnector:
+    """One outbound route: a plaintext listener whose connections are relayed over mTLS.
+
+    ``remote`` defaults to the client endpoint for ``route.remote``; the TLS client presents
+    ``route.service``'s certificate and sends the remote's host name as SNI.
+    """
+
+    route: OutboundRoute
+    trust_store: ITrustStore
+    authorizer: IAuthorizer
+    reactor: Any
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    metrics: Metrics = attrs.field(factory=default_metrics)
+    audit: AuditLog = attrs.field(factory=AuditLog)
+    remote: IStreamClientEndpoint = attrs.field(default=None)
+    gate: RouteGate = attrs.field(init=False)
+    factory: Factory = attrs.field(init=False)
+    creator: CurrentClientCreator = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.remote is None:
+            self.remote = client_endpoint(self.reactor, self.route.remote)
+        self.gate = RouteGate(self.route, "outbound", self.reactor, self.metrics, self.audit)
+        self.factory = _LocalFactory(self)
+        hostname = endpoint_host(self.route.remote) or self.route.peer
+        self.creator = CurrentClientCreator(self.trust_store, self.route.service, hostname)
+
+    @property
+    def clock(self) -> IReactorTime:
+        return self.reactor
+
+    def tls_factory_for(self, local: LocalSide) -> TLSFactory:
+        """A TLS client factory whose one connection belongs to ``local``."""
+        return TLSFactory(self.creator, True, Factory.forProtocol(lambda: RemoteSide(local)))
+
+    def listen(self, endpoint: IStreamServerEndpoint | None = None) -> Deferred[IListeningPort]:
+        """Start accepting local clients on ``endpoint`` (default: ``route.listen``)."""
+        if endpoint is None:
+            endpoint = server_endpoint(self.reactor, self.route.listen)
+        return self.gate.listen_on(endpoint, self.factory)
+
+    def stop_listening(self) -> Deferred[None]:
+        return self.gate.stop_listening()
+
+    def drain(self, timeout: float, clock: IReactorTime | None = None) -> Deferred[None]:
+        return self.gate.drain(timeout, clock)
+
+    @property
+    def active(self) -> int:
+        return len(self.gate.live)

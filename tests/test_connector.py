@@ -1,0 +1,258 @@
+"""Outbound routes: a local client is relayed only to a remote gateway proven to be the peer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import pytest
+from prometheus_client import CollectorRegistry
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, globalLogPublisher
+
+from s2sgw.audit import AUDIT_NAMESPACE, AuditLog
+from s2sgw.config import OutboundRoute, TimeoutsConfig
+from s2sgw.connector import OutboundConnector
+from s2sgw.interfaces import Decision, Reason
+from s2sgw.metrics import Metrics
+from s2sgw.transport import TLSFactory
+from tests.tlshelpers import PKI, FakeAuthorizer, FakeTrustStore, HalfCloseCollector, Wire, WireEndpoint, pump_all
+
+PROVEN = Decision(True, Reason.OK, "spiffe://example.test/users", 0x5EED)
+TIMEOUTS = TimeoutsConfig(handshake=10.0, connect=5.0, idle=300.0, drain=10.0)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return PKI.create(tmp_path_factory.mktemp("ca") / "ca")
+
+
+@pytest.fixture(scope="module")
+def other_pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return PKI.create(tmp_path_factory.mktemp("other") / "ca", "other.test")
+
+
+@pytest.fixture
+def audit_events() -> Iterator[list[dict]]:
+    events: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace") == AUDIT_NAMESPACE:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+def only(events: list[dict]) -> dict:
+    assert len(events) == 1, events
+    return events[0]
+
+
+@attrs.define(eq=False)
+class Rig:
+    """local client <-wire-> connector ... TLS over a wire ... remote gateway's service."""
+
+    pki: PKI
+    remote_pki: PKI | None = None
+    authorizer: FakeAuthorizer = attrs.Factory(lambda: FakeAuthorizer(PROVEN))
+    hold_dial: bool = False
+    max_connections: int = 1024
+    clock: MemoryReactorClock = attrs.Factory(MemoryReactorClock)
+    registry: CollectorRegistry = attrs.Factory(CollectorRegistry)
+    services: list[HalfCloseCollector] = attrs.Factory(list)
+    wires: list[Wire] = attrs.Factory(list)
+    connector: OutboundConnector = attrs.field(init=False)
+    remote: WireEndpoint = attrs.field(init=False)
+    store: FakeTrustStore = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        remote_pki = self.remote_pki or self.pki
+        server_options = remote_pki.options("users")
+
+        def remote_gateway() -> Any:
+            service = HalfCloseCollector()
+            self.services.append(service)
+            return TLSFactory(server_options, False, Factory.forProtocol(lambda: service)).buildProtocol(None)
+
+        self.remote = WireEndpoint(peer_factory=remote_gateway, hold=self.hold_dial)
+        self.store = FakeTrustStore(clients={"orders": self.pki.options("orders")})
+        route = OutboundRoute(
+            name="orders-to-users",
+            service="orders",
+            listen="tcp:9001:interface=127.0.0.1",
+            remote="tcp:users.example:8443",
+            peer="users",
+            max_connections=self.max_connections,
+        )
+        self.connector = OutboundConnector(
+            route,
+            self.store,
+            self.authorizer,
+            self.clock,
+            TIMEOUTS,
+            metrics=Metrics(self.registry),
+            audit=AuditLog(),
+            remote=self.remote,
+        )
+
+    def connect(self) -> tuple[HalfCloseCollector, Wire]:
+        client = HalfCloseCollector()
+        wire = Wire(client, self.connector.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000)))
+        self.wires.append(wire)
+        return client, wire
+
+    def pump(self) -> None:
+        while True:
+            count = len(self.remote.wires)
+            pump_all(*self.wires, *self.remote.wires)
+            if len(self.remote.wires) == count:
+                return
+
+
+def test_a_local_client_is_relayed_to_the_proven_peer_and_audited(pki: PKI, audit_events: list[dict]) -> None:
+    rig = Rig(pki)
+    client, _ = rig.connect()
+    client.transport.write(b"PING\r\n")
+    rig.pump()
+    service = rig.services[0]
+    assert bytes(service.received) == b"PING\r\n"
+    service.transport.write(b"+PONG\r\n")
+    service.transport.loseConnection()
+    rig.pump()
+    assert bytes(client.received) == b"+PONG\r\n" and client.lost is not None
+    assert rig.store.hostnames == ["users.example"]
+    route, chain = only(rig.authorizer.calls)  # type: ignore[arg-type]
+    assert route is rig.connector.route
+    assert chain[0].serial_number == pki.identity("users").record.serial
+    event = only(audit_events)
+    assert event["log_level"] == LogLevel.info
+    assert (event["route"], event["direction"], event["outcome"]) == ("orders-to-users", "outbound", "closed")
+    assert (event["peer"], event["serial"]) == ("spiffe://example.test/users", "5eed")
+    assert (event["bytes_in"], event["bytes_out"]) == (6, 7)
+    assert rig.registry.get_sample_value(
+        "s2sgw_handshakes_total", {"route": "orders-to-users", "result": "ok", "reason": "ok"}
+    ) == 1
+
+
+def test_local_bytes_wait_until_the_remote_is_authorized(pki: PKI) -> None:
+    rig = Rig(pki, authorizer=FakeAuthorizer(hold=True))
+    client, wire = rig.connect()
+    client.transport.write(b"secret")
+    rig.pump()
+    assert wire.server.reading_paused
+    assert rig.services[0].received == b""
+    rig.authorizer.release(PROVEN)
+    rig.pump()
+    assert bytes(rig.services[0].received) == b"secret"
+
+
+def test_a_remote_that_is_not_the_peer_is_dropped_and_the_client_closed(pki: PKI, audit_events: list[dict]) -> None:
+    mismatch = Decision(False, Reason.IDENTITY_MISMATCH, "spiffe://example.test/billing", 0x2, "not users")
+    rig = Rig(pki, authorizer=FakeAuthorizer(mismatch))
+    client, _ = rig.connect()
+    client.transport.write(b"secret")
+    rig.pump()
+    assert client.lost is not None
+    assert rig.services[0].received == b""
+    assert rig.remote.wires[0].client.aborted
+    event = only(audit_events)
+    assert event["log_level"] == LogLevel.warn
+    assert (event["outcome"], event["reason"], event["peer"]) == (
+        "refused",
+        Reason.IDENTITY_MISMATCH,
+        "spiffe://example.test/billing",
+    )
+
+
+def test_a_remote_with_an_untrusted_certificate_is_refused(
+    pki: PKI, other_pki: PKI, audit_events: list[dict]
+) -> None:
+    rig = Rig(pki, remote_pki=other_pki)
+    client, _ = rig.connect()
+    rig.pump()
+    assert client.lost is not None and rig.authorizer.calls == []
+    assert only(audit_events)["reason"] == Reason.UNTRUSTED_CHAIN
+
+
+def test_an_unreachable_remote_closes_the_client(pki: PKI, audit_events: list[dict]) -> None:
+    rig = Rig(pki, hold_dial=True)
+    client, _ = rig.connect()
+    rig.remote.fail(ConnectionRefusedError())
+    rig.pump()
+    assert client.lost is not None
+    assert only(audit_events)["reason"] == Reason.REMOTE_UNREACHABLE
+
+
+def test_a_remote_that_does_not_answer_hits_the_connect_timeout(pki: PKI, audit_events: list[dict]) -> None:
+    rig = Rig(pki, hold_dial=True)
+    client, _ = rig.connect()
+    rig.clock.advance(TIMEOUTS.connect)
+    rig.pump()
+    assert client.lost is not None and rig.remote.waiting == []
+    assert only(audit_events)["reason"] == Reason.REMOTE_UNREACHABLE
+
+
+def test_a_slow_authorization_hits_the_handshake_timeout(pki: PKI, audit_events: list[dict]) -> None:
+    rig = Rig(pki, authorizer=FakeAuthorizer(hold=True))
+    client, _ = rig.connect()
+    rig.pump()
+    rig.clock.advance(TIMEOUTS.handshake)
+    rig.pump()
+    assert client.lost is not None
+    assert only(audit_events)["reason"] == Reason.HANDSHAKE_TIMEOUT
+
+
+def test_a_client_that_leaves_while_dialing_cancels_the_dial(pki: PKI, audit_events: list[dict]) -> None:
+    rig = Rig(pki, hold_dial=True)
+    client, _ = rig.connect()
+    client.transport.abortConnection()  # a reset; a FIN would wait until reading resumes
+    rig.pump()
+    assert rig.remote.waiting == []
+    event = only(audit_events)
+    assert (event["outcome"], event["reason"]) == ("closed", Reason.PEER_CLOSED)
+
+
+def test_clients_over_the_cap_are_aborted_at_once(pki: PKI, audit_events: list[dict]) -> None:
+    rig = Rig(pki, authorizer=FakeAuthorizer(hold=True), max_connections=1)
+    rig.connect()
+    _, wire = rig.connect()
+    assert wire.server.aborted
+    rig.pump()
+    assert only(audit_events)["reason"] == Reason.TOO_MANY_CONNECTIONS
+    assert rig.remote.attempts == 1
+
+
+def test_a_client_that_shuts_its_write_side_gets_the_whole_answer_over_tls(pki: PKI) -> None:
+    rig = Rig(pki)
+    client, _ = rig.connect()
+    client.transport.write(b"question")
+    client.transport.loseWriteConnection()
+    rig.pump()
+    service = rig.services[0]
+    assert service.eof and bytes(service.received) == b"question"
+    assert client.lost is None
+    answer = b"0123456789" * 50000
+    service.transport.write(answer)
+    service.transport.loseWriteConnection()
+    rig.pump()
+    assert bytes(client.received) == answer and client.lost is not None
+
+
+def test_drain_aborts_live_relays_with_reason_shutdown(pki: PKI, audit_events: list[dict]) -> None:
+    rig = Rig(pki)
+    client, _ = rig.connect()
+    rig.pump()
+    drained: list[object] = []
+    rig.connector.drain(2.0).addCallback(drained.append)
+    rig.clock.advance(2.0)
+    rig.pump()
+    assert drained == [None] and client.lost is not None
+    assert only(audit_events)["reason"] == Reason.SHUTDOWN
+    _, wire = rig.connect()  # still listening (no port here), but draining: refused
+    assert wire.server.aborted
