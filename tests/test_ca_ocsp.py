@@ -101,7 +101,7 @@ def nonce_of(response: ocsp.OCSPResponse) -> bytes | None:
         return None
 
 
-@pytest.mark.parametrize("key_type", ["ecdsa-p256", "ed25519"])
+@pytest.mark.parametrize("key_type", ["ecdsa-p256", "ed25519", "rsa3072"])
 def test_good_answer_is_signed_by_the_delegated_signer(tmp_path: Path, key_type: str) -> None:
     """A certificate we issued and never revoked is `good`, signed by ocsp.pem, valid for `validity`."""
     ca = CertificateAuthority.init(tmp_path / "ca", "example.org", key_type=key_type)

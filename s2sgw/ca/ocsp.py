@@ -149,6 +149,48 @@ def _issuer_hashes(issuer: x509.Certificate, any_cert: x509.Certificate) -> dict
     return result
 
 
+def _header(data: bytes, offset: int) -> tuple[int, int]:
+    """(start of content, end of content) of the DER TLV at ``offset``."""
+    first = data[offset + 1]
+    if first < 0x80:
+        return offset + 2, offset + 2 + first
+    size = first & 0x7F
+    length = int.from_bytes(data[offset + 2 : offset + 2 + size], "big")
+    start = offset + 2 + size
+    return start, start + length
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    length = len(content)
+    if length < 0x80:
+        return bytes([tag, length]) + content
+    size = (length.bit_length() + 7) // 8
+    return bytes([tag, 0x80 | size]) + length.to_bytes(size, "big") + content
+
+
+def _with_certificate(response: bytes, cert: bytes) -> bytes:
+    """Add ``certs [0] EXPLICIT SEQUENCE OF Certificate`` to a signed BasicOCSPResponse.
+
+    The signature covers tbsResponseData only, so the signer's certificate can be appended after
+    signing. cryptography's builder spends more time copying the certificate in than the
+    ECDSA signature itself takes; this splice costs microseconds.
+    """
+    # OCSPResponse ::= SEQUENCE { responseStatus ENUMERATED, responseBytes [0] EXPLICIT SEQUENCE {
+    #     responseType OID, response OCTET STRING (BasicOCSPResponse) } }
+    start, end = _header(response, 0)
+    _, status_end = _header(response, start)
+    status = response[start:status_end]
+    explicit_start, _ = _header(response, status_end)
+    bytes_start, _ = _header(response, explicit_start)
+    _, oid_end = _header(response, bytes_start)
+    oid = response[bytes_start:oid_end]
+    octets_start, octets_end = _header(response, oid_end)
+    basic = response[octets_start:octets_end]
+    basic_start, basic_end = _header(basic, 0)
+    new_basic = _tlv(0x30, basic[basic_start:basic_end] + _tlv(0xA0, _tlv(0x30, cert)))
+    return _tlv(0x30, status + _tlv(0xA0, _tlv(0x30, oid + _tlv(0x04, new_basic))))
+
+
 @attrs.define(eq=False)
 class Responder:
     """Parses requests for one issuer and signs answers with its delegated OCSP signer.
@@ -164,11 +206,13 @@ class Responder:
     signatures: int = 0
     _hashes: dict[str, tuple[bytes, bytes]] = attrs.field(init=False)
     _signing_algorithm: hashes.HashAlgorithm | None = attrs.field(init=False)
+    _signer_der: bytes = attrs.field(init=False)
     _cache: dict[tuple[int, str], _Entry] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self._hashes = _issuer_hashes(self.issuer, self.signer_cert)
         self._signing_algorithm = _signing_hash(self.signer_key)
+        self._signer_der = self.signer_cert.public_bytes(serialization.Encoding.DER)
 
     # -- parsing -------------------------------------------------------------------------
 
@@ -315,12 +359,11 @@ class Responder:
             revocation_reason=status.reason if status.state == "revoked" else None,
         )
         builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, self.signer_cert)
-        builder = builder.certificates([self.signer_cert])
         if query.nonce is not None:
             builder = builder.add_extension(x509.OCSPNonce(query.nonce), critical=False)
         response = builder.sign(self.signer_key, self._signing_algorithm)
         self.signatures += 1
-        der = response.public_bytes(serialization.Encoding.DER)
+        der = _with_certificate(response.public_bytes(serialization.Encoding.DER), self._signer_der)
         return Answer(
             der=der,
             status=ocsp.OCSPResponseStatus.SUCCESSFUL,
