@@ -434,3 +434,10 @@ def test_store_loads_identities_from_the_real_ca(tmp_path: Path) -> None:
     context = tls.client_context(peer.chain, peer.key, [authority.root_cert])
     pair = connect(store.server_creator("orders"), tls.ClientConnectionCreator(lambda: context, "orders"))
     assert pair.server.completed and pair.client.completed
+
+
+def test_start_up_load_needs_no_reactor(setup: Setup) -> None:
+    """twistd's option parsing loads the store before a reactor is chosen."""
+    store = TrustStore.load(load_config(setup.config_path))
+    assert store.generation == 1
+    assert store.verify_chain(setup.ca.issue("users").chain)
