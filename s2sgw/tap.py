@@ -1,14 +1,22 @@
-"""``twistd s2sgw``: the gateway plugin's options and service wiring."""
+"""``twistd s2sgw``: options, checked before daemonizing, and the wiring of the gateway."""
 
 from __future__ import annotations
 
-from twisted.application.service import IService, MultiService
+from typing import Any
+
+from twisted.application.service import IService
 from twisted.python import usage
+
+from s2sgw.config import load_config
+from s2sgw.errors import S2sgwError
 
 
 class Options(usage.Options):
     synopsis = "--config FILE"
-    longdesc = "Run the mTLS gateways of every service configured in FILE, in one reactor."
+    longdesc = (
+        "Run the mTLS gateways of every service configured in FILE, in one reactor. "
+        "SIGHUP reloads trust bundle, certificates, keys, CRL and allow-lists."
+    )
     optParameters = [
         ["config", "c", None, "Gateway configuration file (TOML).", str],
     ]
@@ -16,7 +24,20 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["config"]:
             raise usage.UsageError("--config is required")
+        # Load and check everything here so errors reach the terminal before twistd daemonizes.
+        from s2sgw.truststore import TrustStore
+
+        try:
+            self.config = load_config(self["config"])
+            self.trust_store = TrustStore.load(self.config)
+        except S2sgwError as error:
+            raise usage.UsageError(str(error)) from None
 
 
-def makeService(options: Options, reactor=None) -> IService:
-    return MultiService()
+def makeService(options: Options, reactor: Any = None) -> IService:
+    from s2sgw.service import build_gateway
+
+    if reactor is None:
+        from twisted.internet import reactor
+    service, _ = build_gateway(options.config, options.trust_store, reactor)
+    return service

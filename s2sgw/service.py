@@ -1,0 +1,94 @@
+"""The gateway as twistd services: one per route, the reload service, all under one MultiService."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import attrs
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from s2sgw.authz import Authorizer
+from s2sgw.config import GatewayConfig
+from s2sgw.connector import OutboundConnector
+from s2sgw.listener import InboundListener
+from s2sgw.reload import ReloadService
+from s2sgw.status import make_status_checker
+from s2sgw.truststore import TrustStore
+
+
+class Route(Protocol):
+    """What InboundListener and OutboundConnector have in common for a service to drive."""
+
+    def listen(self) -> Deferred: ...
+    def stop_listening(self) -> Deferred: ...
+    def drain(self, timeout: float) -> Deferred: ...
+
+
+@attrs.define(eq=False)
+class RouteService(Service):
+    """Bind a route's listener at start (before privileges drop); on stop, refuse new
+    connections and give live ones ``drain`` seconds to finish."""
+
+    route: Route
+    label: str
+    drain: float
+    _log = Logger()
+    _port: Any = attrs.field(default=None, init=False)
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        failures: list = []
+        self.route.listen().addCallbacks(self._listening, failures.append)
+        if failures:
+            # Endpoints bind synchronously: surface "address in use" and friends as a start-up error.
+            failures[0].raiseException()
+
+    def _listening(self, port: Any) -> None:
+        self._port = port
+        self._log.info("route {route} listening on {address}", route=self.label, address=_describe(port))
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        d = self.route.stop_listening()
+        d.addCallback(lambda _: self.route.drain(self.drain))
+        d.addErrback(lambda failure: self._log.failure("stopping route {route}", failure, route=self.label))
+        return d
+
+
+def _describe(port: Any) -> str:
+    try:
+        address = port.getHost()
+    except Exception:
+        return repr(port)
+    host, port_number = getattr(address, "host", None), getattr(address, "port", None)
+    return f"{host}:{port_number}" if port_number is not None else str(getattr(address, "name", address))
+
+
+@attrs.define(eq=False)
+class Gateway:
+    """The parts one gateway process shares across its routes."""
+
+    config: GatewayConfig
+    trust_store: TrustStore
+    authorizer: Authorizer
+    routes: dict[str, InboundListener | OutboundConnector]
+
+
+def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) -> tuple[MultiService, Gateway]:
+    """Wire the status checker, the authorizer and one service per route."""
+    checker = make_status_checker(config.status, reactor)
+    authorizer = Authorizer(checker, trust_store.trust_domain or "", fail=config.status.fail)
+    top = MultiService()
+    routes: dict[str, InboundListener | OutboundConnector] = {}
+    for service in config.services:
+        for inbound in service.inbound:
+            routes[inbound.name] = InboundListener(inbound, trust_store, authorizer, reactor, config.timeouts)
+        for outbound in service.outbound:
+            routes[outbound.name] = OutboundConnector(outbound, trust_store, authorizer, reactor, config.timeouts)
+    for name, route in routes.items():
+        RouteService(route, name, config.timeouts.drain).setServiceParent(top)
+    ReloadService(trust_store.reload, reactor, interval=config.reload_interval).setServiceParent(top)
+    return top, Gateway(config, trust_store, authorizer, routes)
+
