@@ -72,7 +72,7 @@ def classify_handshake_failure(tls: Any, reason: Failure | None) -> tuple[str, s
         return Reason.TLS_ERROR, "connection closed before the TLS handshake completed"
     text = str(reason.value)
     lowered = text.lower()
-    if "peer did not return a certificate" in lowered:
+    if "peer did not return a certificate" in lowered or "alert certificate required" in lowered:
         return Reason.NO_CLIENT_CERT, "the client sent no certificate"
     if "certificate verify failed" in lowered:
         return Reason.UNTRUSTED_CHAIN, text
@@ -197,7 +197,10 @@ class RouteGate:
 
     def refuse_excess(self, addr: Any) -> None:
         session = self.open(addr)
-        session.refuse(Reason.TOO_MANY_CONNECTIONS, f"{self.route.max_connections} connections open")
+        if self.draining:
+            session.refuse(Reason.SHUTDOWN, "the gateway is stopping")
+        else:
+            session.refuse(Reason.TOO_MANY_CONNECTIONS, f"{self.route.max_connections} connections open")
         self.end(session)
 
     def listen_on(self, endpoint: IStreamServerEndpoint, factory: Any) -> Deferred[IListeningPort]:

@@ -248,6 +248,13 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
         if not self._appSendBuffer and self._producer is None and self.transport is not None:
             self.transport.loseConnection()
 
+    def unregisterProducer(self) -> None:
+        had_producer = self._producer is not None
+        super().unregisterProducer()
+        # A close deferred by a producer happens now, again without waiting for the peer.
+        if had_producer and self.disconnecting and not self._appSendBuffer and self.transport is not None:
+            self.transport.loseConnection()
+
     def _flushReceiveBIO(self) -> None:
         # Same as TLSMemoryBIOProtocol._flushReceiveBIO, except for ZeroReturnError (see class doc).
         while not self._lostTLSConnection and not self._read_eof:

@@ -256,3 +256,4 @@ def test_drain_aborts_live_relays_with_reason_shutdown(pki: PKI, audit_events: l
     assert only(audit_events)["reason"] == Reason.SHUTDOWN
     _, wire = rig.connect()  # still listening (no port here), but draining: refused
     assert wire.server.aborted
+    assert [e["reason"] for e in audit_events] == [Reason.SHUTDOWN, Reason.SHUTDOWN]

@@ -234,6 +234,45 @@ def test_the_verify_callbacks_recorded_reason_wins(pki: PKI, audit_events: list[
     assert (event["reason"], event["detail"]) == (Reason.EXPIRED, "certificate has expired")
 
 
+def contexts_from_tls_module(pki: PKI, name: str) -> Any:
+    """A server creator made by s2sgw/tls.py, with its fail-closed verify callback."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from s2sgw import tls
+
+    issued = pki.identity(name)
+    chain = x509.load_pem_x509_certificates(issued.chain_pem)
+    context = tls.server_context(chain, load_pem_private_key(issued.key_pem, None), [pki.ca.root_cert])
+    return tls.ServerConnectionCreator(lambda: context)
+
+
+@pytest.mark.parametrize(
+    ("client", "reason"),
+    [("good", Reason.OK), ("expired", Reason.EXPIRED), ("none", Reason.NO_CLIENT_CERT)],
+)
+def test_refusal_reasons_with_the_gateways_own_tls_contexts(
+    pki: PKI, audit_events: list[dict], client: str, reason: str
+) -> None:
+    import datetime
+
+    if "expired" not in pki.identities:
+        past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=3)
+        pki.identities["expired"] = pki.ca.issue("expired", hours=1, now=past)
+    rig = Rig(pki)
+    rig.listener.trust_store.servers["orders"] = contexts_from_tls_module(pki, "orders")  # type: ignore[attr-defined]
+    options = pki.client_options_without_cert() if client == "none" else pki.options(client if client != "good" else "users")
+    caller, _ = rig.connect(options)
+    caller.transport.write(b"hello")
+    rig.pump()
+    if reason == Reason.OK:
+        assert bytes(rig.backend.peers[0].received) == b"hello"
+        return
+    assert caller.lost is not None and rig.backend.attempts == 0
+    event = only(audit_events)
+    assert (event["outcome"], event["reason"]) == ("refused", reason)
+
+
 def test_a_silent_client_is_dropped_at_the_handshake_timeout(pki: PKI, audit_events: list[dict]) -> None:
     rig = Rig(pki)
     _, wire = rig.connect(caller=Protocol(), tls=False)
