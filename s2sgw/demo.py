@@ -57,11 +57,13 @@ def run(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     demo = Demo(workdir=workdir.resolve(), one_process=args.one_process)
     outcome: list[BaseException] = []
+    completed: list[bool] = []
 
     async def main(reactor: Any) -> None:
         demo.reactor = reactor
         try:
             await demo.run()
+            completed.append(True)
         except BaseException as error:  # reported after the reactor stops
             outcome.append(error)
         finally:
@@ -81,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(error, S2sgwError):
             raise error
         raise DemoFailed(f"{type(error).__name__}: {error}") from error
+    if not completed:  # Ctrl-C stopped the reactor before the last step
+        say("\nInterrupted; every process the demo started was stopped.")
+        return 130
     say("\nAll steps behaved as shown.")
     return 0
 

@@ -32,3 +32,33 @@ def test_demo_runs_every_step_and_cleans_up(tmp_path: Path, layout: list[str]) -
         assert shown in result.stdout
     leftovers = subprocess.run(["pgrep", "-f", f"--logfile={tmp_path}"], capture_output=True, text=True)
     assert leftovers.stdout == ""
+
+
+def test_demo_interrupted_with_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    """SIGINT in the middle of the demo: non-zero exit and no twistd process left behind."""
+    import signal
+    import time
+
+    demo = subprocess.Popen(
+        [str(Path(sys.executable).parent / "s2sgw"), "demo", "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for line in demo.stdout:
+            if "gateways running" in line:
+                break
+        demo.send_signal(signal.SIGINT)
+        demo.wait(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode != 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        leftovers = subprocess.run(["pgrep", "-f", f"--logfile={tmp_path}"], capture_output=True, text=True)
+        if leftovers.stdout == "":
+            break
+        time.sleep(0.1)
+    assert leftovers.stdout == ""
