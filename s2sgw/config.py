@@ -84,7 +84,11 @@ class ServiceConfig:
 
 @attrs.frozen
 class AdminConfig:
-    listen: str
+    """The admin HTTP endpoint (/healthz, /readyz, /status, /metrics); off unless configured."""
+
+    listen: str  # loopback TCP or unix: unless allow_remote
+    allow_remote: bool = False  # explicitly allow a non-loopback listen address
+    probe_interval: float = 5.0  # seconds between readiness probes of the CA status server
 
 
 @attrs.frozen
@@ -96,6 +100,7 @@ class GatewayConfig:
     timeouts: TimeoutsConfig = TimeoutsConfig()
     reload_interval: float | None = None
     admin: AdminConfig | None = None
+    expiry_warning: float = 0.2  # warn when this fraction of a certificate's lifetime is left
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,6 +201,18 @@ class _Parser:
             raise self.fail(key, "must be at least 1")
         return value
 
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, "expected true or false")
+        return value
+
+    def fraction(self, value: Any, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key, "expected a number between 0 and 1")
+        if not 0 < value < 1:
+            raise self.fail(key, "must be between 0 and 1 (a fraction of the lifetime)")
+        return float(value)
+
     def choice(self, options: tuple[str, ...]) -> Callable[[Any, str], str]:
         def check(value: Any, key: str) -> str:
             if value not in options:
@@ -285,15 +302,15 @@ class _Parser:
     # -- sections -----------------------------------------------------------------------------
 
     def gateway(self, data: dict[str, Any]) -> GatewayConfig:
-        self.table(data, "", {"trust", "reload_interval", "status", "timeouts", "admin", "service"})
+        self.table(
+            data, "", {"trust", "reload_interval", "expiry_warning", "status", "timeouts", "admin", "service"}
+        )
         trust = self.required(data, "trust", "", self.existing_file)
         reload_interval = self.optional(data, "reload_interval", "", self.seconds, None)
         status = self.status(data.get("status", {}))
         timeouts = self.timeouts(data.get("timeouts", {}))
-        admin = None
-        if "admin" in data:
-            admin_table = self.table(data["admin"], "admin", {"listen"})
-            admin = AdminConfig(listen=self.required(admin_table, "listen", "admin", self.server_endpoint))
+        expiry_warning = self.optional(data, "expiry_warning", "", self.fraction, 0.2)
+        admin = self.admin(data["admin"]) if "admin" in data else None
         services_data = self.required(data, "service", "", self.tables)
         if not services_data:
             raise self.fail("service", "at least one [[service]] is required")
@@ -318,6 +335,23 @@ class _Parser:
             timeouts=timeouts,
             reload_interval=reload_interval,
             admin=admin,
+            expiry_warning=expiry_warning,
+        )
+
+    def admin(self, value: Any) -> AdminConfig:
+        table = self.table(value, "admin", {"listen", "allow_remote", "probe_interval"})
+        listen = self.required(table, "listen", "admin", self.server_endpoint)
+        allow_remote = self.optional(table, "allow_remote", "admin", self.boolean, False)
+        if not allow_remote and not _local_endpoint(listen):
+            raise self.fail(
+                "admin.listen",
+                f"{listen!r} is not a loopback address or unix socket; the admin endpoint shows "
+                "identities and metrics (set admin.allow_remote = true to listen there anyway)",
+            )
+        return AdminConfig(
+            listen=listen,
+            allow_remote=allow_remote,
+            probe_interval=self.optional(table, "probe_interval", "admin", self.seconds, 5.0),
         )
 
     def check_unique(self, items: Iterator[tuple[str, str]], what: str) -> None:
@@ -411,6 +445,26 @@ def _same_listen(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
         wildcard = ("", "0.0.0.0", "::")
         return a[2] == b[2] or a[2] in wildcard or b[2] in wildcard
     return a == b
+
+
+def _local_endpoint(value: str) -> bool:
+    """Whether a (valid) listening endpoint is reachable from this host only: loopback or unix."""
+    import ipaddress
+
+    from twisted.internet.endpoints import _parseServer
+
+    kind, args, options = _parseServer(value, None)
+    if kind == "UNIX":
+        return True
+    if kind != "TCP":
+        return False  # systemd: and plugins: we cannot tell
+    interface = str(options.get("interface", "")).strip("[]")
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False  # "" (every interface) or a host name
 
 
 def _endpoint_error(error: Exception) -> str:
