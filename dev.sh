@@ -49,7 +49,8 @@ case "$cmd" in
         exec python -m pytest -q "$@"
         ;;
     bench)
-        need_packages openssl stunnel4 wrk iperf3
+        # Also HAProxy and nginx; nginx's stream module is its own package on Debian (libnginx-mod-stream).
+        need_packages openssl stunnel4 wrk iperf3 haproxy nginx libnginx-mod-stream
         setup_venv
         exec python -m bench "$@"
         ;;
