@@ -22,7 +22,8 @@ unreachable CA (a forged or broken answer is no worse than no answer) and admits
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import service_identity
@@ -103,11 +104,17 @@ def _refuse(reason: str, detail: str, identity: str | None = None, serial: int |
 @implementer(IAuthorizer)
 @attrs.define(eq=False)
 class Authorizer:
-    """Identity, allow-list and certificate status -> a Decision (never an error)."""
+    """Identity, allow-list and certificate status -> a Decision (never an error).
+
+    ``current_route`` (e.g. the trust store's ``route``) maps a route name to its current
+    configuration, so allow-lists and expected peers changed by a reload apply to the next
+    connection; without it, or for a name it does not know, the route passed in is judged.
+    """
 
     status_checker: IStatusChecker
     trust_domain: str
     fail: FailMode = "closed"
+    current_route: Callable[[str], Any] | None = None
 
     _log = Logger()
 
@@ -118,6 +125,7 @@ class Authorizer:
     def authorize(self, route, chain: Sequence[x509.Certificate]) -> Deferred[Decision]:
         """Fire with a Decision for the peer presenting ``chain`` (leaf first) on ``route``."""
         try:
+            route = self._current(route)
             decision = self._identify(route, chain)
         except Exception:
             failure = Failure()
@@ -134,6 +142,13 @@ class Authorizer:
         d.addErrback(self._status_failed, route, identity, serial)
         d.addErrback(self._status_bug, route, identity, serial)
         return d
+
+    def _current(self, route):
+        if self.current_route is None:
+            return route
+        name = getattr(route, "name", None)
+        current = self.current_route(name) if name is not None else None
+        return route if current is None else current
 
     def _identify(
         self, route, chain: Sequence[x509.Certificate]

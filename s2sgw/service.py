@@ -79,7 +79,9 @@ class Gateway:
 def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) -> tuple[MultiService, Gateway]:
     """Wire the status checker, the authorizer and one service per route."""
     checker = make_status_checker(config.status, reactor)
-    authorizer = Authorizer(checker, trust_store.trust_domain or "", fail=config.status.fail)
+    authorizer = Authorizer(
+        checker, trust_store.trust_domain or "", fail=config.status.fail, current_route=trust_store.route
+    )
     top = MultiService()
     routes: dict[str, InboundListener | OutboundConnector] = {}
     for service in config.services:
