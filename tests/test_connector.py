@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
 import attrs
 import pytest
+import pytest_twisted
 from prometheus_client import CollectorRegistry
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
+from zope.interface import implementer
 
 from s2sgw.audit import AUDIT_NAMESPACE, AuditLog
-from s2sgw.config import OutboundRoute, TimeoutsConfig
+from s2sgw.config import InboundRoute, OutboundRoute, TimeoutsConfig
 from s2sgw.connector import OutboundConnector
 from s2sgw.interfaces import Decision, Reason
+from s2sgw.listener import InboundListener
 from s2sgw.metrics import Metrics
-from s2sgw.transport import TLSFactory
+from s2sgw.transport import TLSFactory, client_endpoint, server_endpoint
 from tests.tlshelpers import PKI, FakeAuthorizer, FakeTrustStore, HalfCloseCollector, Wire, WireEndpoint, pump_all
 
 PROVEN = Decision(True, Reason.OK, "spiffe://example.test/users", 0x5EED)
@@ -257,3 +263,104 @@ def test_drain_aborts_live_relays_with_reason_shutdown(pki: PKI, audit_events: l
     _, wire = rig.connect()  # still listening (no port here), but draining: refused
     assert wire.server.aborted
     assert [e["reason"] for e in audit_events] == [Reason.SHUTDOWN, Reason.SHUTDOWN]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real sockets on loopback: client -> connector -> mTLS -> listener -> backend
+
+
+@implementer(IHalfCloseableProtocol)
+class DigestBackend(Protocol):
+    """Hashes what it receives; at EOF answers with the digest and the byte count."""
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.count += len(data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(f"{self.hash.hexdigest()} {self.count}".encode())
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+@implementer(IHalfCloseableProtocol)
+class PlainUploader(HalfCloseCollector):
+    """A local service: sends its payload, shuts its write side, reads the answer."""
+
+    def __init__(self, payload: bytes) -> None:
+        super().__init__()
+        self.payload = payload
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.payload)
+        self.transport.loseWriteConnection()
+
+    def readConnectionLost(self) -> None:
+        super().readConnectionLost()
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(bytes(self.received))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_half_closed_upload_crosses_both_gateways_over_loopback(pki: PKI) -> None:
+    await upload_through_both_gateways(pki, hashlib.sha256(b"seed").digest() * (3 * 1024 * 1024 // 32))
+
+
+async def upload_through_both_gateways(pki: PKI, payload: bytes) -> None:
+    from twisted.internet import reactor
+
+    backend_port = await server_endpoint(reactor, "tcp:0:interface=127.0.0.1").listen(
+        Factory.forProtocol(DigestBackend)
+    )
+    inbound = InboundListener(
+        InboundRoute(
+            name="users-in",
+            service="users",
+            listen="tcp:0:interface=127.0.0.1",
+            backend=f"tcp:127.0.0.1:{backend_port.getHost().port}",
+            allow=("orders",),
+        ),
+        FakeTrustStore(servers={"users": pki.options("users")}),
+        FakeAuthorizer(Decision(True, Reason.OK, "spiffe://example.test/orders", 1)),
+        reactor,
+        TIMEOUTS,
+        metrics=Metrics(CollectorRegistry()),
+    )
+    inbound_port = await inbound.listen()
+    outbound = OutboundConnector(
+        OutboundRoute(
+            name="orders-to-users",
+            service="orders",
+            listen="tcp:0:interface=127.0.0.1",
+            remote=f"tcp:127.0.0.1:{inbound_port.getHost().port}",
+            peer="users",
+        ),
+        FakeTrustStore(clients={"orders": pki.options("orders")}),
+        FakeAuthorizer(PROVEN),
+        reactor,
+        TIMEOUTS,
+        metrics=Metrics(CollectorRegistry()),
+    )
+    outbound_port = await outbound.listen()
+    uploader = PlainUploader(payload)
+    try:
+        await client_endpoint(reactor, f"tcp:127.0.0.1:{outbound_port.getHost().port}").connect(
+            Factory.forProtocol(lambda: uploader)
+        )
+        answer = await uploader.done.addTimeout(20, reactor)
+        assert answer == f"{hashlib.sha256(payload).hexdigest()} {len(payload)}".encode()
+        assert uploader.eof  # the answer ended with a clean EOF, after our own half-close
+    finally:
+        for route in (outbound, inbound):
+            await route.stop_listening()
+            await route.drain(1.0)
+        await backend_port.stopListening()
