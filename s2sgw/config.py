@@ -37,6 +37,8 @@ class StatusConfig:
     timeout: float = 2.0  # seconds for one status query
     max_cache_age: float = 300.0  # cap on how long a good answer is trusted, even if nextUpdate is later
     cache_size: int = 10000
+    crl_url: str | None = None  # mode "crl": fetch the CA's CRL from here (GET), e.g. http://127.0.0.1:8080/crl
+    crl_refresh: float = 300.0  # seconds between CRL fetches when crl_url is set
 
 
 @attrs.frozen
@@ -364,7 +366,9 @@ class _Parser:
     def status(self, value: Any) -> StatusConfig:
         key = "status"
         table = self.table(
-            value, key, {"mode", "url", "fail", "crl", "timeout", "max_cache_age", "cache_size"}
+            value,
+            key,
+            {"mode", "url", "fail", "crl", "timeout", "max_cache_age", "cache_size", "crl_url", "crl_refresh"},
         )
         defaults = StatusConfig()
         mode = self.optional(table, "mode", key, self.choice(("ocsp", "crl", "off")), defaults.mode)
@@ -374,6 +378,9 @@ class _Parser:
             raise self.fail("status.url", 'required when status.mode = "ocsp"')
         if mode == "crl" and crl is None:
             raise self.fail("status.crl", 'required when status.mode = "crl"')
+        crl_url = self.optional(table, "crl_url", key, self.url, None)
+        if crl_url is not None and mode != "crl":
+            raise self.fail("status.crl_url", 'only used when status.mode = "crl"')
         return StatusConfig(
             mode=mode,
             url=url,
@@ -382,6 +389,8 @@ class _Parser:
             timeout=self.optional(table, "timeout", key, self.seconds, defaults.timeout),
             max_cache_age=self.optional(table, "max_cache_age", key, self.seconds, defaults.max_cache_age),
             cache_size=self.optional(table, "cache_size", key, self.count, defaults.cache_size),
+            crl_url=crl_url,
+            crl_refresh=self.optional(table, "crl_refresh", key, self.seconds, defaults.crl_refresh),
         )
 
     def timeouts(self, value: Any) -> TimeoutsConfig:
