@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from s2sgw.authz import Authorizer
 from s2sgw.config import GatewayConfig
 from s2sgw.connector import OutboundConnector
+from s2sgw.crlrefresh import CRLRefreshService, reload_following_crl
 from s2sgw.listener import InboundListener
 from s2sgw.reload import ReloadService
 from s2sgw.status import make_status_checker
@@ -91,6 +92,12 @@ def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) 
             routes[outbound.name] = OutboundConnector(outbound, trust_store, authorizer, reactor, config.timeouts)
     for name, route in routes.items():
         RouteService(route, name, config.timeouts.drain).setServiceParent(top)
-    ReloadService(trust_store.reload, reactor, interval=config.reload_interval).setServiceParent(top)
+    # Every reload (SIGHUP, timer, CRL refresh) also hands a new CRL to the status checker.
+    reload = reload_following_crl(trust_store, checker)
+    ReloadService(reload, reactor, interval=config.reload_interval).setServiceParent(top)
+    if config.status.mode == "crl" and config.status.crl_url is not None:
+        CRLRefreshService(
+            trust_store, reload, reactor, config.status.crl_refresh, timeout=config.status.timeout
+        ).setServiceParent(top)
     return top, Gateway(config, trust_store, authorizer, routes)
 

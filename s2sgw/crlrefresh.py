@@ -1,0 +1,260 @@
+"""Mode ``crl``: fetch the CA's CRL on an interval, check it, write it atomically, swap it in.
+
+A fetched CRL goes through the trust store's own checks first (signature by a CA we trust,
+freshness, a CRL number never lower than the current one: a replayed older CRL is refused and
+logged). Only then is it written over the configured ``status.crl`` file (temp file + rename, in a
+thread) and the gateway reloads, so the file on disk, the trust store and the status checker all
+hold the same CRL and a restart starts from it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from prometheus_client import Counter
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from s2sgw import pki
+from s2sgw.config import ConfigError
+from s2sgw.status import CRLStatusChecker, ResponseTooLarge, read_limited
+
+MAX_CRL_BYTES = 4 * 1024 * 1024
+CRL_ACCEPT = b"application/pkix-crl, application/x-pem-file;q=0.5"
+
+# outcome: updated (new CRL in use), unchanged (304 or same number), refused (failed our
+# checks: forged, stale, replayed), failed (CA unreachable, HTTP error, write or reload failed).
+CRL_REFRESHES = Counter("s2sgw_crl_refreshes", "CRL fetches from the CA, by outcome.", ["outcome"])
+
+
+class CRLFetchError(Exception):
+    """The CRL could not be fetched (HTTP status, timeout) or put in use (write, reload)."""
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` in one rename, so a reader sees the old or the new file. Blocking."""
+    directory = path.parent
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def reload_following_crl(store: Any, checker: Any) -> Callable[[], Deferred[int]]:
+    """``store.reload`` that afterwards hands the store's CRL to a CRL status checker.
+
+    Every reload path (SIGHUP, timer, CRL refresh) goes through this, so the checker never
+    judges with an older CRL than the trust store holds.
+    """
+
+    def follow(generation: int) -> int:
+        crl = store.crl
+        if isinstance(checker, CRLStatusChecker) and crl is not None and crl is not checker.crl:
+            checker.replace(crl)
+        return generation
+
+    if isinstance(checker, CRLStatusChecker) and store.crl is not None:
+        checker.replace(store.crl)  # the store's start-up CRL is the checked one
+
+    def reload() -> Deferred[int]:
+        return store.reload().addCallback(follow)
+
+    return reload
+
+
+def _default_http(reactor: Any) -> Any:
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+
+
+@attrs.define(eq=False)
+class CRLRefreshService(Service):
+    """Every ``interval`` seconds: GET the CRL at the store's ``status.crl_url``, check, write, reload.
+
+    ``store`` is the :class:`~s2sgw.truststore.TrustStore` (``config``, ``crl``,
+    ``check_crl_bytes``); ``reload`` fires the new generation once the written file is in use
+    (pass the gateway's reload, so the status checker follows). ``http`` is treq-like (``get``).
+    The URL and file are read from the store's current configuration at each fetch; the
+    interval is fixed at start. A fetch never fails the timer: every outcome is logged.
+    """
+
+    store: Any
+    reload: Callable[[], Deferred[int]]
+    reactor: Any
+    interval: float
+    http: Any = None
+    timeout: float = 10.0
+    max_bytes: int = MAX_CRL_BYTES
+    threadpool: Any = None
+    failures: int = 0
+    refused: int = 0
+    last_error: str | None = None
+    _log = Logger()
+
+    _timer: LoopingCall | None = attrs.field(default=None, init=False)
+    _running: Deferred | None = attrs.field(default=None, init=False)
+    _etag: bytes | None = attrs.field(default=None, init=False)
+    _stopping: bool = attrs.field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.http is None:
+            self.http = _default_http(self.reactor)
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._timer = LoopingCall(self.refresh)
+        self._timer.clock = self.reactor
+        self._timer.start(self.interval, now=True)
+
+    def stopService(self) -> Deferred | None:
+        self._stopping = True
+        if self._timer is not None and self._timer.running:
+            self._timer.stop()
+        super().stopService()
+        if self._running is not None:
+            self._running.cancel()
+        return None
+
+    def refresh(self) -> Deferred[str]:
+        """Fetch once; fire with the outcome (``updated``, ``unchanged``, ``refused``, ``failed``)."""
+        if self._running is not None or self._stopping:
+            return defer.succeed("busy")
+        status = self.store.config.status
+        url, path = status.crl_url, status.crl
+        if status.mode != "crl" or url is None or path is None:
+            return defer.succeed("unchanged")
+        headers = {b"Accept": [CRL_ACCEPT]}
+        if self._etag is not None:
+            headers[b"If-None-Match"] = [self._etag]
+        d = self._running = defer.maybeDeferred(self.http.get, url, headers=headers)
+        d.addCallback(self._read)
+        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=self._timed_out)
+        d.addCallback(self._apply, url, Path(path))
+        d.addErrback(self._settle_failure, url)
+        d.addErrback(self._bug, url)
+        d.addBoth(self._done)  # last: also right when everything above ran synchronously
+        return d
+
+    def _read(self, response: Any) -> Deferred[tuple[bytes, bytes | None] | None]:
+        code = response.code
+        body = read_limited(response, self.max_bytes)
+        if code == 304:
+            return body.addCallback(lambda _: None)
+        if code != 200:
+
+            def refuse(_: object) -> None:
+                raise CRLFetchError(f"HTTP {code}")
+
+            return body.addBoth(refuse)
+        etag = response.headers.getRawHeaders(b"ETag", [None])[0]
+        return body.addCallback(lambda data: (data, etag))
+
+    def _timed_out(self, result: object, timeout: float) -> Failure:
+        return Failure(CRLFetchError(f"timed out after {timeout} s"))
+
+    def _apply(self, fetched: tuple[bytes, bytes | None] | None, url: str, path: Path) -> Deferred[str] | str:
+        if fetched is None:
+            CRL_REFRESHES.labels("unchanged").inc()
+            self._log.debug("CRL at {url} not modified", url=url)
+            return "unchanged"
+        data, etag = fetched
+        crl = self.store.check_crl_bytes(data, source=f"CRL from {url}")  # ConfigError: refused
+        number, current = pki.crl_number(crl), self.store.crl
+        if current is not None and number == pki.crl_number(current) and _same(crl, current):
+            self._etag = etag
+            CRL_REFRESHES.labels("unchanged").inc()
+            return "unchanged"
+        pem = crl.public_bytes(serialization.Encoding.PEM)
+        threadpool = self.threadpool if self.threadpool is not None else self.reactor.getThreadPool()
+        d = deferToThreadPool(self.reactor, threadpool, write_atomically, path, pem)
+        d.addCallback(lambda _: self._reload_after_write(url, number))
+        d.addCallback(self._updated, url, number, etag)
+        return d
+
+    def _reload_after_write(self, url: str, number: int | None) -> Deferred[int]:
+        if self._stopping:
+            raise CRLFetchError("shutting down; the written CRL applies at the next start")
+
+        def failed(failure: Failure) -> None:
+            # The store logged why; keep a failed reload apart from a refused CRL.
+            raise CRLFetchError(f"CRL {number} written, but the reload failed: {failure.getErrorMessage()}")
+
+        return self.reload().addErrback(failed)
+
+    def _updated(self, generation: int, url: str, number: int | None, etag: bytes | None) -> str:
+        self._etag = etag
+        self.last_error = None
+        CRL_REFRESHES.labels("updated").inc()
+        self._log.info(
+            "CRL {number} from {url} in use (trust generation {generation})",
+            number=number,
+            url=url,
+            generation=generation,
+        )
+        return "updated"
+
+    def _settle_failure(self, failure: Failure, url: str) -> str:
+        if failure.check(defer.CancelledError) and self._stopping:
+            return "failed"
+        # ConfigError: our checks refused it; the rest: the CA could not be asked or the write failed.
+        # Agent failures (ResponseFailed, ConnectError, ...) arrive as various Exception types.
+        failure.trap(Exception)
+        message = _describe(failure)
+        self.last_error = message
+        if failure.check(ConfigError):
+            self.refused += 1
+            CRL_REFRESHES.labels("refused").inc()
+            self._log.warn("CRL from {url} refused, keeping the current one: {error}", url=url, error=message)
+            return "refused"
+        self.failures += 1
+        CRL_REFRESHES.labels("failed").inc()
+        self._log.warn("CRL refresh from {url} failed, keeping the current one: {error}", url=url, error=message)
+        return "failed"
+
+    def _bug(self, failure: Failure, url: str) -> str:  # pragma: no cover - defensive
+        self._log.failure("CRL refresh from {url} failed unexpectedly", failure, url=url)
+        return "failed"
+
+    def _done(self, outcome: str) -> str:
+        self._running = None
+        return outcome
+
+
+def _same(a: x509.CertificateRevocationList, b: x509.CertificateRevocationList) -> bool:
+    return a.public_bytes(serialization.Encoding.DER) == b.public_bytes(serialization.Encoding.DER)
+
+
+def _describe(failure: Failure) -> str:
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons and isinstance(reasons[0], Failure):
+        failure = reasons[0]
+    if failure.check(ConfigError, CRLFetchError, ResponseTooLarge):
+        return str(failure.value)
+    return f"{failure.type.__name__}: {failure.getErrorMessage()}".rstrip(": ")
