@@ -14,7 +14,7 @@ from s2sgw.errors import S2sgwError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from s2sgw import commands, demo
+    from s2sgw import commands, demo, explain
     from s2sgw.ca import commands as ca_commands
 
     parser = argparse.ArgumentParser(prog="s2sgw", description=__doc__.splitlines()[0])
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca_commands.register(sub)
     commands.register(sub)
     demo.register(sub)
+    explain.register(sub)
     return parser
 
 
