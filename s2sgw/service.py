@@ -13,6 +13,7 @@ from s2sgw.authz import Authorizer
 from s2sgw.config import GatewayConfig
 from s2sgw.connector import OutboundConnector
 from s2sgw.crlrefresh import CRLRefreshService, reload_following_crl
+from s2sgw.health import Operations
 from s2sgw.listener import InboundListener
 from s2sgw.reload import ReloadService
 from s2sgw.status import make_status_checker
@@ -94,10 +95,14 @@ def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) 
         RouteService(route, name, config.timeouts.drain).setServiceParent(top)
     # Every reload (SIGHUP, timer, CRL refresh) also hands a new CRL to the status checker.
     reload = reload_following_crl(trust_store, checker)
-    ReloadService(reload, reactor, interval=config.reload_interval).setServiceParent(top)
+    operations = Operations.build(config, trust_store, checker, routes, reactor)
+    ReloadService(
+        operations.reloading(reload), reactor, interval=config.reload_interval, on_reloaded=operations.reloaded
+    ).setServiceParent(top)
     if config.status.mode == "crl" and config.status.crl_url is not None:
         CRLRefreshService(
             trust_store, reload, reactor, config.status.crl_refresh, timeout=config.status.timeout
         ).setServiceParent(top)
+    operations.setServiceParent(top)  # last: READY=1 after every bind, STOPPING=1 before draining
     return top, Gateway(config, trust_store, authorizer, routes)
 

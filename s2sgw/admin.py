@@ -1,0 +1,122 @@
+"""The admin endpoint: ``/healthz``, ``/readyz``, ``/status`` and ``/metrics`` over HTTP.
+
+Off unless ``[admin] listen`` is set, and loopback or a unix socket unless ``allow_remote``:
+it shows identities, serials and traffic counters. Answers come from the :class:`Monitor`; the
+metrics are prometheus_client's Twisted resource over the process-wide registry. Requests are not
+access-logged (scrapers would drown the audit trail).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+from prometheus_client import REGISTRY, CollectorRegistry
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web import http, resource, server
+
+from s2sgw.health import Monitor
+
+JSON = b"application/json"
+
+
+def _json(request: server.Request, document: object, code: int = http.OK) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", JSON)
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(document, indent=1, sort_keys=True).encode("utf-8") + b"\n"
+
+
+class HealthzResource(resource.Resource):
+    """``GET /healthz``: 200 while the process answers at all (liveness)."""
+
+    isLeaf = True
+
+    def render_GET(self, request: server.Request) -> bytes:
+        return _json(request, {"status": "ok"})
+
+
+class ReadyzResource(resource.Resource):
+    """``GET /readyz``: 200 when fit for traffic, else 503 with the reasons in words."""
+
+    isLeaf = True
+
+    def __init__(self, monitor: Monitor) -> None:
+        super().__init__()
+        self._monitor = monitor
+
+    def render_GET(self, request: server.Request) -> bytes:
+        state = self._monitor.readiness()
+        code = http.OK if state.ready else http.SERVICE_UNAVAILABLE
+        return _json(request, {"ready": state.ready, "reasons": list(state.reasons)}, code)
+
+
+class StatusResource(resource.Resource):
+    """``GET /status``: certificates, trust, CRL, status checks, reloads and routes as JSON."""
+
+    isLeaf = True
+
+    def __init__(self, monitor: Monitor) -> None:
+        super().__init__()
+        self._monitor = monitor
+
+    def render_GET(self, request: server.Request) -> bytes:
+        return _json(request, self._monitor.status())
+
+
+def metrics_resource(registry: CollectorRegistry = REGISTRY) -> resource.Resource:
+    """prometheus_client's Twisted resource (a WSGI app in the reactor's thread pool)."""
+    from prometheus_client.twisted import MetricsResource  # imports the global reactor: late
+
+    return MetricsResource(registry=registry)
+
+
+def build_admin_root(monitor: Monitor, registry: CollectorRegistry = REGISTRY) -> resource.Resource:
+    root = resource.Resource()
+    root.putChild(b"healthz", HealthzResource())
+    root.putChild(b"readyz", ReadyzResource(monitor))
+    root.putChild(b"status", StatusResource(monitor))
+    root.putChild(b"metrics", metrics_resource(registry))
+    return root
+
+
+class AdminSite(server.Site):
+    """A Site without access logging."""
+
+    def log(self, request: server.Request) -> None:
+        pass
+
+
+@attrs.define(eq=False)
+class AdminService(Service):
+    """Bind the admin endpoint with the routes (before privileges drop); stop listening on stop."""
+
+    listen: str
+    monitor: Monitor
+    reactor: Any
+    registry: CollectorRegistry = REGISTRY
+    port: Any = attrs.field(default=None, init=False)
+    _log = Logger()
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        site = AdminSite(build_admin_root(self.monitor, self.registry))
+        failures: list = []
+        serverFromString(self.reactor, self.listen).listen(site).addCallbacks(self._listening, failures.append)
+        if failures:
+            failures[0].raiseException()  # "address in use" is a start-up error, as for routes
+
+    def _listening(self, port: Any) -> None:
+        self.port = port
+        self._log.info("admin endpoint listening on {address}", address=str(port.getHost()))
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return succeed(None)
+        return maybeDeferred(port.stopListening)
