@@ -155,7 +155,11 @@ class Relay:
             self._close_both(Reason.PEER_CLOSED, None)
             return
         if _connected(other):
-            other.transport.loseWriteConnection()
+            shut = getattr(other.transport, "loseWriteConnection", None)
+            if shut is not None:
+                shut()
+            else:  # a transport that cannot half-close
+                self._close_gracefully(other)
 
     def _side_lost(self, side: RelaySide) -> None:
         if self.reason is None:

@@ -17,7 +17,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from s2sgw.audit import AUDIT_NAMESPACE, AuditLog
@@ -147,11 +147,19 @@ def test_an_allowed_peer_is_relayed_to_the_backend_and_audited(pki: PKI, audit_e
     )
     assert event["peer"] == "spiffe://example.test/users" and event["serial"] == "abc"
     assert event["tls_version"] == "TLSv1.3" and event["cipher"] != "-"
+    assert "route=orders-in outcome=closed reason=peer_closed peer=spiffe://example.test/users" in formatEvent(event)
     assert (event["bytes_in"], event["bytes_out"]) == (18, 19)
     assert rig.sample("s2sgw_handshakes_total", route="orders-in", result="ok", reason="ok") == 1
     assert rig.sample("s2sgw_relay_bytes_total", route="orders-in", direction="in") == 18
     assert rig.sample("s2sgw_active_connections", route="orders-in") == 0
     assert rig.listener.active == 0
+
+
+def test_metric_labels_stay_bounded() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.handshake("r", False, "some new reason text")
+    assert registry.get_sample_value("s2sgw_handshakes_total", {"route": "r", "result": "refused", "reason": "other"}) == 1
 
 
 def test_no_byte_reaches_the_backend_before_authorization(pki: PKI) -> None:
