@@ -310,3 +310,85 @@ def caplog_events():
     globalLogPublisher.addObserver(observe)
     yield texts
     globalLogPublisher.removeObserver(observe)
+
+
+# -- end to end: twistd s2sgw-ca serving /crl, gateways in mode crl ----------------------------------
+
+
+@pytest.mark.e2e
+def test_revoked_peer_is_refused_after_the_next_crl_refresh(tmp_path: Path) -> None:
+    """Both gateways in mode crl fetch /crl from the real CA status server every 0.5 s; after
+    `s2sgw ca revoke orders`, orders is refused with reason revoked, and the CRL file on disk
+    carries the new number."""
+    from tests.e2e import TRUST_DOMAIN, Pki, Processes, free_port
+    from tests.reloadkit import ANSWER, config_text, get, inbound, outbound, wait_log_count
+
+    ports = {name: free_port() for name in ("ca", "users_gw", "backend", "orders")}
+    pki = Pki.create(tmp_path, f"http://127.0.0.1:{ports['ca']}", ("users", "orders"))
+    crl_file = tmp_path / "ca.crl"
+    crl_file.write_bytes(pki.ca.make_crl(hours=1).public_bytes(serialization.Encoding.PEM))
+    first_number = _number_of(crl_file)
+    www = tmp_path / "www"
+    (www / "api" / "users").mkdir(parents=True)
+    (www / "api" / "users" / "1").write_bytes(ANSWER)
+    status = (
+        f'mode = "crl"\ncrl = "{crl_file}"\ncrl_url = "http://127.0.0.1:{ports["ca"]}/crl"\ncrl_refresh = 0.5\n'
+    )
+    (tmp_path / "users-gw.toml").write_text(
+        config_text(
+            pki.bundle, pki.certs, {"users": inbound("users-in", ports["users_gw"], ports["backend"], ["orders"])},
+            status=status,
+        )
+    )
+    (tmp_path / "callers-gw.toml").write_text(
+        config_text(
+            pki.bundle, pki.certs, {"orders": outbound("orders-to-users", ports["orders"], ports["users_gw"], "users")},
+            status=status,
+        )
+    )
+    procs = Processes(tmp_path)
+    try:
+        procs.twistd("ca", "s2sgw-ca", "--dir", str(pki.directory / "ca"), "--listen", f"tcp:{ports['ca']}:interface=127.0.0.1")
+        procs.start(
+            "backend",
+            [sys.executable, "-m", "http.server", str(ports["backend"]), "--bind", "127.0.0.1", "--directory", str(www)],
+        )
+        procs.wait_port(ports["ca"])
+        procs.wait_port(ports["backend"])
+        procs.twistd("users-gw", "s2sgw", "--config", str(tmp_path / "users-gw.toml"))
+        procs.twistd("callers-gw", "s2sgw", "--config", str(tmp_path / "callers-gw.toml"))
+        procs.wait_port(ports["users_gw"])
+        procs.wait_port(ports["orders"])
+        # The CA published a newer CRL at start; both gateways fetched and use it.
+        assert get(ports["orders"]) == (200, ANSWER)
+        wait_log_count(procs, "users-gw", " in use (trust generation 2)", 1)
+        fetched_number = _number_of(crl_file)
+        assert fetched_number > first_number
+
+        subprocess.run(
+            [str(Path(sys.executable).parent / "s2sgw"), "ca", "revoke", "--dir", str(pki.directory / "ca"), "orders"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                status_code, _ = get(ports["orders"], timeout=5)
+            except Exception:
+                status_code = 0
+            if status_code != 200:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("orders was still admitted 15 s after its revocation")
+        line = procs.wait_audit("users-gw", "users-in", "reason=revoked ")
+        assert f"peer=spiffe://{TRUST_DOMAIN}/orders " in line
+        assert _number_of(crl_file) > fetched_number
+        assert "refused, keeping the current one" not in procs.log("users-gw")
+    finally:
+        procs.stop_all()
+
+
+def _number_of(path: Path) -> int | None:
+    return pki.crl_number(pki.load_crl(path))
