@@ -32,3 +32,11 @@ def test_gateway_unit_reloads_with_sighup_and_has_no_capabilities() -> None:
     assert "\nCapabilityBoundingSet=\n" in text
     for hardening in ("NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes"):
         assert hardening in text
+
+
+def test_gateway_unit_waits_for_the_gateways_own_readiness_notification() -> None:
+    """Type=notify: systemd counts the gateway started only after READY=1 (listeners bound)."""
+    text = (UNITS / "s2sgw@.service").read_text()
+    assert "\nType=notify\n" in text
+    assert "\nNotifyAccess=main\n" in text
+    assert "--nodaemon" in text  # twistd itself is the main process that notifies
