@@ -154,6 +154,7 @@ class RemoteSide(RelaySide):
         try:
             session.tls_version, session.cipher = tls_parameters(self.transport)
             chain = peer_chain(self.transport)
+            session.chain = tuple(chain)
         except Exception:
             self._log.failure("reading the remote chain on route {route}", route=connector.route.name)
             self._count(False, INTERNAL_ERROR)

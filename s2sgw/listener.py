@@ -10,6 +10,7 @@ The bookkeeping shared with outbound routes (connection cap, drain, audit, metri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -101,6 +102,7 @@ class Session:
     relay: Relay | None = None
     ended: bool = False
     abort: Any = None  # callable(reason): drop the connection now (set by the owner)
+    chain: tuple[x509.Certificate, ...] = ()  # the peer's verified chain, leaf first (re-validation)
 
     @property
     def bytes_in(self) -> int:
@@ -237,6 +239,23 @@ class RouteGate:
 
         return waiter.addBoth(done)
 
+    def close_peers(self, predicate: Callable[[Session], bool], reason: str, detail: str = "") -> int:
+        """Drop the live connections ``predicate`` picks (e.g. a revoked peer), recording ``reason``."""
+        count = 0
+        for session in list(self.live):
+            if session.ended or not predicate(session):
+                continue
+            if detail:
+                session.detail = detail
+            if session.relay is not None:
+                session.relay.abort(reason)
+            elif session.abort is not None:
+                session.abort(reason)
+            else:
+                continue
+            count += 1
+        return count
+
     def abort_all(self, reason: str) -> None:
         """Drop every live connection now, recording ``reason``."""
         for session in list(self.live):
@@ -297,6 +316,7 @@ class InboundSide(RelaySide):
         try:
             self.session.tls_version, self.session.cipher = tls_parameters(self.transport)
             chain = peer_chain(self.transport)
+            self.session.chain = tuple(chain)
         except Exception:
             self._log.failure("reading the peer chain on route {route}", route=listener.route.name)
             self._refuse(INTERNAL_ERROR, "could not read the peer chain")
