@@ -46,6 +46,14 @@ class Reason:
     IDLE_TIMEOUT = "idle_timeout"
     SHUTDOWN = "shutdown"
     PEER_CLOSED = "peer_closed"
+    # identity layer of a route (identity = "http-headers" | "jwt"; see s2sgw/identity/)
+    HTTP_BAD_REQUEST = "http_bad_request"  # malformed or oversized request head, bad framing
+    HTTP_UPGRADE_REFUSED = "http_upgrade_refused"  # Upgrade / CONNECT: cannot be rewritten
+    JWT_MISSING = "jwt_missing"  # no Authorization: Bearer token
+    JWT_INVALID = "jwt_invalid"  # malformed, wrong algorithm or signature, wrong issuer/subject
+    JWT_EXPIRED = "jwt_expired"  # exp passed, iat in the future or lifetime too long
+    JWT_REPLAYED = "jwt_replayed"  # jti seen before
+    JWT_AUDIENCE = "jwt_audience"  # aud is not this service
 
 
 @attrs.frozen
