@@ -100,6 +100,8 @@ class CRLRefreshService(Service):
     ``store`` is the :class:`~s2sgw.truststore.TrustStore` (``config``, ``crl``,
     ``check_crl_bytes``); ``reload`` fires the new generation once the written file is in use
     (pass the gateway's reload, so the status checker follows). ``http`` is treq-like (``get``).
+    ``on_reloaded`` gets the new generation after a CRL-driven reload, like ReloadService's hook,
+    so whatever follows reloads (live-connection checks, status summaries) sees this one too.
     The URL and file are read from the store's current configuration at each fetch; the
     interval is fixed at start. A fetch never fails the timer: every outcome is logged.
     """
@@ -112,6 +114,7 @@ class CRLRefreshService(Service):
     timeout: float = 10.0
     max_bytes: int = MAX_CRL_BYTES
     threadpool: Any = None
+    on_reloaded: Callable[[int], None] | None = None
     failures: int = 0
     refused: int = 0
     last_error: str | None = None
@@ -218,6 +221,8 @@ class CRLRefreshService(Service):
             url=url,
             generation=generation,
         )
+        if self.on_reloaded is not None:
+            self.on_reloaded(generation)
         return "updated"
 
     def _settle_failure(self, failure: Failure, url: str) -> str:

@@ -112,6 +112,7 @@ class Rig:
     resource: CRLResource
     stub: StubTreq
     refresher: CRLRefreshService
+    generations: list[int]
 
     @property
     def crl_file(self) -> Path:
@@ -141,8 +142,11 @@ def rig(tmp_path: Path) -> Rig:
     resource = CRLResource()
     stub = StubTreq(resource)
     reload = reload_following_crl(store, checker)
-    refresher = CRLRefreshService(store, reload, reactor, 60.0, http=stub, timeout=5.0, max_bytes=64 * 1024)
-    return Rig(tmp_path, ca, reactor, store, checker, resource, stub, refresher)
+    generations: list[int] = []
+    refresher = CRLRefreshService(
+        store, reload, reactor, 60.0, http=stub, timeout=5.0, max_bytes=64 * 1024, on_reloaded=generations.append
+    )
+    return Rig(tmp_path, ca, reactor, store, checker, resource, stub, refresher, generations)
 
 
 def _number_on_disk(rig: Rig) -> int | None:
@@ -172,6 +176,7 @@ def test_newer_crl_is_written_and_used_by_store_and_checker(rig: Rig) -> None:
     assert rig.store.generation == 2
     assert _status(rig, peer) == "revoked"
     assert _count("updated") == before + 1
+    assert rig.generations == [2]
     assert list(rig.directory.glob(".ca.crl.*")) == []  # no temp file left behind
 
 
@@ -182,6 +187,7 @@ def test_replayed_older_crl_is_refused_and_logged(rig: Rig, caplog_events) -> No
     assert rig.refresh() == "refused"
     assert _number_on_disk(rig) == 5
     assert rig.store.material.crl_number == 5 and rig.store.generation == 1
+    assert rig.generations == []
     assert rig.refresher.refused == 1
     assert "lower than the current 5" in (rig.refresher.last_error or "")
     assert any("CRL from http://ca.test/crl refused" in text and "lower than" in text for text in caplog_events)
