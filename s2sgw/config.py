@@ -20,6 +20,8 @@ from s2sgw.errors import S2sgwError
 
 StatusMode = Literal["ocsp", "crl", "off"]
 FailMode = Literal["closed", "open"]
+IdentityMode = Literal["none", "proxy-v2", "http-headers", "jwt"]
+OutboundIdentityMode = Literal["none", "jwt"]
 
 
 class ConfigError(S2sgwError):
@@ -39,6 +41,9 @@ class StatusConfig:
     cache_size: int = 10000
     crl_url: str | None = None  # mode "crl": fetch the CA's CRL from here (GET), e.g. http://127.0.0.1:8080/crl
     crl_refresh: float = 300.0  # seconds between CRL fetches when crl_url is set
+    # Revocation feed: True = follow the CA's /revocations beside status.url (mode "ocsp"),
+    # False = off, or the feed's URL.
+    feed: bool | str = True
 
 
 @attrs.frozen
@@ -61,6 +66,8 @@ class InboundRoute:
     backend: str  # client endpoint string
     allow: tuple[str, ...] = ()  # service names or spiffe:// IDs; empty refuses all
     max_connections: int = 1024
+    identity: IdentityMode = "none"  # what the backend learns about the caller (s2sgw/identity.py)
+    jwt_forward: bool = False  # identity = "jwt": pass the verified token on instead of removing it
 
 
 @attrs.frozen
@@ -73,6 +80,7 @@ class OutboundRoute:
     remote: str  # client endpoint string of the peer's inbound listener
     peer: str  # the identity the remote must prove: a service name or a spiffe:// ID
     max_connections: int = 1024
+    identity: OutboundIdentityMode = "none"  # "jwt": sign each HTTP request for the peer
 
 
 @attrs.frozen
@@ -252,6 +260,13 @@ class _Parser:
             raise self.fail(key, f"expected an http:// or https:// URL, got {value!r}")
         return value
 
+    def feed(self, value: Any, key: str) -> bool | str:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return self.url(value, key)
+        raise self.fail(key, "expected true, false or an http:// URL")
+
     def tables(self, value: Any, key: str) -> list[dict[str, Any]]:
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
             raise self.fail(key, f"expected an array of tables ([[{key.rsplit('.', 1)[-1]}]])")
@@ -368,7 +383,7 @@ class _Parser:
         table = self.table(
             value,
             key,
-            {"mode", "url", "fail", "crl", "timeout", "max_cache_age", "cache_size", "crl_url", "crl_refresh"},
+            {"mode", "url", "fail", "crl", "timeout", "max_cache_age", "cache_size", "crl_url", "crl_refresh", "feed"},
         )
         defaults = StatusConfig()
         mode = self.optional(table, "mode", key, self.choice(("ocsp", "crl", "off")), defaults.mode)
@@ -381,7 +396,13 @@ class _Parser:
         crl_url = self.optional(table, "crl_url", key, self.url, None)
         if crl_url is not None and mode != "crl":
             raise self.fail("status.crl_url", 'only used when status.mode = "crl"')
+        feed = self.optional(table, "feed", key, self.feed, True)
+        if "feed" in table and table["feed"] is True and mode != "ocsp":
+            raise self.fail("status.feed", 'true derives the feed from status.url (mode = "ocsp"); give its URL')
+        if isinstance(feed, str) and mode == "off":
+            raise self.fail("status.feed", 'not used when status.mode = "off"')
         return StatusConfig(
+            feed=feed,
             mode=mode,
             url=url,
             fail=self.optional(table, "fail", key, self.choice(("closed", "open")), defaults.fail),
@@ -422,8 +443,16 @@ class _Parser:
         )
 
     def inbound(self, value: Any, key: str, service: str, index: int) -> InboundRoute:
-        table = self.table(value, key, {"name", "listen", "backend", "allow", "max_connections"})
+        table = self.table(
+            value, key, {"name", "listen", "backend", "allow", "max_connections", "identity", "jwt_forward"}
+        )
+        identity = self.optional(table, "identity", key, self.choice(("none", "proxy-v2", "http-headers", "jwt")), "none")
+        jwt_forward = self.optional(table, "jwt_forward", key, self.boolean, False)
+        if "jwt_forward" in table and identity != "jwt":
+            raise self.fail(f"{key}.jwt_forward", 'only used with identity = "jwt"')
         return InboundRoute(
+            identity=identity,
+            jwt_forward=jwt_forward,
             name=self.optional(table, "name", key, self.name, f"{service}-in-{index}"),
             service=service,
             listen=self.required(table, "listen", key, self.server_endpoint),
@@ -433,10 +462,12 @@ class _Parser:
         )
 
     def outbound(self, value: Any, key: str, service: str) -> OutboundRoute:
-        table = self.table(value, key, {"name", "listen", "remote", "peer", "max_connections"})
+        table = self.table(value, key, {"name", "listen", "remote", "peer", "max_connections", "identity"})
         peer = self.required(table, "peer", key, self.peer_name)
+        identity = self.optional(table, "identity", key, self.choice(("none", "jwt")), "none")
         default_name = f"{service}-to-{peer.rstrip('/').rsplit('/', 1)[-1]}"
         return OutboundRoute(
+            identity=identity,
             name=self.optional(table, "name", key, self.name, default_name),
             service=service,
             listen=self.required(table, "listen", key, self.server_endpoint),

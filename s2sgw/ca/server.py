@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
+from s2sgw.ca.feed import DEFAULT_HOLD, FeedResource, RevocationFeed
 from s2sgw.ca.ocsp import TRY_LATER_ANSWER, Answer, Query, Responder, SerialStatus
 
 OCSP_REQUEST_TYPE = b"application/ocsp-request"
@@ -39,6 +40,8 @@ DEFAULT_MAX_BODY = 64 * 1024
 DEFAULT_TIMEOUT = 10.0
 
 InThread = Callable[..., defer.Deferred]
+
+_log = Logger()
 
 
 def _utc(seconds: float) -> datetime.datetime:
@@ -81,6 +84,9 @@ class StatusPublisher:
     marker: int | None = None
     last_seq: int = 0
     last_poll: float | None = None  # clock seconds of the last successful store poll
+    # Called with each batch of revocation records _apply takes in (the revocation feed).
+    listeners: list[Callable[[list[Any]], None]] = attrs.field(factory=list)
+    feed: Any = None  # the RevocationFeed build_root attached, for health
 
     _statuses: dict[int, SerialStatus] = attrs.field(factory=dict)
     _generation: int = 0
@@ -227,6 +233,11 @@ class StatusPublisher:
                 dropped=dropped,
             )
         self.marker = marker
+        for listener in self.listeners:
+            try:
+                listener(revocations)
+            except Exception:
+                self._log.failure("a revocation listener failed")
 
     # -- periodic work --------------------------------------------------------------------
 
@@ -285,6 +296,7 @@ class StatusPublisher:
             "signatures": self.responder.signatures,
             "last_poll_age": None if self.last_poll is None else round(now - self.last_poll, 3),
             "crl_next_update": self.crl_next_update.isoformat() if self.crl_next_update else None,
+            "feed_waiting": None if self.feed is None else self.feed.waiting,
         }
 
 
@@ -494,8 +506,25 @@ class HealthResource(resource.Resource):
         return json.dumps(state, sort_keys=True).encode("utf-8") + b"\n"
 
 
-def build_root(publisher: StatusPublisher) -> resource.Resource:
+def build_root(publisher: StatusPublisher, *, feed_hold: float = DEFAULT_HOLD) -> resource.Resource:
+    """The status server's resources; ``/revocations`` is fed by every ``_apply``."""
+    feed = RevocationFeed(
+        issuer=publisher.responder.issuer,
+        signer_cert=publisher.responder.signer_cert,
+        signer_key=publisher.responder.signer_key,
+        clock=publisher.clock,
+        hold=feed_hold,
+    )
+    publisher.listeners.append(feed.publish)
+    if publisher.marker is not None:
+        # Loaded already: what it applied so far is read again from the store.
+        feed.seeding = True
+        publisher.in_thread(publisher.ca.revocations_since, 0).addCallbacks(
+            feed.seed, lambda failure: _log.failure("reading revocations for the feed failed", failure)
+        )
+    publisher.feed = feed
     root = resource.Resource()
+    root.putChild(b"revocations", FeedResource(feed))
     root.putChild(b"ocsp", OCSPResource(publisher))
     root.putChild(b"crl", CRLResource(publisher))
     root.putChild(b"bundle.pem", BundleResource(publisher))

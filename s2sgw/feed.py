@@ -1,0 +1,480 @@
+"""Follow the CA's revocation feed, so a revocation reaches this gateway within a second.
+
+:class:`FeedSubscriber` long-polls ``GET /revocations?since=N`` on the CA status server (see
+:mod:`s2sgw.ca.feed`), verifies each answer like an OCSP answer (signed by the issuing CA or by
+a certificate it issued for OCSP signing), checks that the sequence numbers continue where it
+left off, and hands new revocations to ``on_revocations`` (the :class:`s2sgw.enforce.Enforcer`:
+status cache and live connections). A failed poll is retried with exponential back-off and
+resumes from the last sequence number seen; a CA whose sequence went backwards (restored from a
+backup) is followed from 0 again.
+
+Freshness: ``age()`` is how old the newest verified feed answer is. A connected subscriber gets
+one at least every ``hold`` seconds (25 by default), so an age well above that means the feed
+is cut and revocations arrive only through OCSP re-validation at ``nextUpdate``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import json
+import urllib.parse
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from s2sgw.ca.feed import DEFAULT_HOLD, DOCUMENT_TYPE, DOCUMENT_VERSION, FeedDocument, FeedEntry, key_hash
+from s2sgw.config import StatusConfig
+from s2sgw.interfaces import StatusInvalid, StatusUnavailable
+from s2sgw.status import DEFAULT_LEEWAY, _check_delegate, _describe, read_limited, verify_signature
+
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_AGE = datetime.timedelta(seconds=120)
+_HASHES: dict[str, hashes.HashAlgorithm] = {
+    "sha256": hashes.SHA256(),
+    "sha384": hashes.SHA384(),
+    "sha512": hashes.SHA512(),
+}
+
+UTC = datetime.UTC
+
+
+def _utc(seconds: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(seconds, UTC)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+def feed_url(status: StatusConfig) -> str | None:
+    """The feed to follow: ``status.feed`` as a URL, or derived from ``status.url``, or None.
+
+    ``feed = true`` (the default) means the same origin as the OCSP responder, path
+    ``/revocations``; it needs ``mode = "ocsp"``.
+    """
+    feed = getattr(status, "feed", True)
+    if feed is False or status.mode == "off":
+        return None
+    if isinstance(feed, str):
+        return feed
+    if status.mode != "ocsp" or not status.url:
+        return None
+    parts = urllib.parse.urlsplit(status.url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/revocations", "", ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# codec (pure)
+
+
+def _field(payload: dict[str, Any], name: str, kind: type) -> Any:
+    value = payload.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise StatusInvalid(f"feed document field {name!r} is missing or not a {kind.__name__}")
+    return value
+
+
+def _count(payload: dict[str, Any], name: str) -> int:
+    value = _field(payload, name, int)
+    if value < 0:
+        raise StatusInvalid(f"feed document field {name!r} is negative")
+    return value
+
+
+def _time(text: Any, name: str) -> datetime.datetime:
+    if not isinstance(text, str):
+        raise StatusInvalid(f"feed document field {name!r} is not a time")
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise StatusInvalid(f"feed document field {name!r} is not an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        raise StatusInvalid(f"feed document field {name!r} has no time zone")
+    return moment.astimezone(UTC)
+
+
+def _entry(item: Any) -> FeedEntry:
+    if not isinstance(item, dict):
+        raise StatusInvalid("feed revocation is not an object")
+    serial_text = _field(item, "serial", str)
+    try:
+        serial = int(serial_text, 16)
+    except ValueError:
+        raise StatusInvalid(f"feed revocation serial {serial_text!r} is not hex") from None
+    reason = item.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise StatusInvalid("feed revocation reason is not a string")
+    return FeedEntry(_count(item, "seq"), serial, _time(item.get("revoked_at"), "revoked_at"), reason)
+
+
+def open_document(
+    data: bytes,
+    issuers: Sequence[x509.Certificate],
+    *,
+    now: datetime.datetime,
+    leeway: datetime.timedelta = DEFAULT_LEEWAY,
+    max_age: datetime.timedelta = DEFAULT_MAX_AGE,
+) -> FeedDocument:
+    """Verify a feed answer and return its payload; raise StatusInvalid if anything is wrong.
+
+    ``issuers`` are the CA certificates this gateway trusts (roots and the intermediates of its
+    own chains); the document must name one of them by key hash and be signed by it or by a
+    certificate it issued with extendedKeyUsage OCSPSigning. Its time must be within
+    ``max_age`` (plus ``leeway``) of ``now``, so an old answer replayed cannot hide news.
+    """
+    try:
+        envelope = json.loads(data)
+        if not isinstance(envelope, dict):
+            raise StatusInvalid("feed answer is not a JSON object")
+        payload_bytes = base64.b64decode(_field(envelope, "payload", str), validate=True)
+        signature = base64.b64decode(_field(envelope, "signature", str), validate=True)
+        signer = x509.load_der_x509_certificate(base64.b64decode(_field(envelope, "signer", str), validate=True))
+        payload = json.loads(payload_bytes)
+    except StatusInvalid:
+        raise
+    except (ValueError, TypeError, binascii.Error) as error:
+        raise StatusInvalid(f"feed answer is not a signed document: {error}") from None
+    if not isinstance(payload, dict):
+        raise StatusInvalid("feed payload is not an object")
+    if payload.get("type") != DOCUMENT_TYPE or payload.get("version") != DOCUMENT_VERSION:
+        raise StatusInvalid("feed payload is not a version 1 revocation document")
+    issuer_hex = _field(payload, "issuer", str)
+    issuer = next((c for c in issuers if key_hash(c).hex() == issuer_hex.lower()), None)
+    if issuer is None:
+        raise StatusInvalid(f"feed issuer {issuer_hex} is not a CA this gateway trusts")
+    if signer != issuer:
+        _check_delegate(signer, issuer, now, leeway)
+    hash_name = envelope.get("hash")
+    if hash_name is not None and hash_name not in _HASHES:
+        raise StatusInvalid(f"feed signature hash {hash_name!r} is not accepted")
+    verify_signature(signer.public_key(), signature, payload_bytes, _HASHES.get(hash_name) if hash_name else None)
+    moment = _time(payload.get("time"), "time")
+    if moment > now + leeway:
+        raise StatusInvalid(f"feed document time {moment.isoformat()} is in the future")
+    if moment + max_age + leeway < now:
+        raise StatusInvalid(f"feed document from {moment.isoformat()} is too old (replayed?)")
+    revocations = payload.get("revocations")
+    if not isinstance(revocations, list):
+        raise StatusInvalid("feed document field 'revocations' is not a list")
+    return FeedDocument(
+        issuer_key_hash=bytes.fromhex(issuer_hex),
+        since=_count(payload, "since"),
+        seq=_count(payload, "seq"),
+        latest=_count(payload, "latest"),
+        time=moment,
+        revocations=tuple(_entry(item) for item in revocations),
+        more=bool(payload.get("more", False)),
+    )
+
+
+class FeedGap(StatusInvalid):
+    """A feed answer skips sequence numbers, or answers another question than ours."""
+
+
+class FeedRollback(Exception):
+    """The CA's sequence went below ours: its store was restored or replaced."""
+
+
+def check_sequence(document: FeedDocument, since: int) -> None:
+    """Raise FeedRollback or FeedGap unless ``document`` continues exactly after ``since``."""
+    if document.since != since:
+        raise FeedGap(f"answer is for since={document.since}, we asked since={since}")
+    if document.latest < since or document.seq < since:
+        raise FeedRollback(f"the CA's latest revocation is {document.latest}, we have seen {since}")
+    expected = since
+    for entry in document.revocations:
+        expected += 1
+        if entry.seq != expected:
+            raise FeedGap(f"revocation {entry.seq} follows {expected - 1}")
+    if document.seq != expected or document.latest < document.seq:
+        raise FeedGap(f"answer claims seq {document.seq} after {len(document.revocations)} revocations from {since}")
+
+
+# ---------------------------------------------------------------------------------------------
+# subscriber
+
+
+def _default_http(reactor: Any, connect_timeout: float) -> tuple[Any, Any]:
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 1
+    return HTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=pool)), pool
+
+
+class _HTTPError(Exception):
+    def __init__(self, code: int, retry_after: float | None) -> None:
+        super().__init__(f"feed answered HTTP {code}")
+        self.code = code
+        self.retry_after = retry_after
+
+
+@attrs.define(eq=False)
+class FeedSubscriber(Service):
+    """Long-polls the revocation feed and hands each verified batch to ``on_revocations``.
+
+    ``issuers()`` returns the CA certificates trusted now (the trust store's); ``http`` is
+    treq-like (``.get(url, headers=)``), by default treq over its own one-connection pool.
+    """
+
+    url: str
+    clock: IReactorTime
+    issuers: Callable[[], Sequence[x509.Certificate]]
+    on_revocations: Callable[[FeedDocument], object]
+    http: Any = None
+    hold: float = DEFAULT_HOLD
+    margin: float = 10.0  # beyond ``hold``: how long an answer may take before we give up
+    connect_timeout: float = 5.0
+    min_backoff: float = 0.25
+    max_backoff: float = 30.0
+    leeway: datetime.timedelta = DEFAULT_LEEWAY
+    max_age: datetime.timedelta = DEFAULT_MAX_AGE
+    seq: int = 0
+    documents: int = 0  # verified answers taken in
+    revocations: int = 0  # revocations handed on
+    failures: int = 0  # failed polls in a row
+    last_error: str | None = None
+    last_document: float | None = None  # clock seconds when the newest verified answer arrived
+    document_time: datetime.datetime | None = None  # the CA's time in that answer
+    newest_revocation: datetime.datetime | None = None
+    _backoff: float = attrs.field(default=0.0, init=False)
+    _polling: Deferred[Any] | None = attrs.field(default=None, init=False)
+    _next: IDelayedCall | None = attrs.field(default=None, init=False)
+    _pool: Any = attrs.field(default=None, init=False)
+
+    _log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        if self.http is None:
+            self.http, self._pool = _default_http(self.clock, self.connect_timeout)
+
+    # -- service
+
+    def startService(self) -> None:
+        super().startService()
+        self._log.info("following the revocation feed at {url}", url=self.url)
+        self._schedule(0)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = None
+        polling, self._polling = self._polling, None
+        if polling is not None:
+            polling.cancel()
+        if self._pool is not None:
+            return self._pool.closeCachedConnections()
+        return defer.succeed(None)
+
+    # -- freshness
+
+    def age(self) -> float | None:
+        """Seconds since the newest verified feed answer arrived (None: none yet)."""
+        if self.last_document is None:
+            return None
+        return max(0.0, self.clock.seconds() - self.last_document)
+
+    def status(self) -> dict[str, Any]:
+        """The ``revocation_feed`` field of the gateway's status: plain JSON types."""
+        age = self.age()
+        return {
+            "url": self.url,
+            "seq": self.seq,
+            "following": self.failures == 0 and self.last_document is not None,
+            "age_seconds": None if age is None else round(age, 3),
+            "document_time": self.document_time.isoformat() if self.document_time else None,
+            "newest_revocation": self.newest_revocation.isoformat() if self.newest_revocation else None,
+            "documents": self.documents,
+            "revocations": self.revocations,
+            "failures": self.failures,
+            "last_error": self.last_error,
+        }
+
+    # -- polling
+
+    def _schedule(self, delay: float) -> None:
+        if not self.running:
+            return
+        self._next = self.clock.callLater(delay, self.poll)
+
+    def poll(self) -> Deferred[None]:
+        """One long poll from ``seq``; schedules the next one whatever happens."""
+        self._next = None
+        since = self.seq
+        # After a start or a failure, ask without waiting: learn at once where the feed stands.
+        quick = self.last_document is None or self.failures > 0
+        url = f"{self.url}?since={since}" + ("&wait=0" if quick else "")
+        d = defer.maybeDeferred(self.http.get, url, headers={b"Accept": [b"application/json"]})
+        d.addCallback(self._read)
+        d.addTimeout(self.hold + self.margin, self.clock, onTimeoutCancel=self._timed_out)
+        d.addCallback(self._verify)
+        d.addCallback(self._take, since)
+        d.addCallbacks(self._succeeded, self._failed)
+        self._polling = d
+        return d
+
+    def _read(self, response: Any) -> Deferred[bytes]:
+        body = read_limited(response, MAX_DOCUMENT_BYTES)
+        if response.code != 200:
+            retry = _retry_after(response)
+            code = response.code
+
+            def refuse(_: object) -> None:
+                raise _HTTPError(code, retry)
+
+            body.addBoth(refuse)
+        return body
+
+    def _timed_out(self, result: object, timeout: float) -> Failure:
+        return Failure(StatusUnavailable(f"no feed answer within {timeout:g}s"))
+
+    def _verify(self, body: bytes) -> FeedDocument:
+        return open_document(
+            body, self.issuers(), now=_utc(self.clock.seconds()), leeway=self.leeway, max_age=self.max_age
+        )
+
+    def _take(self, document: FeedDocument, since: int) -> None:
+        try:
+            check_sequence(document, since)
+        except FeedRollback as rollback:
+            self._log.warn(
+                "revocation feed went backwards ({error}); following it again from 0", error=str(rollback)
+            )
+            self.seq = 0
+            self._fresh(document)
+            return
+        self._fresh(document)
+        self.seq = document.seq
+        if document.revocations:
+            self.revocations += len(document.revocations)
+            newest = max(entry.revoked_at for entry in document.revocations)
+            if self.newest_revocation is None or newest > self.newest_revocation:
+                self.newest_revocation = newest
+            self._log.info(
+                "revocation feed: {count} revocations up to {seq}",
+                count=len(document.revocations),
+                seq=document.seq,
+            )
+            try:
+                self.on_revocations(document)
+            except Exception:
+                self._log.failure("applying revocations {since}..{seq} failed", since=since, seq=document.seq)
+
+    def _fresh(self, document: FeedDocument) -> None:
+        self.documents += 1
+        self.last_document = self.clock.seconds()
+        self.document_time = document.time
+
+    def _succeeded(self, _: object) -> None:
+        self._polling = None
+        if self.failures:
+            self._log.info("revocation feed at {url} answers again", url=self.url)
+        self.failures = 0
+        self.last_error = None
+        self._backoff = 0.0
+        self._schedule(0)
+
+    def _failed(self, failure: Failure) -> None:
+        self._polling = None
+        if not self.running:
+            return
+        error = failure.value
+        if isinstance(error, (StatusInvalid, StatusUnavailable, _HTTPError)):
+            text = str(error)
+        else:
+            text = _describe(failure)
+        self.failures += 1
+        self.last_error = text
+        self._backoff = min(self.max_backoff, max(self.min_backoff, self._backoff * 2))
+        delay = self._backoff
+        if isinstance(error, _HTTPError) and error.retry_after is not None:
+            delay = min(self.max_backoff, max(delay, error.retry_after))
+        if self.failures == 1 or isinstance(error, StatusInvalid):
+            self._log.warn(
+                "revocation feed at {url} failed ({error}); retrying from {seq} in {delay:.2f}s",
+                url=self.url,
+                error=text,
+                seq=self.seq,
+                delay=delay,
+            )
+        self._schedule(delay)
+
+
+def _retry_after(response: Any) -> float | None:
+    values = response.headers.getRawHeaders(b"retry-after") if getattr(response, "headers", None) else None
+    if not values:
+        return None
+    try:
+        return max(0.0, float(values[-1]))
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+class _FeedCollector:
+    """``s2sgw_revocation_feed_*``: computed when scraped from the subscribers of this process."""
+
+    def __init__(self) -> None:
+        self.sources: weakref.WeakSet[FeedSubscriber] = weakref.WeakSet()
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        age = GaugeMetricFamily(
+            "s2sgw_revocation_feed_age_seconds",
+            "Age of the newest verified revocation feed answer (at most the hold time, ~25 s, "
+            "while the feed is followed); NaN before the first.",
+            labels=["url"],
+        )
+        seq = GaugeMetricFamily(
+            "s2sgw_revocation_feed_seq", "Newest revocation sequence number seen on the feed.", labels=["url"]
+        )
+        failures = GaugeMetricFamily(
+            "s2sgw_revocation_feed_failures", "Failed feed polls in a row (0 while following).", labels=["url"]
+        )
+        events = CounterMetricFamily(
+            "s2sgw_revocation_feed_revocations", "Revocations received from the feed.", labels=["url"]
+        )
+        for source in list(self.sources):
+            value = source.age()
+            age.add_metric([source.url], float("nan") if value is None else value)
+            seq.add_metric([source.url], source.seq)
+            failures.add_metric([source.url], source.failures)
+            events.add_metric([source.url], source.revocations)
+        yield age
+        yield seq
+        yield failures
+        yield events
+
+
+_collectors: dict[int, _FeedCollector] = {}
+
+
+def register_metrics(subscriber: FeedSubscriber, registry: CollectorRegistry | None = None) -> None:
+    """Expose ``subscriber``'s freshness in ``registry`` (default: prometheus_client's)."""
+    registry = REGISTRY if registry is None else registry
+    collector = _collectors.get(id(registry))
+    if collector is None:
+        collector = _collectors[id(registry)] = _FeedCollector()
+        registry.register(collector)  # type: ignore[arg-type]
+    collector.sources.add(subscriber)
