@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from s2sgw.audit import AuditLog
 from s2sgw.config import OutboundRoute, TimeoutsConfig
+from s2sgw.identity import OutboundIdentity
 from s2sgw.interfaces import Decision, IAuthorizer, ITrustStore, Reason
 from s2sgw.listener import (
     CHAIN_ERROR,
@@ -174,12 +175,21 @@ class RemoteSide(RelaySide):
             return
         self._cancel_timer()
         local = self.local
+        a_sink = None
+        if connector.identity is not None:  # only routes with identity = "jwt"
+            try:
+                a_sink = connector.identity.attach(local, self, decision.identity or connector.route.peer)
+            except Exception:
+                self._log.failure("identity layer on route {route}", route=connector.route.name)
+                self.local.refuse(INTERNAL_ERROR, "the identity layer failed")
+                return
         relay = splice(
             local,
             self,
             clock=connector.clock,
             idle_timeout=connector.timeouts.idle,
             on_close=lambda relay: connector.gate.end(local.session),
+            a_sink=a_sink,
         )
         connector.gate.spliced(local.session, relay)
 
@@ -249,6 +259,7 @@ class OutboundConnector:
     metrics: Metrics = attrs.field(factory=default_metrics)
     audit: AuditLog = attrs.field(factory=AuditLog)
     remote: IStreamClientEndpoint = attrs.field(default=None)
+    identity: OutboundIdentity | None = attrs.field(default=None)  # built when route.identity = "jwt"
     gate: RouteGate = attrs.field(init=False)
     factory: Factory = attrs.field(init=False)
     creator: CurrentClientCreator = attrs.field(init=False)
@@ -256,6 +267,8 @@ class OutboundConnector:
     def __attrs_post_init__(self) -> None:
         if self.remote is None:
             self.remote = client_endpoint(self.reactor, self.route.remote)
+        if self.identity is None and self.route.identity != "none":
+            self.identity = OutboundIdentity.from_trust_store(self.route, self.reactor, self.trust_store)
         self.gate = RouteGate(self.route, "outbound", self.reactor, self.metrics, self.audit)
         self.factory = _LocalFactory(self)
         hostname = endpoint_host(self.route.remote) or self.route.peer

@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from s2sgw.audit import AuditLog, AuditRecord, Direction
 from s2sgw.config import InboundRoute, OutboundRoute, TimeoutsConfig
+from s2sgw.identity import InboundIdentity
 from s2sgw.interfaces import Decision, IAuthorizer, ITrustStore, Reason
 from s2sgw.metrics import INTERNAL_ERROR, Metrics, default_metrics
 from s2sgw.relay import Relay, RelaySide, splice
@@ -351,12 +352,22 @@ class InboundSide(RelaySide):
             backend.transport.loseConnection()
             return
         listener = self.listener
+        a_sink = None
+        if listener.identity is not None:  # only routes with identity != "none"
+            try:
+                a_sink = listener.identity.attach(self, backend)
+            except Exception:
+                self._log.failure("identity layer on route {route}", route=listener.route.name)
+                backend.transport.abortConnection()
+                self._refuse(INTERNAL_ERROR, "the identity layer failed")
+                return
         relay = splice(
             self,
             backend,
             clock=listener.clock,
             idle_timeout=listener.timeouts.idle,
             on_close=lambda relay: listener.gate.end(self.session),
+            a_sink=a_sink,
         )
         listener.gate.spliced(self.session, relay)
 
@@ -451,12 +462,15 @@ class InboundListener:
     metrics: Metrics = attrs.field(factory=default_metrics)
     audit: AuditLog = attrs.field(factory=AuditLog)
     backend: IStreamClientEndpoint = attrs.field(default=None)
+    identity: InboundIdentity | None = attrs.field(default=None)  # built when route.identity != "none"
     gate: RouteGate = attrs.field(init=False)
     factory: TLSFactory = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.backend is None:
             self.backend = client_endpoint(self.reactor, self.route.backend)
+        if self.identity is None and self.route.identity != "none":
+            self.identity = InboundIdentity(self.route, self.reactor)
         self.gate = RouteGate(self.route, "inbound", self.reactor, self.metrics, self.audit)
         self.factory = _CappedTLSFactory(
             self.gate,

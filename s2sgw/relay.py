@@ -123,7 +123,7 @@ class Relay:
     def bytes_b_to_a(self) -> int:
         return self.b.bytes_received
 
-    def _start(self) -> None:
+    def _start(self, a_sink: Callable[[bytes], None] | None = None) -> None:
         a, b = self.a, self.b
         self.started = self.last_activity = self.clock.seconds()
         a.relay = b.relay = self
@@ -133,7 +133,7 @@ class Relay:
         a._has_producer = b._has_producer = True
         for side, other in ((a, b), (b, a)):
             pending = side._take_pending()
-            side._sink = other.transport.write
+            side._sink = a_sink if side is a and a_sink is not None else other.transport.write
             for data in pending:
                 side.dataReceived(data)
         if self.idle_timeout:
@@ -226,11 +226,13 @@ def splice(
     clock: IReactorTime,
     idle_timeout: float | None,
     on_close: Callable[[Relay], object] = lambda relay: None,
+    a_sink: Callable[[bytes], None] | None = None,
 ) -> Relay:
     """Join two connected sides; both must have paused reading until now (this resumes them).
 
-    ``on_close`` is called once, after both connections are gone.
+    ``on_close`` is called once, after both connections are gone. ``a_sink``, if given, receives
+    ``a``'s bytes instead of ``b``'s transport (an identity layer that rewrites them on the way).
     """
     relay = Relay(a, b, clock, idle_timeout, on_close)
-    relay._start()
+    relay._start(a_sink)
     return relay
