@@ -338,27 +338,22 @@ def tls_exchange(
 ) -> Exchange:
     """Connect, handshake, send ``payload``, read until EOF, error, ``expect`` bytes or timeout."""
     started = time.monotonic()
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    received = bytearray()
+    handshake = False
+    error: str | None = None
     try:
-        try:
-            tls = context.wrap_socket(sock, server_hostname=server_hostname)
-        except (ssl.SSLError, OSError) as error:
-            return Exchange(False, b"", repr(error), time.monotonic() - started)
-        received = bytearray()
-        error: str | None = None
-        try:
-            with tls:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            with context.wrap_socket(sock, server_hostname=server_hostname) as tls:
+                handshake = True
                 tls.sendall(payload)
                 while expect is None or len(received) < expect:
                     chunk = tls.recv(65536)
                     if not chunk:
                         break
                     received += chunk
-        except (ssl.SSLError, OSError) as e:
-            error = repr(e)
-        return Exchange(True, bytes(received), error, time.monotonic() - started)
-    finally:
-        sock.close()
+    except (ssl.SSLError, OSError) as e:  # a reset can come at connect, handshake, send or receive
+        error = repr(e)
+    return Exchange(handshake, bytes(received), error, time.monotonic() - started)
 
 
 def assert_refused(exchange: Exchange, within: float = 4.0) -> None:
@@ -394,13 +389,18 @@ def plain_exchange(port: int, payload: bytes, *, expect: int | None = None, time
     return Exchange(True, bytes(received), error, time.monotonic() - started)
 
 
-def s_client(port: int, *args: str, stdin: bytes = b"", timeout: float = 20) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "users", *args],
-        input=stdin,
-        capture_output=True,
-        timeout=timeout,
-    )
+def s_client(
+    port: int, *args: str, stdin: bytes = b"", timeout: float = 20, linger: float | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``openssl s_client``; with ``linger`` it is stopped after that many seconds (for
+    ``-ign_eof`` sessions the server keeps open) and its output so far is returned."""
+    argv = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "users", *args]
+    try:
+        return subprocess.run(argv, input=stdin, capture_output=True, timeout=linger or timeout)
+    except subprocess.TimeoutExpired as stopped:
+        if linger is None:
+            raise
+        return subprocess.CompletedProcess(argv, -9, stopped.stdout or b"", stopped.stderr or b"")
 
 
 def s_client_supports(option: str) -> bool:
