@@ -20,7 +20,7 @@ from pathlib import Path
 
 import attrs
 
-from bench.procs import BenchError, Fleet, free_port
+from bench.procs import BenchError, Fleet, free_port, raise_nofile
 from s2sgw.ca.authority import CertificateAuthority
 
 BIN = Path(sys.executable).parent
@@ -87,6 +87,12 @@ class Lab:
     backends: Backends | None = None
     pairs: dict[str, Pair] = attrs.Factory(dict)
     status_listeners: dict[str, int] = attrs.Factory(dict)  # s2sgw inbound with status "warm"/"cold"
+    nofile: int = attrs.Factory(raise_nofile)  # the open-file limit every child gets
+
+    @property
+    def max_proxied(self) -> int:
+        """Connections one proxy process can carry: two descriptors each, under the open-file limit."""
+        return (self.nofile - 400) // 2
 
     @classmethod
     def create(cls, fleet: Fleet, work: Path) -> Lab:
@@ -277,9 +283,9 @@ class Lab:
     def _start_haproxy(self, backends: Backends) -> Pair:
         p = self._ports()
         head = textwrap.dedent(
-            """\
+            f"""\
             global
-                maxconn 60000
+                maxconn {self.max_proxied + 50}
                 nbthread 1
             defaults
                 mode tcp
@@ -324,10 +330,10 @@ class Lab:
         return module + user + textwrap.dedent(
             f"""\
             worker_processes 1;
-            worker_rlimit_nofile 65536;
+            worker_rlimit_nofile {self.nofile};
             pid {self.work}/{name}.pid;
             error_log {self.work}/{name}.log warn;
-            events {{ worker_connections 60000; }}
+            events {{ worker_connections {self.nofile - 100}; }}
             """
         )
 
@@ -348,6 +354,7 @@ class Lab:
                 listen 127.0.0.1:{listen} ssl backlog=4096;
                 ssl_certificate {self.pki.cert("server")};
                 ssl_certificate_key {self.pki.key("server")};
+                ssl_protocols TLSv1.2 TLSv1.3;  # 1.22's default lacks 1.3
                 ssl_client_certificate {self.pki.bundle};
                 ssl_verify_client on;
                 proxy_pass 127.0.0.1:{backend};
@@ -362,6 +369,7 @@ class Lab:
                 listen 127.0.0.1:{listen} backlog=4096;
                 proxy_pass 127.0.0.1:{remote};
                 proxy_ssl on;
+                proxy_ssl_protocols TLSv1.2 TLSv1.3;
                 proxy_ssl_certificate {self.pki.cert("client")};
                 proxy_ssl_certificate_key {self.pki.key("client")};
                 proxy_ssl_trusted_certificate {self.pki.bundle};

@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import io
 import json
+import os
 import shutil
 import signal
 import sys
@@ -154,12 +155,15 @@ class Bench:
         backend = self.lab.backends.http
         runs = max(1, min(self.args.runs, 3))
         results = self.figures.setdefault("idle", {})
+        count = min(self.args.idle, self.lab.max_proxied - 100)
+        if count < self.args.idle:
+            say(f"  open-file limit {self.lab.nofile}: {count} idle connections instead of {self.args.idle}")
         for run, order in rotations(names, runs):
             for name in order:
                 pair = self.lab.restart_pair(name)  # fresh processes: no memory left over from earlier figures
                 self.lab.fleet.check()
                 load.wrk(pair.http, 1, [])  # load what the first connections load, then measure from there
-                figures = load.idle(pair.http, self.args.idle, backend, self.pids(pair))
+                figures = load.idle(pair.http, count, backend, self.pids(pair))
                 results.setdefault(name, []).append(figures)
                 say(f"  idle run {run + 1}/{runs} {name}: {_brief(figures)}")
 
@@ -189,7 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_nofile()
     started = datetime.datetime.now(datetime.timezone.utc)
     info = report.machine()
+    info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     say(f"machine: {report.machine_text(info)}")
+    if info["loadavg_start"][0] > 0.5:
+        say(f"warning: load average {info['loadavg_start'][0]} before the run: other work shares the CPUs")
     work = Path(tempfile.mkdtemp(prefix="s2sgw-bench-"))
     fleet = Fleet(work)
     bench: Bench | None = None
@@ -230,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
+    info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     figures = bench.figures if bench else {}
     rows = report.summarize(figures)
     ocsp_rows = report.summarize_ocsp(figures["ocsp"]) if "ocsp" in figures else []
