@@ -118,6 +118,8 @@ class Monitor(Service):
     on_change: Callable[[Readiness], None] | None = None
     probe: ProbeResult | None = None
     reload_error: str | None = None  # why the latest reload failed; None after a good one
+    # More /status fields from other parts (e.g. "revocation_feed"): name -> () -> JSON value.
+    sections: dict[str, Callable[[], Any]] = attrs.field(factory=dict)
     _warned: set[tuple[str, str]] = attrs.field(factory=set, init=False)
     _probing: Deferred | None = attrs.field(default=None, init=False)
     _timers: list[LoopingCall] = attrs.field(factory=list, init=False)
@@ -342,6 +344,8 @@ class Monitor(Service):
             }
             for name, route in self.routes.items()
         }
+        for name, section in self.sections.items():
+            document[name] = section()
         return document
 
     def _checker_status(self) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from s2sgw.authz import Authorizer
 from s2sgw.config import GatewayConfig
 from s2sgw.connector import OutboundConnector
 from s2sgw.crlrefresh import CRLRefreshService, reload_following_crl
+from s2sgw.enforce import Enforcer, PushedRevocations
+from s2sgw.feed import FeedSubscriber, feed_url, register_metrics
 from s2sgw.health import Operations
 from s2sgw.listener import InboundListener
 from s2sgw.reload import ReloadService
@@ -76,13 +78,18 @@ class Gateway:
     trust_store: TrustStore
     authorizer: Authorizer
     routes: dict[str, InboundListener | OutboundConnector]
+    enforcer: Enforcer | None = None
+    feed: FeedSubscriber | None = None
 
 
 def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) -> tuple[MultiService, Gateway]:
     """Wire the status checker, the authorizer and one service per route."""
     checker = make_status_checker(config.status, reactor)
+    url = feed_url(config.status)
+    # Revocations pushed by the feed are answered by the checker the authorizer asks.
+    judging = PushedRevocations(checker, reactor) if url is not None and not hasattr(checker, "revoke") else checker
     authorizer = Authorizer(
-        checker, trust_store.trust_domain or "", fail=config.status.fail, current_route=trust_store.route
+        judging, trust_store.trust_domain or "", fail=config.status.fail, current_route=trust_store.route
     )
     top = MultiService()
     routes: dict[str, InboundListener | OutboundConnector] = {}
@@ -96,13 +103,36 @@ def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) 
     # Every reload (SIGHUP, timer, CRL refresh) also hands a new CRL to the status checker.
     reload = reload_following_crl(trust_store, checker)
     operations = Operations.build(config, trust_store, checker, routes, reactor)
+    # Live connections: pushed revocations, re-validation at nextUpdate, peers untrusted by a reload
+    # (with mode "off" the chain is judged at the handshake only, as in trust rotations without status).
+    enforcer = Enforcer.for_routes(
+        routes,
+        judging,
+        reactor,
+        fail=config.status.fail,
+        verify_chain=trust_store.verify_chain if config.status.mode != "off" else None,
+    )
+    enforcer.setServiceParent(top)
+
+    def reloaded(generation: int) -> None:
+        operations.reloaded(generation)
+        enforcer.trust_reloaded(generation)
+
     ReloadService(
-        operations.reloading(reload), reactor, interval=config.reload_interval, on_reloaded=operations.reloaded
+        operations.reloading(reload), reactor, interval=config.reload_interval, on_reloaded=reloaded
     ).setServiceParent(top)
+    feed = None
+    if url is not None:
+        feed = FeedSubscriber(
+            url, reactor, issuers=lambda: trust_store.material.ca_certificates, on_revocations=enforcer.revoked
+        )
+        register_metrics(feed)
+        operations.monitor.sections["revocation_feed"] = feed.status
+        feed.setServiceParent(top)
     if config.status.mode == "crl" and config.status.crl_url is not None:
         CRLRefreshService(
             trust_store, reload, reactor, config.status.crl_refresh, timeout=config.status.timeout
         ).setServiceParent(top)
     operations.setServiceParent(top)  # last: READY=1 after every bind, STOPPING=1 before draining
-    return top, Gateway(config, trust_store, authorizer, routes)
+    return top, Gateway(config, trust_store, authorizer, routes, enforcer, feed)
 
