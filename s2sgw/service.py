@@ -130,8 +130,14 @@ def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) 
         operations.monitor.sections["revocation_feed"] = feed.status
         feed.setServiceParent(top)
     if config.status.mode == "crl" and config.status.crl_url is not None:
+        # A CRL-driven reload is a reload: live connections and the summary follow it too.
         CRLRefreshService(
-            trust_store, reload, reactor, config.status.crl_refresh, timeout=config.status.timeout
+            trust_store,
+            reload,
+            reactor,
+            config.status.crl_refresh,
+            timeout=config.status.timeout,
+            on_reloaded=reloaded,
         ).setServiceParent(top)
     operations.setServiceParent(top)  # last: READY=1 after every bind, STOPPING=1 before draining
     return top, Gateway(config, trust_store, authorizer, routes, enforcer, feed)
