@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import select
 import signal
 import socket
@@ -224,7 +225,8 @@ def run(connections: int, revocations: int, poll_interval: float, keep: bool) ->
             survivors = [n for n in names[index + 1 :] for s in socks[n] if is_closed(s)]
             if survivors:
                 raise SystemExit(f"connections of identities not revoked were closed: {sorted(set(survivors))}")
-            time.sleep(0.3)  # let the gateways' next long polls settle
+            # Let the next long polls settle, then revoke at a random point of the CA's poll cycle.
+            time.sleep(0.3 + random.uniform(0, poll_interval))
         users_log = (directory / "users-gw.log").read_text(errors="replace")
         closes = users_log.count("reason=revoked")
         lasts = [r["last"] for r in results]

@@ -101,6 +101,8 @@ class PushedRevocations:
         self._revoked[serial] = CertStatus("revoked", now, None, revoked_at=revoked_at or now, revocation_reason=reason)
 
     def __getattr__(self, name: str) -> Any:  # hits, misses, close(), replace() of the inner checker
+        if name == "inner":
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 
