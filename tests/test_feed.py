@@ -471,3 +471,16 @@ def test_a_stopped_subscriber_polls_no_more(status_server: CA) -> None:
     settle(status_server)
     assert status_server.feed.waiting == 0
     assert status_server.clock.getDelayedCalls() == [c for c in status_server.clock.getDelayedCalls() if c.active()]
+
+
+@pytest.mark.parametrize("key_type", ["ed25519"])
+def test_documents_of_a_ca_with_other_key_types_verify(tmp_path: Path, key_type: str) -> None:
+    authority = CertificateAuthority.init(tmp_path / "ca", "example.org", key_type=key_type)
+    clock = task.Clock()
+    clock.advance(datetime.datetime.now(datetime.UTC).timestamp())
+    feed = RevocationFeed(authority.intermediate_cert, authority.ocsp_cert, authority.ocsp_key, clock)
+    revoked = authority.revoke(serial=authority.issue("orders").record.serial)
+    feed.publish(revoked)
+    now = datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC)
+    document = open_document(feed.signed(0), [authority.intermediate_cert], now=now)
+    assert [e.serial for e in document.revocations] == [revoked[0].serial]
