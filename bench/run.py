@@ -230,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as error:
         say(f"bench failed: {error}")
         return 1
+    except KeyboardInterrupt as interrupt:
+        say(f"interrupted ({interrupt}); every process stopped")
+        return 130
     finally:
         fleet.stop_all()
         if args.keep:
