@@ -117,7 +117,9 @@ class CRLRefreshService(Service):
     on_reloaded: Callable[[int], None] | None = None
     failures: int = 0
     refused: int = 0
+    updates: int = 0
     last_error: str | None = None
+    last_success: float | None = None  # clock seconds of the last fetch that ended updated or unchanged
     _log = Logger()
 
     _timer: LoopingCall | None = attrs.field(default=None, init=False)
@@ -144,6 +146,26 @@ class CRLRefreshService(Service):
         if self._running is not None:
             self._running.cancel()
         return None
+
+    def status(self) -> dict[str, Any]:
+        """The ``crl_refresh`` field of the gateway's status: plain JSON types."""
+        status = self.store.config.status
+        crl = self.store.crl
+        next_update = crl.next_update_utc if crl is not None else None
+        return {
+            "url": status.crl_url,
+            "file": str(status.crl) if status.crl is not None else None,
+            "interval": self.interval,
+            "crl_number": pki.crl_number(crl) if crl is not None else None,
+            "next_update": next_update.isoformat() if next_update is not None else None,
+            "seconds_since_success": (
+                None if self.last_success is None else round(self.reactor.seconds() - self.last_success, 3)
+            ),
+            "updates": self.updates,
+            "refused": self.refused,
+            "failures": self.failures,
+            "last_error": self.last_error,
+        }
 
     def refresh(self) -> Deferred[str]:
         """Fetch once; fire with the outcome (``updated``, ``unchanged``, ``refused``, ``failed``)."""
@@ -184,6 +206,7 @@ class CRLRefreshService(Service):
 
     def _apply(self, fetched: tuple[bytes, bytes | None] | None, url: str, path: Path) -> Deferred[str] | str:
         if fetched is None:
+            self.last_success = self.reactor.seconds()
             CRL_REFRESHES.labels("unchanged").inc()
             self._log.debug("CRL at {url} not modified", url=url)
             return "unchanged"
@@ -192,6 +215,7 @@ class CRLRefreshService(Service):
         number, current = pki.crl_number(crl), self.store.crl
         if current is not None and number == pki.crl_number(current) and _same(crl, current):
             self._etag = etag
+            self.last_success = self.reactor.seconds()
             CRL_REFRESHES.labels("unchanged").inc()
             return "unchanged"
         pem = crl.public_bytes(serialization.Encoding.PEM)
@@ -214,6 +238,8 @@ class CRLRefreshService(Service):
     def _updated(self, generation: int, url: str, number: int | None, etag: bytes | None) -> str:
         self._etag = etag
         self.last_error = None
+        self.updates += 1
+        self.last_success = self.reactor.seconds()
         CRL_REFRESHES.labels("updated").inc()
         self._log.info(
             "CRL {number} from {url} in use (trust generation {generation})",

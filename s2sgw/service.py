@@ -131,14 +131,16 @@ def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) 
         feed.setServiceParent(top)
     if config.status.mode == "crl" and config.status.crl_url is not None:
         # A CRL-driven reload is a reload: live connections and the summary follow it too.
-        CRLRefreshService(
+        refresher = CRLRefreshService(
             trust_store,
             reload,
             reactor,
             config.status.crl_refresh,
             timeout=config.status.timeout,
             on_reloaded=reloaded,
-        ).setServiceParent(top)
+        )
+        operations.monitor.sections["crl_refresh"] = refresher.status
+        refresher.setServiceParent(top)
     operations.setServiceParent(top)  # last: READY=1 after every bind, STOPPING=1 before draining
     return top, Gateway(config, trust_store, authorizer, routes, enforcer, feed)
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -251,6 +253,19 @@ def test_unanswered_fetch_times_out(rig: Rig) -> None:
     assert "timed out after 5.0 s" in (rig.refresher.last_error or "")
 
 
+def test_status_summary_reports_the_crl_in_use_and_the_last_problem(rig: Rig) -> None:
+    rig.serve(rig.ca.crl(number=6))
+    assert rig.refresh() == "updated"
+    rig.serve(rig.ca.crl(number=3))
+    rig.reactor.advance(60)
+    assert rig.refresh() == "refused"
+    status = rig.refresher.status()
+    assert status["url"] == CRL_URL and status["crl_number"] == 6
+    assert (status["updates"], status["refused"], status["failures"]) == (1, 1, 0)
+    assert status["seconds_since_success"] == 60.0
+    assert "lower than the current 6" in status["last_error"]
+
+
 def test_unchanged_crl_costs_no_reload(rig: Rig) -> None:
     """The same CRL again (then a 304 for its ETag) leaves the generation alone."""
     rig.serve(rig.ca.crl(number=6))
@@ -329,7 +344,7 @@ def test_revoked_peer_is_refused_after_the_next_crl_refresh(tmp_path: Path) -> N
     from tests.e2e import TRUST_DOMAIN, Pki, Processes, free_port
     from tests.reloadkit import ANSWER, config_text, get, inbound, outbound, wait_log_count
 
-    ports = {name: free_port() for name in ("ca", "users_gw", "backend", "orders")}
+    ports = {name: free_port() for name in ("ca", "users_gw", "backend", "orders", "admin")}
     pki = Pki.create(tmp_path, f"http://127.0.0.1:{ports['ca']}", ("users", "orders"))
     crl_file = tmp_path / "ca.crl"
     crl_file.write_bytes(pki.ca.make_crl(hours=1).public_bytes(serialization.Encoding.PEM))
@@ -345,6 +360,7 @@ def test_revoked_peer_is_refused_after_the_next_crl_refresh(tmp_path: Path) -> N
             pki.bundle, pki.certs, {"users": inbound("users-in", ports["users_gw"], ports["backend"], ["orders"])},
             status=status,
         )
+        + f'\n[admin]\nlisten = "tcp:{ports["admin"]}:interface=127.0.0.1"\n'
     )
     (tmp_path / "callers-gw.toml").write_text(
         config_text(
@@ -392,6 +408,9 @@ def test_revoked_peer_is_refused_after_the_next_crl_refresh(tmp_path: Path) -> N
         assert f"peer=spiffe://{TRUST_DOMAIN}/orders " in line
         assert _number_of(crl_file) > fetched_number
         assert "refused, keeping the current one" not in procs.log("users-gw")
+        summary = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{ports['admin']}/status", timeout=10).read())
+        assert summary["crl_refresh"]["crl_number"] == _number_of(crl_file)
+        assert summary["crl_refresh"]["failures"] == 0 and summary["crl_refresh"]["refused"] == 0
     finally:
         procs.stop_all()
 

@@ -54,6 +54,7 @@ def test_gateway_in_mode_crl_with_a_url_runs_a_crl_refresh_and_the_checker_follo
     assert len(refreshers) == 1 and refreshers[0].interval == 60.0
     checker = gateway.authorizer.status_checker
     assert isinstance(checker, CRLStatusChecker)
+    assert refreshers[0].on_reloaded is not None
 
     peer = ca.issue("users")
     (tmp_path / "ca.crl").write_bytes(ca.crl([peer.leaf], number=6).public_bytes(serialization.Encoding.PEM))
