@@ -35,6 +35,7 @@ from s2sgw.listener import (
     Session,
     _Refused,
     classify_handshake_failure,
+    dial_error,
     peer_chain,
     tls_parameters,
 )
@@ -84,7 +85,7 @@ class LocalSide(RelaySide):
         self._dialing = None
         if self.lost:
             return
-        error = failure.getErrorMessage() or failure.type.__name__
+        error = dial_error(failure, self.connector.timeouts.connect)
         self._log.warn(
             "route {route}: remote {remote} unreachable: {error}",
             route=self.connector.route.name,

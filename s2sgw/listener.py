@@ -17,7 +17,7 @@ import attrs
 from cryptography import x509
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
@@ -79,6 +79,14 @@ def classify_handshake_failure(tls: Any, reason: Failure | None) -> tuple[str, s
     if "certificate verify failed" in lowered:
         return Reason.UNTRUSTED_CHAIN, text
     return Reason.TLS_ERROR, text
+
+
+def dial_error(failure: Failure, timeout: float) -> str:
+    """Words for a failed dial. A connect that hit its timeout was cancelled, and the
+    cancellation's own message is only the address."""
+    if failure.check(ConnectingCancelledError, defer.CancelledError, defer.TimeoutError):
+        return f"connect timed out after {timeout:g}s"
+    return failure.getErrorMessage() or failure.type.__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,13 +383,14 @@ class InboundSide(RelaySide):
         self._dialing = None
         if self.lost:
             return
+        error = dial_error(failure, self.listener.timeouts.connect)
         self._log.warn(
             "route {route}: backend {backend} unreachable: {error}",
             route=self.listener.route.name,
             backend=self.listener.route.backend,
-            error=failure.getErrorMessage() or failure.type.__name__,
+            error=error,
         )
-        self._refuse(Reason.BACKEND_UNREACHABLE, failure.getErrorMessage() or failure.type.__name__)
+        self._refuse(Reason.BACKEND_UNREACHABLE, error)
 
     def _count(self, allowed: bool, reason: str) -> None:
         if not self.counted:
