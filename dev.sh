@@ -17,7 +17,17 @@ need_packages() {
         local sudo=""
         [ "$(id -u)" = 0 ] || sudo=sudo
         $sudo apt-get update -qq
+        # Install servers (nginx, haproxy, ...) as programs only: tests and benchmarks start their
+        # own instances on loopback ports, so keep the packages from starting system daemons.
+        local guard=/usr/sbin/policy-rc.d
+        local placed=""
+        if [ ! -e "$guard" ]; then
+            printf '#!/bin/sh\nexit 101\n' | $sudo tee "$guard" >/dev/null
+            $sudo chmod +x "$guard"
+            placed=1
+        fi
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+        [ -z "$placed" ] || $sudo rm -f "$guard"
     fi
 }
 
@@ -44,7 +54,7 @@ case "$cmd" in
         exec s2sgw demo "$@"
         ;;
     test)
-        need_packages openssl curl
+        need_packages openssl curl nginx libnginx-mod-stream
         setup_venv
         exec python -m pytest -q "$@"
         ;;
