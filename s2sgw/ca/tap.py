@@ -9,6 +9,7 @@ from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
+from s2sgw.ca.monitoring import add_endpoints
 from s2sgw.ca.ocsp import Responder
 from s2sgw.ca.server import (
     DEFAULT_MAX_BODY,
@@ -38,7 +39,8 @@ class Options(usage.Options):
     synopsis = "--dir DIR [--listen ENDPOINT] [--validity SECONDS] [--max-body BYTES]"
     longdesc = (
         "Serve OCSP answers (POST /ocsp, GET /ocsp/BASE64), the CRL (/crl), the trust bundle "
-        "(/bundle.pem) and a health check (/healthz) for the CA in DIR. Revocations made with "
+        "(/bundle.pem), health and readiness checks (/healthz, /readyz) and Prometheus metrics "
+        "(/metrics) for the CA in DIR. Revocations made with "
         "`s2sgw ca revoke` show within a second, without a restart."
     )
     optParameters = [
@@ -90,8 +92,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     top = MultiService()
     StoreWatcher(publisher, reactor, poll_interval=options["poll-interval"]).setServiceParent(top)
-    site = StatusSite(
-        build_root(publisher), max_body=options["max-body"], timeout=options["timeout"], reactor=reactor
-    )
+    root = build_root(publisher)
+    add_endpoints(root, publisher)  # /readyz and /metrics
+    site = StatusSite(root, max_body=options["max-body"], timeout=options["timeout"], reactor=reactor)
     strports.service(options["listen"], site, reactor=reactor).setServiceParent(top)
     return top
