@@ -1,12 +1,15 @@
 """PEM files <-> ``cryptography`` objects, and the certificate facts the gateway relies on.
 
 Pure and synchronous: callers that run on the reactor read files in a thread. Errors are
-:class:`PKIError` with a message fit for the log, naming the file when there is one.
+:class:`PKIError` with a message fit for the log, naming the file when there is one. The one
+side effect: loading a key file that group or others may read logs a warning.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -15,8 +18,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from twisted.logger import Logger
 
 from s2sgw.errors import S2sgwError
+
+_log = Logger(namespace="s2sgw.pki")
 
 PrivateKey = (
     rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
@@ -41,6 +47,8 @@ def _read(path: Path) -> bytes:
 
 def parse_certificates(data: bytes, source: str = "<bytes>") -> list[x509.Certificate]:
     """Every certificate in PEM ``data``, in file order; at least one, and no truncated block."""
+    if _PEM_CERT not in data:
+        raise PKIError(f"{source}: no certificate found" + ("" if data.strip() else " (the file is empty)"))
     if data.count(_PEM_CERT) != data.count(b"-----END CERTIFICATE-----"):
         raise PKIError(f"{source}: truncated PEM certificate")
     try:
@@ -72,8 +80,24 @@ def parse_private_key(data: bytes, source: str = "<bytes>") -> PrivateKey:
     return key
 
 
+def key_file_problem(path: Path) -> str | None:
+    """Why a private key file's permissions are too open, if they are: group or others may use it."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+    if mode & 0o077:
+        return f"{path}: private key file is accessible by group or others (mode {mode:04o}); chmod 600 it"
+    return None
+
+
 def load_private_key(path: Path) -> PrivateKey:
-    return parse_private_key(_read(path), str(path))
+    """A key file's key; logs a warning (it does not refuse) when others may read the file."""
+    key = parse_private_key(_read(path), str(path))
+    problem = key_file_problem(path)
+    if problem is not None:
+        _log.warn("{problem}", problem=problem, path=str(path))
+    return key
 
 
 def parse_crl(data: bytes, source: str = "<bytes>") -> x509.CertificateRevocationList:

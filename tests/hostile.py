@@ -37,9 +37,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.e2e import TRUST_DOMAIN, Pki, Processes, free_port, rss_kib
+from tests.e2e import BIN, TRUST_DOMAIN, Pki, Processes, free_port, rss_kib
 
 __all__ = [
+    "BIN",
     "TRUST_DOMAIN",
     "Pki",
     "Processes",
