@@ -255,7 +255,6 @@ class Demo:
             mode = "ocsp"
             url = "http://127.0.0.1:{self.ports['ca']}/ocsp"
             fail = "closed"
-            max_cache_age = 1.0
             [timeouts]
             drain = 2.0
             """
@@ -405,21 +404,36 @@ class Demo:
 
     async def step_revocation(self) -> None:
         header(
-            "6. orders is revoked at the CA",
-            "`s2sgw ca revoke orders --reason keyCompromise`. The users gateway's next status query\n"
-            "   (OCSP) answers revoked, and orders is refused.",
+            "6. orders is revoked at the CA, while it holds a live connection",
+            "`s2sgw ca revoke orders --reason keyCompromise`. The CA pushes the revocation to every\n"
+            "   gateway through its signed feed: orders' open keep-alive connection is closed, and\n"
+            "   its new connections are refused.",
         )
-        await deferToThread(lambda: CertificateAuthority.open(self.workdir / "ca").revoke(name="orders", reason="keyCompromise"))
+        live = Collect(b"GET /api/users/1 HTTP/1.1\r\nHost: users\r\n\r\n")
+        endpoint = endpoints.TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.ports["orders_local"], timeout=5)
+        await endpoint.connect(Factory.forProtocol(lambda: live))
         for _ in range(50):
-            code, _ = await self.call("orders_local")
-            if code is None:
+            if b"john.doe@example.com" in live.received:
                 break
             await deferLater(self.reactor, 0.1, lambda: None)
         else:
-            raise DemoFailed("orders was still admitted 5 s after its revocation")
-        say("   refused")
-        say("   users gateway:  " + await self.audit_line(self.users_log, "users-in", "reason=revoked "))
+            raise DemoFailed("the keep-alive call before the revocation got no answer")
+        say("   a keep-alive connection from orders is open and has had its answer")
 
+        revoked_at = self.reactor.seconds()
+        await deferToThread(lambda: CertificateAuthority.open(self.workdir / "ca").revoke(name="orders", reason="keyCompromise"))
+        try:
+            await live.done.addTimeout(5, self.reactor)
+        except Exception:
+            raise DemoFailed("the live connection of revoked orders was still open 5 s after the revocation") from None
+        say(f"   the live connection was closed {self.reactor.seconds() - revoked_at:.2f} s after the revocation")
+        say("   users gateway:  " + await self.audit_line(self.users_log, "users-in", "outcome=closed reason=revoked "))
+
+        code, _ = await self.call("orders_local")
+        if code is not None:
+            raise DemoFailed(f"orders was still admitted after its revocation (HTTP {code})")
+        say("   a new call from orders is refused")
+        say("   users gateway:  " + await self.audit_line(self.users_log, "users-in", "outcome=refused reason=revoked "))
 
 def header(title: str, explanation: str) -> None:
     say(f"\n{title}\n   {explanation}")
