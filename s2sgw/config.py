@@ -44,6 +44,9 @@ class StatusConfig:
     # Revocation feed: True = follow the CA's /revocations beside status.url (mode "ocsp"),
     # False = off, or the feed's URL.
     feed: bool | str = True
+    # OCSP stapling on gateway-to-gateway connections (mode "ocsp"): inbound listeners staple their
+    # own fresh OCSP answer; outbound connections ask for one and, if it verifies, skip their query.
+    staple: bool = True
 
 
 @attrs.frozen
@@ -383,7 +386,19 @@ class _Parser:
         table = self.table(
             value,
             key,
-            {"mode", "url", "fail", "crl", "timeout", "max_cache_age", "cache_size", "crl_url", "crl_refresh", "feed"},
+            {
+                "mode",
+                "url",
+                "fail",
+                "crl",
+                "timeout",
+                "max_cache_age",
+                "cache_size",
+                "crl_url",
+                "crl_refresh",
+                "feed",
+                "staple",
+            },
         )
         defaults = StatusConfig()
         mode = self.optional(table, "mode", key, self.choice(("ocsp", "crl", "off")), defaults.mode)
@@ -412,6 +427,7 @@ class _Parser:
             cache_size=self.optional(table, "cache_size", key, self.count, defaults.cache_size),
             crl_url=crl_url,
             crl_refresh=self.optional(table, "crl_refresh", key, self.seconds, defaults.crl_refresh),
+            staple=self.optional(table, "staple", key, self.boolean, defaults.staple),
         )
 
     def timeouts(self, value: Any) -> TimeoutsConfig:
