@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from s2sgw.config import FailMode
+from s2sgw.stapling import STAPLES_RECEIVED
 from s2sgw.interfaces import (
     CertStatus,
     Decision,
@@ -142,6 +143,32 @@ class Authorizer:
         d.addErrback(self._status_failed, route, identity, serial)
         d.addErrback(self._status_bug, route, identity, serial)
         return d
+
+    def accept_staple(self, route, chain: Sequence[x509.Certificate], der: bytes) -> CertStatus | None:
+        """Verify an OCSP answer the remote stapled and, if it holds, let the checker remember it,
+        so that ``authorize`` needs no query. Never raises: a bad staple is logged and ignored."""
+        accept = getattr(self.status_checker, "accept_staple", None)
+        if accept is None or len(chain) < 2:
+            return None
+        leaf, issuer = chain[0], chain[1]
+        try:
+            status = accept(leaf, issuer, der)
+        except (StatusInvalid, StatusUnavailable) as error:
+            STAPLES_RECEIVED.labels("invalid").inc()
+            self._log.warn(
+                "route {route}: ignoring the OCSP staple of serial {serial}: {error}",
+                route=getattr(route, "name", "?"),
+                serial=f"{leaf.serial_number:x}",
+                error=str(error),
+            )
+            return None
+        except Exception:
+            failure = Failure()
+            STAPLES_RECEIVED.labels("invalid").inc()
+            self._unexpected(route, None, leaf.serial_number, failure, "staple check")
+            return None
+        STAPLES_RECEIVED.labels("valid").inc()
+        return status
 
     def _current(self, route):
         if self.current_route is None:

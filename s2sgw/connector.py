@@ -41,6 +41,7 @@ from s2sgw.listener import (
 )
 from s2sgw.metrics import INTERNAL_ERROR, Metrics, default_metrics
 from s2sgw.relay import RelaySide, splice
+from s2sgw.tls import received_staple
 from s2sgw.transport import (
     CurrentClientCreator,
     TLSFactory,
@@ -162,6 +163,10 @@ class RemoteSide(RelaySide):
             self._count(False, INTERNAL_ERROR)
             self.local.refuse(INTERNAL_ERROR, "could not read the remote chain")
             return
+        staple = received_staple(self.transport)
+        accept_staple = getattr(connector.authorizer, "accept_staple", None)
+        if staple is not None and accept_staple is not None:
+            accept_staple(connector.route, chain, staple)  # a valid one answers the status check below
         deciding = defer.maybeDeferred(connector.authorizer.authorize, connector.route, chain)
         deciding.addCallbacks(self._decided, self._decision_failed)
 

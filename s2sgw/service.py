@@ -18,6 +18,7 @@ from s2sgw.feed import FeedSubscriber, feed_url, register_metrics
 from s2sgw.health import Operations
 from s2sgw.listener import InboundListener
 from s2sgw.reload import ReloadService
+from s2sgw.stapling import StapleService, inbound_targets, stapling_enabled
 from s2sgw.status import make_status_checker
 from s2sgw.truststore import TrustStore
 
@@ -80,6 +81,7 @@ class Gateway:
     routes: dict[str, InboundListener | OutboundConnector]
     enforcer: Enforcer | None = None
     feed: FeedSubscriber | None = None
+    stapler: StapleService | None = None
 
 
 def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) -> tuple[MultiService, Gateway]:
@@ -113,10 +115,20 @@ def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) 
         verify_chain=trust_store.verify_chain if config.status.mode != "off" else None,
     )
     enforcer.setServiceParent(top)
+    stapler = None
+    if stapling_enabled(config) and hasattr(checker, "fetch_staple"):
+        # Our own OCSP answers for the inbound listeners to staple (the server contexts read this cache).
+        stapler = StapleService(
+            inbound_targets(trust_store), checker, reactor, trust_store.staples, max_age=config.status.max_cache_age
+        )
+        operations.monitor.sections["stapling"] = stapler.status
+        stapler.setServiceParent(top)
 
     def reloaded(generation: int) -> None:
         operations.reloaded(generation)
         enforcer.trust_reloaded(generation)
+        if stapler is not None:
+            stapler.trust_reloaded(generation)
 
     ReloadService(
         operations.reloading(reload), reactor, interval=config.reload_interval, on_reloaded=reloaded
@@ -142,5 +154,5 @@ def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) 
         operations.monitor.sections["crl_refresh"] = refresher.status
         refresher.setServiceParent(top)
     operations.setServiceParent(top)  # last: READY=1 after every bind, STOPPING=1 before draining
-    return top, Gateway(config, trust_store, authorizer, routes, enforcer, feed)
+    return top, Gateway(config, trust_store, authorizer, routes, enforcer, feed, stapler)
 

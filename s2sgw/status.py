@@ -469,6 +469,42 @@ class OCSPStatusChecker:
         while len(self._revoked) > self.cache_size:
             self._revoked.popitem(last=False)
 
+    def remember(self, leaf: x509.Certificate, issuer: x509.Certificate, status: CertStatus) -> bool:
+        """Cache a status proven without a query of ours (a verified staple); good/revoked only."""
+        if status.state not in ("good", "revoked"):
+            return False
+        key = (_key_hash(issuer), leaf.serial_number)
+        self._store(key, status)
+        return key in self._cache
+
+    def accept_staple(self, leaf: x509.Certificate, issuer: x509.Certificate, der: bytes) -> CertStatus:
+        """Verify a stapled (nonce-less) answer about ``leaf`` and cache what it proves.
+
+        Raises StatusInvalid / StatusUnavailable when it does not verify; nothing is cached then.
+        """
+        status = self._verify(der, build_request(leaf, issuer, nonce=None), issuer)
+        self.remember(leaf, issuer, status)
+        return status
+
+    def fetch_staple(self, leaf: x509.Certificate, issuer: x509.Certificate) -> Deferred[tuple[bytes, CertStatus]]:
+        """Ask for a nonce-less answer about our own ``leaf``: (raw DER, verified status).
+
+        For stapling: the DER is handed to peers as is, so it must not carry a nonce; the CA
+        answers such queries from its pre-signed cache. Not cached and not counted as a peer check.
+        """
+        query = build_request(leaf, issuer, nonce=None)
+        d = defer.maybeDeferred(
+            self.http.post,
+            self.url,
+            data=query.der,
+            headers={b"Content-Type": [OCSP_REQUEST_TYPE], b"Accept": [b"application/ocsp-response"]},
+        )
+        d.addCallback(self._read_body)
+        d.addTimeout(self.timeout, self.clock, onTimeoutCancel=self._timed_out)
+        d.addCallback(lambda body: (body, self._verify(body, query, issuer)))
+        d.addErrback(self._classify)
+        return d
+
     # -- internals
 
     def _query(self, key: tuple[bytes, int], query: OCSPQuery, issuer: x509.Certificate) -> None:

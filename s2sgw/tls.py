@@ -32,6 +32,7 @@ from s2sgw.interfaces import Reason
 
 CHAIN_ERROR = "s2sgw_chain_error"  # attribute on the TLS protocol: first Reason code from verification
 CHAIN_ERROR_DETAIL = "s2sgw_chain_error_detail"  # plain words for the log
+STAPLE = "s2sgw_ocsp_staple"  # attribute on the TLS protocol: the OCSP answer the server stapled
 
 # TLS 1.2 suites: forward secrecy (ECDHE) and AEAD only. TLS 1.3 suites are all AEAD + (EC)DHE.
 # SECLEVEL 2: RSA/DH keys >= 2048 bits, EC >= 224, no SHA-1 signatures, anywhere in either chain.
@@ -191,9 +192,17 @@ def _context(
 
 
 def server_context(
-    chain: Sequence[x509.Certificate], key: pki.PrivateKey, roots: Sequence[x509.Certificate]
+    chain: Sequence[x509.Certificate],
+    key: pki.PrivateKey,
+    roots: Sequence[x509.Certificate],
+    *,
+    staple: Callable[[], bytes] | None = None,
 ) -> SSL.Context:
-    """A context for inbound listeners: a client certificate chaining to ``roots`` is required."""
+    """A context for inbound listeners: a client certificate chaining to ``roots`` is required.
+
+    ``staple`` returns the OCSP answer (DER) to staple when a client asks, or b"" for none; it
+    runs inside the handshake, so it must only read a cache.
+    """
     context = _context(
         chain,
         key,
@@ -203,14 +212,68 @@ def server_context(
     )
     for root in roots:  # tells clients such as openssl s_client which certificate to send
         context.add_client_ca(root)
+    if staple is not None:
+        context.set_ocsp_server_callback(_StapleServer(staple))
     return context
 
 
 def client_context(
-    chain: Sequence[x509.Certificate], key: pki.PrivateKey, roots: Sequence[x509.Certificate]
+    chain: Sequence[x509.Certificate],
+    key: pki.PrivateKey,
+    roots: Sequence[x509.Certificate],
+    *,
+    staples: bool = False,
 ) -> SSL.Context:
-    """A context for outbound connections: presents our chain, verifies the server's against ``roots``."""
-    return _context(chain, key, roots, SSL.VERIFY_PEER, ExtendedKeyUsageOID.SERVER_AUTH)
+    """A context for outbound connections: presents our chain, verifies the server's against ``roots``.
+
+    With ``staples`` an OCSP answer stapled by the server (asked for by the connection creator)
+    is kept on the TLS protocol as ``s2sgw_ocsp_staple`` for the authorizer to verify later.
+    """
+    context = _context(chain, key, roots, SSL.VERIFY_PEER, ExtendedKeyUsageOID.SERVER_AUTH)
+    if staples:
+        context.set_ocsp_client_callback(_keep_staple)
+    return context
+
+
+# -- OCSP stapling -----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _StapleServer:
+    """The server's OCSP callback: hand OpenSSL the cached answer; never fail the handshake."""
+
+    staple: Callable[[], bytes]
+
+    def __call__(self, connection: SSL.Connection, data: Any) -> bytes:
+        try:
+            der = self.staple()
+            return der if type(der) is bytes else b""
+        except BaseException as error:  # pyOpenSSL would turn it into a fatal alert
+            try:
+                _log.warn("OCSP staple lookup raised {error!r}; stapling nothing", error=error)
+            except BaseException:
+                pass
+            return b""
+
+
+def _keep_staple(connection: SSL.Connection, der: bytes, data: Any) -> bool:
+    """The client's OCSP callback: only store the staple (the chain is verified later, by us).
+
+    It never rejects: a missing or bad staple just means the status is asked for as usual.
+    """
+    try:
+        target = connection.get_app_data()
+        if target is not None and der:
+            setattr(target, STAPLE, bytes(der))
+    except BaseException:
+        pass
+    return True
+
+
+def received_staple(tls_protocol: Any) -> bytes | None:
+    """The OCSP answer the server stapled to this connection's handshake, if any."""
+    staple = getattr(tls_protocol, STAPLE, None)
+    return staple if isinstance(staple, bytes) and staple else None
 
 
 # -- connection creators -----------------------------------------------------------------------
@@ -241,6 +304,7 @@ class ClientConnectionCreator:
 
     current: Callable[[], SSL.Context]
     hostname: str
+    request_staple: bool = False  # ask the server to staple its OCSP answer (status_request)
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = SSL.Connection(self.current(), None)
@@ -248,6 +312,8 @@ class ClientConnectionCreator:
         name = sni_name(self.hostname)
         if name is not None:
             connection.set_tlsext_host_name(name)
+        if self.request_staple:
+            connection.request_ocsp()
         connection.set_connect_state()
         return connection
 

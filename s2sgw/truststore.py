@@ -35,6 +35,7 @@ from s2sgw.config import (
     load_config,
 )
 from s2sgw.interfaces import ITrustStore
+from s2sgw.stapling import StapleCache, stapling_enabled
 
 UTC = datetime.UTC
 
@@ -93,14 +94,16 @@ def load_material(
     *,
     services: Iterable[str] | None = None,
     previous: TrustMaterial | None = None,
+    staples: StapleCache | None = None,
 ) -> TrustMaterial:
     """Read and check every file ``config`` names, and build contexts. Blocking; raises ConfigError.
 
     ``services`` limits (and orders) the services loaded to those the process runs; ``previous``
-    is the material being replaced, whose CRL number a new CRL must not go below.
+    is the material being replaced, whose CRL number a new CRL must not go below. With
+    ``staples`` and stapling configured, server contexts staple their answer from that cache.
     """
     try:
-        return _load_material(config, now, generation, services, previous)
+        return _load_material(config, now, generation, services, previous, staples)
     except ConfigError:
         raise
     except pki.PKIError as error:
@@ -115,6 +118,7 @@ def _load_material(
     generation: int,
     wanted: Iterable[str] | None,
     previous: TrustMaterial | None,
+    staples: StapleCache | None = None,
 ) -> TrustMaterial:
     roots = tuple(pki.load_certificates(config.trust))
     for root in roots:
@@ -126,9 +130,10 @@ def _load_material(
     names = list(wanted) if wanted is not None else list(by_name)
     services: dict[str, ServiceMaterial] = {}
     domains: dict[str, str] = {}
+    stapling = stapling_enabled(config)
     for name in names:
         service = by_name[name]
-        material = _load_service(service, roots, now)
+        material = _load_service(service, roots, now, staples if stapling else None, stapling)
         services[name] = material
         if material.spiffe_id is not None:
             domains[name] = pki.trust_domain(material.spiffe_id)
@@ -152,7 +157,11 @@ def _load_material(
 
 
 def _load_service(
-    service: ServiceConfig, roots: Sequence[x509.Certificate], now: datetime.datetime
+    service: ServiceConfig,
+    roots: Sequence[x509.Certificate],
+    now: datetime.datetime,
+    staples: StapleCache | None = None,
+    stapling: bool = False,
 ) -> ServiceMaterial:
     chain = pki.load_certificates(service.cert)
     key = pki.load_private_key(service.key)
@@ -179,8 +188,10 @@ def _load_service(
         name=service.name,
         chain=tuple(chain),
         key=key,
-        server_context=tls.server_context(chain, key, roots),
-        client_context=tls.client_context(chain, key, roots),
+        server_context=tls.server_context(
+            chain, key, roots, staple=staples.callback_for(leaf) if staples is not None else None
+        ),
+        client_context=tls.client_context(chain, key, roots, staples=stapling),
     )
 
 
@@ -220,6 +231,7 @@ class TrustStore:
     reload_failures: int = 0
     last_error: str | None = None
     last_reload: datetime.datetime | None = None
+    staples: StapleCache = attrs.field(factory=StapleCache)  # our own OCSP answers, for stapling
     _running: Deferred | None = attrs.field(default=None, init=False)
     _waiting: list[Deferred] = attrs.field(factory=list, init=False)
     _log = Logger()
@@ -240,8 +252,9 @@ class TrustStore:
         """
         # Before any reactor exists the wall clock is the only clock there is.
         now = _now(reactor) if reactor is not None else datetime.datetime.now(UTC)
-        material = load_material(config, now, 1)
-        store = cls(reactor, material, threadpool=threadpool, reread_config=reread_config)
+        staples = StapleCache()
+        material = load_material(config, now, 1, staples=staples)
+        store = cls(reactor, material, threadpool=threadpool, reread_config=reread_config, staples=staples)
         store._log.info(
             "trust material loaded: generation {generation}, {services}",
             generation=material.generation,
@@ -363,7 +376,9 @@ class TrustStore:
 
     def client_creator(self, service: str, hostname: str) -> tls.ClientConnectionCreator:
         self.service(service)
-        return tls.ClientConnectionCreator(partial(self.client_context, service), hostname)
+        return tls.ClientConnectionCreator(
+            partial(self.client_context, service), hostname, request_staple=stapling_enabled(self._material.config)
+        )
 
     def reload(self) -> Deferred[int]:
         """Load and check everything in a thread, then swap; fire the new generation.
@@ -399,7 +414,7 @@ class TrustStore:
             config = load_config(config.path)
             config, notes = _apply_config(current.config, config)
         material = load_material(
-            config, now, current.generation + 1, services=list(current.services), previous=current
+            config, now, current.generation + 1, services=list(current.services), previous=current, staples=self.staples
         )
         return material, notes
 
