@@ -101,7 +101,15 @@ def load_private_key(path: Path) -> PrivateKey:
 
 
 def parse_crl(data: bytes, source: str = "<bytes>") -> x509.CertificateRevocationList:
-    """A CRL in PEM or DER."""
+    """A CRL in PEM or DER. A PEM file holding several CRLs is refused rather than read in part:
+    only the first would count, and a revocation in the others (say, the root's CRL revoking an
+    intermediate) would be silently ignored."""
+    count = data.count(b"-----BEGIN X509 CRL-----")
+    if count > 1:
+        raise PKIError(
+            f"{source}: holds {count} CRLs; s2sgw reads exactly one, issued by the CA that issues "
+            "the peers' certificates"
+        )
     try:
         if b"-----BEGIN X509 CRL-----" in data:
             return x509.load_pem_x509_crl(data)

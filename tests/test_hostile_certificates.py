@@ -415,3 +415,71 @@ def test_a_self_signed_remote_is_an_untrusted_chain(world: World) -> None:
 def test_an_rsa_1024_remote_is_a_bad_certificate(world: World) -> None:
     pem = world.odd_leaf("server-rsa1024", "users", key=new_rsa_key(1024))
     world.refuse_server(pem, "bad_certificate", "server-rsa-1024", weak=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Status mode "crl"
+
+
+@attrs.define
+class CrlWorld:
+    gateway: Gateway
+    port: int
+    revoked: Path  # a leaf the intermediate's CRL lists
+
+
+@pytest.fixture(scope="module")
+def crl_world(world: World) -> Iterator[CrlWorld]:
+    """A second gateway, status mode "crl", holding the intermediate's CRL (one leaf revoked)."""
+    ca = world.pki.ca
+    revoked = world.issue("reports")
+    ca.revoke(serial=x509.load_pem_x509_certificates(revoked.read_bytes())[0].serial_number, reason="keyCompromise")
+    crl = world.odd / "intermediate.crl"
+    crl.write_bytes(ca.make_crl().public_bytes(_pem()))
+    port = free_port()
+    certs = world.pki.certs
+    services = service_toml(
+        "users", certs / "users.pem", certs / "users.key",
+        inbound_toml("crl-in", port, world.backend.port, ["orders", "reports"]),
+    )  # fmt: skip
+    gateway = Gateway.start(
+        world.procs, "crl-gateway", gateway_toml(world.pki.bundle, services, status=f'mode = "crl"\ncrl = "{crl}"'), [port]
+    )
+    roundtrip(port, world.allowed)
+    yield CrlWorld(gateway, port, revoked)
+
+
+def _refused_in_crl_mode(world: World, crl_world: CrlWorld, pem: Path, reason: str, case: str) -> str:
+    mark, before = crl_world.gateway.mark(), world.backend.snapshot()
+    exchange = tls_exchange(crl_world.port, client_context(pem, pem.with_suffix(".key")), marker(case))
+    assert_refused(exchange)
+    line = crl_world.gateway.wait_audit(mark, "crl-in", "outcome=refused ", f"reason={reason} ")
+    world.backend.assert_untouched_since(before)
+    roundtrip(crl_world.port, world.allowed)
+    return line
+
+
+def test_a_leaf_revoked_in_the_crl_is_refused_in_crl_mode(world: World, crl_world: CrlWorld) -> None:
+    line = _refused_in_crl_mode(world, crl_world, crl_world.revoked, "revoked", "crl-revoked")
+    assert "keyCompromise" in line
+
+
+def test_a_leaf_under_an_intermediate_whose_crl_we_do_not_hold_is_refused_in_crl_mode(
+    world: World, crl_world: CrlWorld
+) -> None:
+    """Another intermediate of our root (say, one the root revoked and the CA replaced): its
+    leaves chain fine, but the only CRL the gateway holds is not their issuer's, so they are
+    refused. (The root's own CRL is not consulted: see test_hostile_files for a CRL file that
+    holds it, which is refused rather than half read.)"""
+    ca = world.pki.ca
+    signing_root = root_key(world.pki)
+    other_key = new_ec_key()
+    other = ca_builder("e2e retired intermediate", other_key.public_key(), ca.root_cert, signing_root).sign(signing_root, sha256())
+    key = new_ec_key()
+    leaf = leaf_builder("orders", key.public_key(), other, other_key).sign(other_key, sha256())
+    pem = write_identity(world.odd / "other-intermediate", "orders", [leaf, other], key)
+    # OCSP mode: the CA's responder speaks for its own intermediate only, and says so
+    line = world.refuse_with(pem, "status_invalid", "ocsp-other-intermediate")
+    assert "UNAUTHORIZED" in line
+    line = _refused_in_crl_mode(world, crl_world, pem, "status_invalid", "crl-other-intermediate")
+    assert "not issued by the leaf's issuer" in line
