@@ -342,3 +342,52 @@ def test_client_initiated_tls12_renegotiation_is_refused(world: World) -> None:
     # admitted (an allowed identity), so the backend was dialed; but not one byte arrived
     world.backend.assert_untouched_since((before[0] + 1, before[1]))
     world.assert_still_serving()
+
+
+# ---------------------------------------------------------------------------------------------
+# A scanner's view (opt-in)
+
+
+def _sslyze(world: World, tmp_path: Path, name: str, *args: str) -> dict:
+    import json
+    import shutil
+
+    sslyze = os.environ.get("S2SGW_SSLYZE") or shutil.which("sslyze")
+    if not sslyze:
+        pytest.skip("sslyze not found: install it in its own virtualenv (it pins an older cryptography) "
+                    "and set S2SGW_SSLYZE to its executable")  # fmt: skip
+    out = tmp_path / f"{name}.json"
+    result = subprocess.run(
+        [sslyze, f"--json_out={out}", *args, f"127.0.0.1:{world.port}"], capture_output=True, timeout=300
+    )
+    assert out.exists(), result.stdout.decode()[-2000:] + result.stderr.decode()[-2000:]
+    report = json.loads(out.read_text())["server_scan_results"][0]
+    assert report["scan_status"] == "COMPLETED", report
+    return report["scan_result"]
+
+
+@pytest.mark.slow
+def test_sslyze_finds_only_modern_tls_on_an_inbound_listener(world: World, tmp_path: Path, request) -> None:
+    """sslyze's protocol, cipher and vulnerability scans (no client certificate needed for those),
+    then its renegotiation scan with an allowed client certificate."""
+    from tests.hostile import opt_in_slow
+
+    opt_in_slow(request)
+    scan = _sslyze(world, tmp_path, "scan")
+    for version in ("ssl_2_0", "ssl_3_0", "tls_1_0", "tls_1_1"):
+        assert scan[f"{version}_cipher_suites"]["result"]["accepted_cipher_suites"] == [], version
+    tls12 = [s["cipher_suite"]["openssl_name"] for s in scan["tls_1_2_cipher_suites"]["result"]["accepted_cipher_suites"]]
+    assert tls12 and all(n.startswith("ECDHE-") and ("GCM" in n or "CHACHA20" in n) for n in tls12), tls12
+    assert scan["tls_1_3_cipher_suites"]["result"]["accepted_cipher_suites"]
+    assert scan["tls_compression"]["result"]["supports_compression"] is False
+    assert scan["heartbleed"]["result"]["is_vulnerable_to_heartbleed"] is False
+    assert scan["openssl_ccs_injection"]["result"]["is_vulnerable_to_ccs_injection"] is False
+    assert scan["robot"]["result"]["robot_result"].startswith("NOT_VULNERABLE")
+    assert scan["tls_fallback_scsv"]["result"]["supports_fallback_scsv"] is True
+    assert scan["tls_extended_master_secret"]["result"]["supports_ems_extension"] is True
+    key = str(world.orders.with_suffix(".key"))
+    reneg = _sslyze(world, tmp_path, "reneg", "--reneg", f"--cert={world.orders}", f"--key={key}")
+    result = reneg["session_renegotiation"]["result"]
+    assert result["is_vulnerable_to_client_renegotiation_dos"] is False
+    assert world.gateway.alive()
+    world.assert_still_serving()
