@@ -36,6 +36,7 @@ from tests.hostile import (
     keyless_exchange,
     leaf_builder,
     marker,
+    metric,
     new_ec_key,
     new_rsa_key,
     now,
@@ -122,6 +123,13 @@ class World:
     orders_port: int
     hostile_route_port: int
     odd: Path  # where tests write odd identities
+    admin_port: int
+
+    def refusals(self, route: str, reason: str) -> float:
+        """The gateway's s2sgw_connections counter of refusals on ``route`` for ``reason``."""
+        value = metric(self.admin_port, "s2sgw_connections_total", route=route, outcome="refused", reason=reason)
+        assert value is not None, "the admin endpoint does not answer"
+        return value
 
     @property
     def allowed(self) -> ssl.SSLContext:
@@ -138,9 +146,11 @@ class World:
     def refuse_inbound(self, attempt: Callable[[bytes], object], reason: str, case: str) -> str:
         mark = self.gateway.mark()
         before = self.backend.snapshot()
+        counted = self.refusals("users-in", reason)
         exchange = attempt(marker(case))
         assert_refused(exchange)  # type: ignore[arg-type]
         line = self.gateway.wait_audit(mark, "users-in", "outcome=refused ", f"reason={reason} ")
+        assert self.refusals("users-in", reason) == counted + 1
         assert len([x for x in self.gateway.audits_since(mark, "users-in") if "outcome=refused" in x]) == 1
         self.backend.assert_untouched_since(before)
         self.assert_still_serving()
@@ -156,9 +166,11 @@ class World:
         self.hostile.present(pem, weak)
         self.hostile.received.clear()
         mark = self.gateway.mark()
+        counted = self.refusals("orders-to-hostile", reason)
         exchange = plain_exchange(self.hostile_route_port, marker(case))
         assert_refused(exchange)
         line = self.gateway.wait_audit(mark, "orders-to-hostile", "outcome=refused ", f"reason={reason} ")
+        assert self.refusals("orders-to-hostile", reason) == counted + 1
         assert bytes(self.hostile.received) == b""
         self.assert_still_serving()
         return line
@@ -182,7 +194,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("hostile-certificates")
-    ports = {name: free_port() for name in ("ca", "users", "orders", "hostile_route")}
+    ports = {name: free_port() for name in ("ca", "users", "orders", "hostile_route", "admin")}
     pki = Pki.create(root, f"http://127.0.0.1:{ports['ca']}", ("users", "orders", "billing", "reports"))
     procs = Processes(root)
     backend = RecordingBackend(root / "backend.bytes")
@@ -200,11 +212,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             + outbound_toml("orders-to-hostile", ports["hostile_route"], hostile.port, "users"),
         )  # fmt: skip
         status = f'mode = "ocsp"\nurl = "http://127.0.0.1:{ports["ca"]}/ocsp"\nfail = "closed"\nmax_cache_age = 1.0'
+        admin = f'[admin]\nlisten = "tcp:{ports["admin"]}:interface=127.0.0.1"'
         gateway = Gateway.start(
-            procs, "gateway", gateway_toml(pki.bundle, services, status=status),
-            [ports["users"], ports["orders"], ports["hostile_route"]],
+            procs, "gateway", gateway_toml(pki.bundle, services, status=status, extra=admin),
+            [ports["users"], ports["orders"], ports["hostile_route"], ports["admin"]],
         )  # fmt: skip
-        world = World(pki, procs, gateway, backend, hostile, ports["users"], ports["orders"], ports["hostile_route"], root / "odd")
+        world = World(
+            pki, procs, gateway, backend, hostile, ports["users"], ports["orders"], ports["hostile_route"],
+            root / "odd", ports["admin"],
+        )  # fmt: skip
         world.assert_still_serving()
         yield world
     finally:

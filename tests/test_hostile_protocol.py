@@ -34,6 +34,7 @@ from tests.hostile import (
     gateway_toml,
     inbound_toml,
     marker,
+    metric,
     plain_exchange,
     roundtrip,
     s_client,
@@ -56,6 +57,7 @@ class World:
     capped_backend: RecordingBackend
     port: int
     capped_port: int
+    admin_port: int
 
     @property
     def orders(self) -> Path:
@@ -78,8 +80,16 @@ class World:
         self.serve("users-in", self.port)
         self.serve("capped-in", self.capped_port)
 
+    def refusals(self, reason: str, route: str = "users-in") -> float:
+        value = metric(self.admin_port, "s2sgw_connections_total", route=route, outcome="refused", reason=reason)
+        assert value is not None, "the admin endpoint does not answer"
+        return value
+
     def expect_refusal(self, mark: int, before: tuple[int, int], reason: str, route: str = "users-in") -> str:
         line = self.gateway.wait_audit(mark, route, "outcome=refused ", f"reason={reason} ")
+        refused = [x for x in self.gateway.audits_since(mark, route) if "outcome=refused " in x]
+        assert len(refused) == 1, refused
+        assert self.refusals(reason, route) >= 1
         self.backend.assert_untouched_since(before)
         self.assert_still_serving()
         return line
@@ -92,15 +102,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     procs = Processes(root)
     backend = RecordingBackend(root / "backend.bytes")
     capped_backend = RecordingBackend(root / "capped-backend.bytes")
-    port, capped_port = free_port(), free_port()
+    port, capped_port, admin_port = free_port(), free_port(), free_port()
     try:
         services = service_toml(
             "users", pki.certs / "users.pem", pki.certs / "users.key",
             inbound_toml("users-in", port, backend.port, ["orders"])
             + inbound_toml("capped-in", capped_port, capped_backend.port, ["orders"], max_connections=CAP),
         )  # fmt: skip
-        gateway = Gateway.start(procs, "gateway", gateway_toml(pki.bundle, services), [port, capped_port])
-        world = World(pki, procs, gateway, backend, capped_backend, port, capped_port)
+        admin = f'[admin]\nlisten = "tcp:{admin_port}:interface=127.0.0.1"'
+        toml = gateway_toml(pki.bundle, services, extra=admin)
+        gateway = Gateway.start(procs, "gateway", toml, [port, capped_port, admin_port])
+        world = World(pki, procs, gateway, backend, capped_backend, port, capped_port, admin_port)
         world.assert_still_serving()
         yield world
     finally:
@@ -288,6 +300,7 @@ def test_connections_beyond_the_cap_are_refused_quickly_and_the_admitted_ones_ke
             sock.close()
     lines = world.gateway.audits_since(mark, "capped-in")
     assert len([line for line in lines if "reason=too_many_connections " in line]) == 50
+    assert world.refusals("too_many_connections", "capped-in") >= 50
     received = world.capped_backend.received()
     assert HOSTILE not in received
     assert world.capped_backend.snapshot()[0] == before[0] + CAP
