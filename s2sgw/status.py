@@ -470,10 +470,17 @@ class OCSPStatusChecker:
             self._revoked.popitem(last=False)
 
     def remember(self, leaf: x509.Certificate, issuer: x509.Certificate, status: CertStatus) -> bool:
-        """Cache a status proven without a query of ours (a verified staple); good/revoked only."""
+        """Cache a status proven without a query of ours (a verified staple); good/revoked only.
+
+        It never replaces a revocation or a newer answer already cached: a revoked server may
+        still hold an older "good" answer within its validity and staple it.
+        """
         if status.state not in ("good", "revoked"):
             return False
         key = (_key_hash(issuer), leaf.serial_number)
+        known = self.lookup_key(key)
+        if known is not None and (known.state == "revoked" or known.this_update >= status.this_update):
+            return False
         self._store(key, status)
         return key in self._cache
 

@@ -289,6 +289,30 @@ def test_a_stale_staple_is_invalid(world: World) -> None:
         ca.checker(clock).accept_staple(world.users.leaf, world.users.issuer, der)
 
 
+def test_a_staple_never_overrides_a_newer_or_revoked_answer(world: World, tmp_path: Path) -> None:
+    """A revoked server replaying an older, still valid "good" staple does not undo what the
+    checker learnt since: a cached revocation (or any newer answer) stays."""
+    ca_dir = CertificateAuthority.init(tmp_path / "ca", DOMAIN)
+    party = Party(ca_dir.issue("users"))
+    clock = wall_clock()
+    local = CA(CAResource(ca_dir, clock), None)  # type: ignore[arg-type]
+    local.stub = StubTreq(local.resource)
+    old_good = local.staple_for(party, clock)
+    ca_dir.revoke(name="users", reason="keyCompromise")
+    clock.advance(VALIDITY / 2 + 1)  # the CA re-signs now
+    checker = local.checker(clock)
+    d = checker.check(party.leaf, party.issuer)
+    local.stub.flush()
+    assert _result(d).state == "revoked"
+    assert checker.accept_staple(party.leaf, party.issuer, old_good).state == "good"  # it does verify...
+    assert checker.lookup(party.leaf, party.issuer).state == "revoked"  # ...but changes nothing
+    fresh = Party(ca_dir.issue("users"))
+    newer = local.staple_for(fresh, clock)
+    checker.remember(fresh.leaf, fresh.issuer, CertStatus("good", _now(clock), None))
+    checker.accept_staple(fresh.leaf, fresh.issuer, newer)  # same time: the entry is kept, not replaced
+    assert checker.lookup(fresh.leaf, fresh.issuer).next_update is None
+
+
 def test_a_revoked_staple_refuses_without_a_query(world: World, tmp_path: Path) -> None:
     """A server that staples its own revocation is refused at once (remembered as revoked)."""
     ca_dir = CertificateAuthority.init(tmp_path / "ca", DOMAIN)
