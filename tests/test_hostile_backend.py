@@ -15,7 +15,6 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import attrs
 import pytest

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import http.server
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import attrs
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 
 from tests.hostile import (
@@ -158,8 +158,6 @@ class FakeOCSP:
         finally:
             self.endless_done.set()
 
-
-from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
 
 _DER = Encoding.DER
 
