@@ -28,7 +28,6 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -39,14 +38,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.e2e import BIN, TRUST_DOMAIN, Pki, Processes, free_port, rss_kib
 
-__all__ = [
-    "BIN",
-    "TRUST_DOMAIN",
-    "Pki",
-    "Processes",
-    "free_port",
-    "rss_kib",
-]
+__all__ = ["BIN", "TRUST_DOMAIN", "Pki", "Processes", "free_port", "rss_kib"]  # re-exported from tests.e2e
 
 UTC = datetime.UTC
 HOSTILE = b"HOSTILE-BYTES "  # every hostile client sends this; no backend may ever see it
@@ -623,11 +615,3 @@ def opt_in_slow(request: object) -> None:
     if os.environ.get("S2SGW_SLOW") == "1":
         return
     pytest.skip("opt-in slow test: run with -m slow or S2SGW_SLOW=1")
-
-
-@contextlib.contextmanager
-def deadline(seconds: float, what: str) -> Iterator[None]:
-    started = time.monotonic()
-    yield
-    spent = time.monotonic() - started
-    assert spent < seconds, f"{what} took {spent:.1f}s (limit {seconds}s)"
