@@ -177,6 +177,15 @@ def test_issuer_name_of_another_ca_is_unauthorized(ca: CertificateAuthority, ali
     assert answer.status is ocsp.OCSPResponseStatus.UNAUTHORIZED
 
 
+def test_negative_serial_is_malformed_request(ca: CertificateAuthority) -> None:
+    """A CertID whose serial INTEGER is negative (no certificate has one) is malformed, not a crash."""
+    der = request_by_serial(ca, 0x7A7B7C)
+    assert der.count(b"\x02\x03\x7a\x7b\x7c") == 1
+    negative = der.replace(b"\x02\x03\x7a\x7b\x7c", b"\x02\x03\xfa\x7b\x7c")
+    answer = responder_for(ca).answer(negative, NOW, lambda serial: UNKNOWN)
+    assert ocsp.load_der_ocsp_response(answer.der).response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+
+
 @pytest.mark.parametrize("body", [b"", b"\x00", b"hello world", b"\x30\x03\x02\x01\x01", b"\x30" * 100])
 def test_garbage_is_malformed_request(ca: CertificateAuthority, body: bytes) -> None:
     """Bytes that are not an OCSP request get an unsigned `malformedRequest`."""

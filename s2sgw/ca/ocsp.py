@@ -241,7 +241,7 @@ class Responder:
             if not MIN_NONCE <= len(nonce) <= MAX_NONCE:
                 return MALFORMED_ANSWER
         expected = self._hashes.get(algorithm.name)
-        if expected is None:
+        if expected is None or serial < 0:  # serials are positive (RFC 5280 4.1.2.2)
             return MALFORMED_ANSWER
         if (name_hash, key_hash) != expected:
             return UNAUTHORIZED_ANSWER
