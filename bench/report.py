@@ -130,20 +130,21 @@ def _fmt_ratio(value: float | None) -> str:
     return f"{value:.2f}x" if value is not None else "-"
 
 
-def _verdict(met: bool | None) -> str:
-    return {True: "met", False: "MISSED", None: ""}[met]
+def _target(target: str, met: bool | None) -> str:
+    verdict = {True: "met", False: "MISSED", None: ""}[met]
+    return f"{target}: {verdict}" if target and verdict else target
 
 
 def table_cells(rows: list[Row], ocsp_rows: list[OcspRow]) -> tuple[list[str], list[list[str]]]:
-    header = ["figure (median)", *(TITLES[c] for c in COLUMNS), "s2sgw/stunnel", "s2sgw/direct", "target", ""]
+    header = ["figure (median)", *(TITLES[c] for c in COLUMNS), "s2sgw/stunnel", "s2sgw/direct", "target"]
     body = [
-        [row.label, *(_fmt(row.values.get(c), row.digits) for c in COLUMNS), _fmt_ratio(row.vs_stunnel), _fmt_ratio(row.vs_direct), row.target, _verdict(row.met)]
+        [row.label, *(_fmt(row.values.get(c), row.digits) for c in COLUMNS), _fmt_ratio(row.vs_stunnel), _fmt_ratio(row.vs_direct), _target(row.target, row.met)]
         for row in rows
     ]
     for row in ocsp_rows:
         body.append(
             [f"{row.label} (s2sgw-ca vs openssl ocsp)", "-", _fmt(row.ours, 0), "-", "-", "-",
-             f"{_fmt_ratio(ratio(row.ours, row.openssl))} vs openssl {_fmt(row.openssl, 0)}/s", "-", row.target, _verdict(row.met)]
+             f"{_fmt_ratio(ratio(row.ours, row.openssl))} of openssl's {_fmt(row.openssl, 0)}/s", "-", _target(row.target, row.met)]
         )  # fmt: skip
     return header, body
 
@@ -160,7 +161,7 @@ def rst_table(rows: list[Row], ocsp_rows: list[OcspRow], caption: str) -> str:
     header, body = table_cells(rows, ocsp_rows)
     out = [f".. list-table:: {caption}", "   :header-rows: 1", ""]
     for line in [header, *body]:
-        cells = [cell.strip() or " " for cell in line]
+        cells = [cell.strip() or "\\" for cell in line]  # an escaped space keeps an empty cell valid
         out.append(f"   * - {cells[0]}")
         out.extend(f"     - {cell}" for cell in cells[1:])
     return "\n".join(out) + "\n"

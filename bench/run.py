@@ -54,6 +54,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle", type=int, help="idle connections (default 10000, quick 1000)")
     parser.add_argument("--clients", type=int, default=2, help="handshake client processes")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
+    parser.add_argument("--from-json", metavar="FILE", help="print the tables of a saved run (bench/results/*.json) and exit")
     parser.add_argument("--hold", type=float, default=0, help="keep the pairs running this many seconds after the figures (for profiling)")
     args = parser.parse_args(argv)
     args.figures = _split(args.only, FIGURES, "figure")
@@ -190,6 +191,8 @@ def _brief(figures: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        return render_saved(Path(args.from_json))
     raise_nofile()
     started = datetime.datetime.now(datetime.timezone.utc)
     info = report.machine()
@@ -265,6 +268,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(caption)
     say(report.text_table(rows, ocsp_rows))
     say(f"\nwritten: {RESULTS / (stamp + '.json')}, {RESULTS / (stamp + '.rst')} ({document['seconds']:.0f} s)")
+    return 0
+
+
+def render_saved(path: Path) -> int:
+    """The terminal and reStructuredText tables of a saved run, from its raw figures."""
+    document = json.loads(path.read_text())
+    figures = document["figures"]
+    rows = report.summarize(figures)
+    ocsp_rows = report.summarize_ocsp(figures["ocsp"]) if "ocsp" in figures else []
+    started = datetime.datetime.fromisoformat(document["started"])
+    caption = f"s2sgw benchmark, {document['mode']} run of {started:%Y-%m-%d %H:%M} UTC, medians of {document['settings']['runs']} runs"
+    say(report.text_table(rows, ocsp_rows))
+    say("")
+    say(report.rst_table(rows, ocsp_rows, caption))
+    say(f"Machine: {report.machine_text(document['machine'])}")
     return 0
 
 
