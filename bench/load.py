@@ -16,7 +16,6 @@ import socket
 import ssl
 import subprocess
 import time
-from pathlib import Path
 
 from bench.procs import BenchError, cpu_seconds, established, raise_nofile, rss_kib
 

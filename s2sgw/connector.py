@@ -15,10 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
-    IListeningPort,
-    IReactorTime,
     IStreamClientEndpoint,
-    IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -31,6 +28,7 @@ from s2sgw.identity import OutboundIdentity
 from s2sgw.interfaces import Decision, IAuthorizer, ITrustStore, Reason
 from s2sgw.listener import (
     CHAIN_ERROR,
+    GatedRoute,
     RouteGate,
     Session,
     _Refused,
@@ -47,7 +45,6 @@ from s2sgw.transport import (
     TLSFactory,
     client_endpoint,
     endpoint_host,
-    server_endpoint,
     set_tcp_nodelay,
 )
 
@@ -250,7 +247,7 @@ class _LocalFactory(Factory):
 
 
 @attrs.define(eq=False)
-class OutboundConnector:
+class OutboundConnector(GatedRoute):
     """One outbound route: a plaintext listener whose connections are relayed over mTLS.
 
     ``remote`` defaults to the client endpoint for ``route.remote``; the TLS client presents
@@ -280,26 +277,6 @@ class OutboundConnector:
         hostname = endpoint_host(self.route.remote) or self.route.peer
         self.creator = CurrentClientCreator(self.trust_store, self.route.service, hostname)
 
-    @property
-    def clock(self) -> IReactorTime:
-        return self.reactor
-
     def tls_factory_for(self, local: LocalSide) -> TLSFactory:
         """A TLS client factory whose one connection belongs to ``local``."""
         return TLSFactory(self.creator, True, Factory.forProtocol(lambda: RemoteSide(local)))
-
-    def listen(self, endpoint: IStreamServerEndpoint | None = None) -> Deferred[IListeningPort]:
-        """Start accepting local clients on ``endpoint`` (default: ``route.listen``)."""
-        if endpoint is None:
-            endpoint = server_endpoint(self.reactor, self.route.listen)
-        return self.gate.listen_on(endpoint, self.factory)
-
-    def stop_listening(self) -> Deferred[None]:
-        return self.gate.stop_listening()
-
-    def drain(self, timeout: float, clock: IReactorTime | None = None) -> Deferred[None]:
-        return self.gate.drain(timeout, clock)
-
-    @property
-    def active(self) -> int:
-        return len(self.gate.live)

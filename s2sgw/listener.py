@@ -455,8 +455,41 @@ class _CappedTLSFactory(TLSFactory):
         return super().buildProtocol(addr)
 
 
+class GatedRoute:
+    """What a route's listener does with its gate, inbound and outbound alike.
+
+    Subclasses provide ``route``, ``reactor``, ``gate`` and the accepting ``factory``.
+    """
+
+    __slots__ = ()
+    route: Any
+    reactor: Any
+    gate: RouteGate
+    factory: Any
+
+    @property
+    def clock(self) -> IReactorTime:
+        return self.reactor
+
+    def listen(self, endpoint: IStreamServerEndpoint | None = None) -> Deferred[IListeningPort]:
+        """Start accepting on ``endpoint`` (default: ``route.listen``); fires with the port."""
+        if endpoint is None:
+            endpoint = server_endpoint(self.reactor, self.route.listen)
+        return self.gate.listen_on(endpoint, self.factory)
+
+    def stop_listening(self) -> Deferred[None]:
+        return self.gate.stop_listening()
+
+    def drain(self, timeout: float, clock: IReactorTime | None = None) -> Deferred[None]:
+        return self.gate.drain(timeout, clock)
+
+    @property
+    def active(self) -> int:
+        return len(self.gate.live)
+
+
 @attrs.define(eq=False)
-class InboundListener:
+class InboundListener(GatedRoute):
     """One inbound route: a TLS server factory, the backend dialer, and the route's gate.
 
     ``backend`` defaults to the client endpoint for ``route.backend``; ``reactor`` provides the
@@ -487,23 +520,3 @@ class InboundListener:
             False,
             _InboundFactory(self),
         )
-
-    @property
-    def clock(self) -> IReactorTime:
-        return self.reactor
-
-    def listen(self, endpoint: IStreamServerEndpoint | None = None) -> Deferred[IListeningPort]:
-        """Start accepting on ``endpoint`` (default: ``route.listen``); fires with the port."""
-        if endpoint is None:
-            endpoint = server_endpoint(self.reactor, self.route.listen)
-        return self.gate.listen_on(endpoint, self.factory)
-
-    def stop_listening(self) -> Deferred[None]:
-        return self.gate.stop_listening()
-
-    def drain(self, timeout: float, clock: IReactorTime | None = None) -> Deferred[None]:
-        return self.gate.drain(timeout, clock)
-
-    @property
-    def active(self) -> int:
-        return len(self.gate.live)

@@ -6,7 +6,6 @@ be moved past a certificate's expiry; real AF_UNIX datagram sockets for notifica
 
 from __future__ import annotations
 
-import datetime
 import socket
 import time
 from pathlib import Path
