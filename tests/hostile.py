@@ -245,8 +245,10 @@ class Gateway:
         return self.procs.running[self.name].poll() is None
 
     def log(self) -> str:
+        """The complete lines logged so far (a line being written is left for the next read)."""
         path = self.procs.directory / f"{self.name}.out"
-        return path.read_text(errors="replace") if path.exists() else ""
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return text[: text.rfind("\n") + 1]
 
     def audit_lines(self) -> list[str]:
         return [line for line in self.log().splitlines() if "s2sgw.audit" in line]

@@ -94,6 +94,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         status = f'mode = "ocsp"\nurl = "http://127.0.0.1:{ports["ca"]}/ocsp"\nfail = "closed"\nmax_cache_age = 60'
         toml = gateway_toml(pki.bundle, services, status=status, handshake=5, connect=5)
         gateway = Gateway.start(procs, "gateway", toml, [ports["users"]])
+        gateway.wait_audit(0, "users-in")  # the start-up probe's connection, before anything is counted
         certs = pki.certs
         contexts = {
             name: client_context(certs / f"{name}.pem", certs / f"{name}.key", pki.bundle)

@@ -80,8 +80,13 @@ class FakeOCSP:
             def log_message(self, *args: object) -> None:
                 pass
 
-        http.server.ThreadingHTTPServer.allow_reuse_address = True
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            allow_reuse_address = True
+
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # the gateway hanging up on a slow or endless answer is the point
+
+        self._server = Server(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
