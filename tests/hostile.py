@@ -274,6 +274,15 @@ class Gateway:
     def wait_audit(self, mark: int, route: str, *needles: str, timeout: float = 10.0) -> str:
         return self.wait_log(mark, "s2sgw.audit", f"route={route} ", *needles, timeout=timeout)
 
+    def wait_audits(self, mark: int, route: str, needle: str, count: int, timeout: float = 10.0) -> list[str]:
+        """Wait for ``count`` audit lines of ``route`` containing ``needle`` after the mark; return them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self.audits_since(mark, route) if needle in line]
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
+
     def audits_since(self, mark: int, route: str) -> list[str]:
         return [line for line in self.lines_since(mark) if "s2sgw.audit" in line and f"route={route} " in line]
 

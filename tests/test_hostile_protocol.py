@@ -270,7 +270,7 @@ def test_slowloris_fills_the_cap_then_the_timeout_frees_every_slot(world: World)
     finally:
         for sock in stalled:
             sock.close()
-    timeouts = [line for line in world.gateway.audits_since(mark, "capped-in") if "reason=handshake_timeout " in line]
+    timeouts = world.gateway.wait_audits(mark, "capped-in", "reason=handshake_timeout ", CAP)
     assert len(timeouts) == CAP, timeouts
     world.capped_backend.assert_untouched_since(before)
     world.assert_still_serving()
@@ -298,8 +298,7 @@ def test_connections_beyond_the_cap_are_refused_quickly_and_the_admitted_ones_ke
     finally:
         for sock in admitted:
             sock.close()
-    lines = world.gateway.audits_since(mark, "capped-in")
-    assert len([line for line in lines if "reason=too_many_connections " in line]) == 50
+    assert len(world.gateway.wait_audits(mark, "capped-in", "reason=too_many_connections ", 50)) == 50
     assert world.refusals("too_many_connections", "capped-in") >= 50
     received = world.capped_backend.received()
     assert HOSTILE not in received
