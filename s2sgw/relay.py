@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+from OpenSSL import SSL
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -113,7 +114,9 @@ class Relay:
     reason: str | None = None  # why it closed: a Reason code
     closed_by: str | None = None  # "a" | "b" | None (timeout, shutdown)
     finished: bool = False
+    close_grace: float = 10.0  # after one side is gone, how long the other may take to flush
     _idle_call: IDelayedCall | None = None
+    _grace_call: IDelayedCall | None = None
 
     @property
     def bytes_a_to_b(self) -> int:
@@ -163,12 +166,24 @@ class Relay:
 
     def _side_lost(self, side: RelaySide) -> None:
         if self.reason is None:
-            self.reason = Reason.PEER_CLOSED
+            # A TLS failure on a live connection (a renegotiation attempt, a bad record) is not
+            # an ordinary close.
+            failed_tls = side.lost_reason is not None and side.lost_reason.check(SSL.Error)
+            self.reason = Reason.TLS_ERROR if failed_tls else Reason.PEER_CLOSED
             self.closed_by = "a" if side is self.a else "b"
         other = self._other(side)
         if _connected(other):
             self._close_gracefully(other)
+            # A peer that never reads would hold the flush (and its buffer) forever.
+            if self._grace_call is None:
+                self._grace_call = self.clock.callLater(self.close_grace, self._abort_remaining)
         self._maybe_finish()
+
+    def _abort_remaining(self) -> None:
+        self._grace_call = None
+        for side in (self.a, self.b):
+            if _connected(side):
+                side.transport.abortConnection()
 
     def _close_gracefully(self, side: RelaySide) -> None:
         # A transport with a registered producer never closes: unregister first.
@@ -213,9 +228,10 @@ class Relay:
         if self.finished or not (self.a.lost and self.b.lost):
             return
         self.finished = True
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        for call in (self._idle_call, self._grace_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle_call = self._grace_call = None
         self.on_close(self)
 
 

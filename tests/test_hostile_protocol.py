@@ -349,7 +349,7 @@ def test_client_initiated_tls12_renegotiation_is_refused(world: World) -> None:
     assert b"RENEGOTIATING" in err, (out, err)
     assert b"no renegotiation" in err, (out, err)  # our no_renegotiation alert ends the client
     line = world.gateway.wait_audit(mark, "users-in", "outcome=")
-    assert "outcome=closed reason=peer_closed " in line and "tls=TLSv1.2 " in line, line
+    assert "outcome=closed reason=tls_error " in line and "tls=TLSv1.2 " in line, line
     assert "bytes_in=0 " in line
     # admitted (an allowed identity), so the backend was dialed; but not one byte arrived
     world.backend.assert_untouched_since((before[0] + 1, before[1]))

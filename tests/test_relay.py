@@ -177,3 +177,31 @@ def test_no_idle_timer_when_disabled() -> None:
     assert len(rig.closed) == 1
 
 
+
+
+def test_a_side_that_never_reads_is_aborted_after_the_close_grace() -> None:
+    """The client vanished; the backend stopped reading: its unflushed bytes are dropped after the grace."""
+    rig = spliced(idle=None)
+    rig.wire2.server.pauseProducing()  # the backend never reads
+    rig.client.transport.write(b"z" * 262144)
+    rig.pump()
+    rig.client.transport.abortConnection()
+    rig.pump()
+    assert rig.backend.lost is None and rig.closed == []
+    assert rig.relay is not None
+    rig.clock.advance(rig.relay.close_grace)
+    rig.pump()
+    assert rig.wire2.client.aborted
+    assert len(rig.closed) == 1 and rig.closed[0].reason == Reason.PEER_CLOSED
+    assert not rig.clock.getDelayedCalls()
+
+
+def test_a_tls_failure_on_a_live_connection_is_recorded_as_tls_error() -> None:
+    """A connection lost with an OpenSSL error (e.g. a refused renegotiation) is not an ordinary close."""
+    from OpenSSL import SSL
+    from twisted.python.failure import Failure
+
+    rig = spliced()
+    rig.a.connectionLost(Failure(SSL.Error([("SSL routines", "", "no renegotiation")])))
+    rig.pump()
+    assert rig.relay is not None and rig.relay.reason == Reason.TLS_ERROR
