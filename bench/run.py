@@ -1,4 +1,4 @@
-"""``python -m bench``: every figure of issue 9 for every proxy pair, side by side, in one run.
+"""``python -m bench``: every benchmark figure for every proxy pair, side by side, in one run.
 
     python -m bench [--quick] [--only FIGURE[,FIGURE]] [--pairs NAME[,NAME]] [--runs N] [--keep]
 

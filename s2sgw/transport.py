@@ -1,6 +1,6 @@
 """Transports for the relay path: eager TCP writes, TLS without write aggregation, half-close over TLS.
 
-See PERFORMANCE.md: Twisted's default TCP transport never sends inside ``write()`` (it registers
+Why: Twisted's default TCP transport never sends inside ``write()`` (it registers
 for writability and sends on the next reactor pass), and its default TLS transport holds small
 writes until the next tick. In a relay every read becomes exactly one write, so both only add
 latency and system calls. Nothing here patches Twisted globally: the subclasses are used only by
