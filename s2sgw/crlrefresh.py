@@ -72,18 +72,25 @@ def reload_following_crl(store: Any, checker: Any) -> Callable[[], Deferred[int]
     """
 
     def follow(generation: int) -> int:
-        crl = store.crl
-        if isinstance(checker, CRLStatusChecker) and crl is not None and crl is not checker.crl:
-            checker.replace(crl)
+        material = store.material
+        if isinstance(checker, CRLStatusChecker) and material.crl is not None and (
+            material.crl is not checker.crl or material.other_crls != checker.others
+        ):
+            _hand_over(material, checker)
         return generation
 
     if isinstance(checker, CRLStatusChecker) and store.crl is not None:
-        checker.replace(store.crl)  # the store's start-up CRL is the checked one
+        _hand_over(store.material, checker)  # the store's start-up CRLs are the checked ones
 
     def reload() -> Deferred[int]:
         return store.reload().addCallback(follow)
 
     return reload
+
+
+def _hand_over(material: Any, checker: CRLStatusChecker) -> None:
+    """Give the checker the material's CRLs and the CA certificates that verify a root's CRL."""
+    checker.replace(material.crl, tuple(material.other_crls), tuple(material.ca_certificates))
 
 
 def _default_http(reactor: Any) -> Any:
@@ -212,13 +219,16 @@ class CRLRefreshService(Service):
             return "unchanged"
         data, etag = fetched
         crl = self.store.check_crl_bytes(data, source=f"CRL from {url}")  # ConfigError: refused
-        number, current = pki.crl_number(crl), self.store.crl
+        material = self.store.material
+        number, current = pki.crl_number(crl), material.crl_of(crl.issuer)
         if current is not None and number == pki.crl_number(current) and _same(crl, current):
             self._etag = etag
             self.last_success = self.reactor.seconds()
             CRL_REFRESHES.labels("unchanged").inc()
             return "unchanged"
-        pem = crl.public_bytes(serialization.Encoding.PEM)
+        # The file also holds the CRLs of other CAs (the root's): they stay, after the fetched one.
+        kept = [held for held in material.crls if held.issuer != crl.issuer]
+        pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (crl, *kept))
         threadpool = self.threadpool if self.threadpool is not None else self.reactor.getThreadPool()
         d = deferToThreadPool(self.reactor, threadpool, write_atomically, path, pem)
         d.addCallback(lambda _: self._reload_after_write(url, number))

@@ -96,7 +96,7 @@ def run_explain(args: argparse.Namespace) -> int:
     def main(reactor: Any) -> Deferred[None]:
         from s2sgw.status import make_status_checker
 
-        checker = make_status_checker(config.status, reactor)
+        checker = make_status_checker(config.status, reactor, material.ca_certificates)
         d = explain(config, material.roots, material.trust_domain or "", route, chain, checker, now)
         d.addCallback(verdicts.append)
 

@@ -101,15 +101,11 @@ def load_private_key(path: Path) -> PrivateKey:
 
 
 def parse_crl(data: bytes, source: str = "<bytes>") -> x509.CertificateRevocationList:
-    """A CRL in PEM or DER. A PEM file holding several CRLs is refused rather than read in part:
-    only the first would count, and a revocation in the others (say, the root's CRL revoking an
-    intermediate) would be silently ignored."""
+    """Exactly one CRL in PEM or DER (e.g. one fetched from the CA). Several are refused rather
+    than read in part: only the first would count."""
     count = data.count(b"-----BEGIN X509 CRL-----")
     if count > 1:
-        raise PKIError(
-            f"{source}: holds {count} CRLs; s2sgw reads exactly one, issued by the CA that issues "
-            "the peers' certificates"
-        )
+        raise PKIError(f"{source}: holds {count} CRLs; exactly one is expected here")
     try:
         if b"-----BEGIN X509 CRL-----" in data:
             return x509.load_pem_x509_crl(data)
@@ -118,8 +114,54 @@ def parse_crl(data: bytes, source: str = "<bytes>") -> x509.CertificateRevocatio
         raise PKIError(f"{source}: malformed CRL: {error}") from None
 
 
+def parse_crls(data: bytes, source: str = "<bytes>") -> list[x509.CertificateRevocationList]:
+    """One DER CRL, or one or more concatenated PEM CRLs (say, the intermediate's and the root's).
+
+    At most one per issuer: two CRLs of one CA would leave it open which one counts.
+    """
+    if b"-----BEGIN X509 CRL-----" not in data:
+        return [parse_crl(data, source)]
+    try:
+        crls = [x509.load_pem_x509_crl(block) for block in _pem_blocks(data, b"X509 CRL")]
+    except ValueError as error:
+        raise PKIError(f"{source}: malformed CRL: {error}") from None
+    seen: set[x509.Name] = set()
+    for crl in crls:
+        if crl.issuer in seen:
+            raise PKIError(
+                f"{source}: holds several CRLs of {crl.issuer.rfc4514_string()}; keep one CRL per issuing CA"
+            )
+        seen.add(crl.issuer)
+    return crls
+
+
+def _pem_blocks(data: bytes, label: bytes) -> list[bytes]:
+    begin, end = b"-----BEGIN " + label + b"-----", b"-----END " + label + b"-----"
+    blocks, at = [], data.find(begin)
+    while at != -1:
+        stop = data.find(end, at)
+        if stop == -1:
+            raise ValueError(f"unterminated {label.decode()} block")
+        blocks.append(data[at : stop + len(end)] + b"\n")
+        at = data.find(begin, stop)
+    return blocks
+
+
 def load_crl(path: Path) -> x509.CertificateRevocationList:
     return parse_crl(_read(path), str(path))
+
+
+def load_crls(path: Path) -> list[x509.CertificateRevocationList]:
+    return parse_crls(_read(path), str(path))
+
+
+def primary_crl(
+    crls: Sequence[x509.CertificateRevocationList], roots: Iterable[x509.Certificate] = ()
+) -> x509.CertificateRevocationList:
+    """The CRL of the CA issuing the peers' leaves: the first not issued by a root (a self-issued
+    certificate among ``roots``), else the first."""
+    root_names = {root.subject for root in roots if root.subject == root.issuer}
+    return next((crl for crl in crls if crl.issuer not in root_names), crls[0])
 
 
 # -- facts about certificates --------------------------------------------------------------------

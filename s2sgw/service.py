@@ -86,7 +86,7 @@ class Gateway:
 
 def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) -> tuple[MultiService, Gateway]:
     """Wire the status checker, the authorizer and one service per route."""
-    checker = make_status_checker(config.status, reactor)
+    checker = make_status_checker(config.status, reactor, trust_store.material.ca_certificates)
     url = feed_url(config.status)
     # Revocations pushed by the feed are answered by the checker the authorizer asks.
     judging = PushedRevocations(checker, reactor) if url is not None and not hasattr(checker, "revoke") else checker

@@ -38,6 +38,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
+from s2sgw import pki
 from s2sgw.config import StatusConfig
 from s2sgw.interfaces import CertStatus, IStatusChecker, StatusInvalid, StatusUnavailable
 
@@ -610,45 +611,94 @@ class OCSPStatusChecker:
 @implementer(IStatusChecker)
 @attrs.define(eq=False)
 class CRLStatusChecker:
-    """Answers from a local CRL whose signature (by the leaf's issuer) and freshness are checked."""
+    """Answers from local CRLs whose signatures and freshness are checked.
+
+    ``crl`` is the CRL of the CA issuing the leaves; ``others`` may add one CRL per further CA,
+    such as the root's. A leaf is looked up in its issuer's CRL, and the issuer (an
+    intermediate) in the CRL of *its* issuer when one is held, verified against the one of
+    ``authorities`` (the trust bundle's roots) that signed the intermediate: a revoked
+    intermediate makes its leaves revoked.
+    """
 
     crl: x509.CertificateRevocationList
     clock: IReactorTime
     issuer: x509.Certificate | None = None  # if given, checked at construction
     leeway: datetime.timedelta = DEFAULT_LEEWAY
+    others: tuple[x509.CertificateRevocationList, ...] = ()
+    authorities: tuple[x509.Certificate, ...] = ()
     _verified: set = attrs.field(init=False, factory=set)
 
     def __attrs_post_init__(self) -> None:
+        self.others = tuple(self.others)
+        self.authorities = tuple(self.authorities)
         if self.issuer is not None:
-            self._verify_issuer(self.issuer)
+            self._verify(self._crl_of(self.issuer.subject, "CRL is not issued by the leaf's issuer"), self.issuer)
 
     @classmethod
-    def from_path(cls, path: Path, clock: IReactorTime, issuer: x509.Certificate | None = None) -> CRLStatusChecker:
-        """Load a PEM or DER CRL file (at start-up: the read blocks)."""
-        data = Path(path).read_bytes()
-        loader = x509.load_pem_x509_crl if b"-----BEGIN" in data else x509.load_der_x509_crl
-        return cls(loader(data), clock, issuer)
+    def from_path(
+        cls,
+        path: Path,
+        clock: IReactorTime,
+        issuer: x509.Certificate | None = None,
+        authorities: tuple[x509.Certificate, ...] = (),
+    ) -> CRLStatusChecker:
+        """Load a DER CRL or one or more PEM CRLs (at start-up: the read blocks)."""
+        try:
+            crls = pki.load_crls(Path(path))
+        except pki.PKIError as error:
+            raise StatusInvalid(str(error)) from None
+        crl = pki.primary_crl(crls, authorities)
+        return cls(crl, clock, issuer, others=tuple(c for c in crls if c is not crl), authorities=authorities)
 
-    def replace(self, crl: x509.CertificateRevocationList) -> None:
-        """Swap in a newer CRL (after a reload); it is verified again on first use."""
+    def replace(
+        self,
+        crl: x509.CertificateRevocationList,
+        others: tuple[x509.CertificateRevocationList, ...] = (),
+        authorities: tuple[x509.Certificate, ...] | None = None,
+    ) -> None:
+        """Swap in newer CRLs (after a reload); they are verified again on first use."""
+        authorities = self.authorities if authorities is None else tuple(authorities)
         if self.issuer is not None:
-            CRLStatusChecker(crl, self.clock, self.issuer, self.leeway)  # raises StatusInvalid
-        self.crl = crl
+            CRLStatusChecker(crl, self.clock, self.issuer, self.leeway, tuple(others), authorities)  # StatusInvalid
+        self.crl, self.others, self.authorities = crl, tuple(others), authorities
         self._verified = set()
 
-    def _verify_issuer(self, issuer: x509.Certificate) -> None:
-        fingerprint = issuer.fingerprint(hashes.SHA256())
-        if fingerprint in self._verified:
+    def _crl_of(self, name: x509.Name, missing: str) -> x509.CertificateRevocationList:
+        for crl in (self.crl, *self.others):
+            if crl.issuer == name:
+                return crl
+        raise StatusInvalid(missing)
+
+    def _verify(self, crl: x509.CertificateRevocationList, signer: x509.Certificate) -> None:
+        key = (id(crl), signer.fingerprint(hashes.SHA256()))
+        if key in self._verified:
             return
-        if self.crl.issuer != issuer.subject:
+        if crl.issuer != signer.subject:
             raise StatusInvalid("CRL is not issued by the leaf's issuer")
         try:
-            valid = self.crl.is_signature_valid(issuer.public_key())
+            valid = crl.is_signature_valid(signer.public_key())
         except (TypeError, ValueError, UnsupportedAlgorithm):
             valid = False
         if not valid:
-            raise StatusInvalid("CRL signature does not verify with the issuer's key")
-        self._verified.add(fingerprint)
+            raise StatusInvalid(
+                f"CRL of {crl.issuer.rfc4514_string()}: signature does not verify with the issuer's key"
+            )
+        self._verified.add(key)
+
+    def _signer_of(self, intermediate: x509.Certificate) -> x509.Certificate:
+        """The authority whose key signed ``intermediate`` (so its CRL speaks for it)."""
+        for candidate in self.authorities:
+            if candidate.subject != intermediate.issuer:
+                continue
+            try:
+                intermediate.verify_directly_issued_by(candidate)
+            except (TypeError, ValueError, InvalidSignature, UnsupportedAlgorithm):
+                continue
+            return candidate
+        raise StatusInvalid(
+            f"a CRL of {intermediate.issuer.rfc4514_string()} is held, but no trusted CA certificate "
+            "of that name signed the intermediate"
+        )
 
     def check(self, leaf: x509.Certificate, issuer: x509.Certificate) -> Deferred[CertStatus]:
         try:
@@ -657,15 +707,29 @@ class CRLStatusChecker:
             return defer.fail()
 
     def _status(self, leaf: x509.Certificate, issuer: x509.Certificate) -> CertStatus:
-        self._verify_issuer(issuer)
         now = _utc(self.clock.seconds())
-        this_update = self.crl.last_update_utc
-        next_update = self.crl.next_update_utc
-        if this_update > now + self.leeway:
+        crl = self._crl_of(issuer.subject, "CRL is not issued by the leaf's issuer")
+        self._verify(crl, issuer)
+        self._fresh(crl, now)
+        if issuer.issuer != issuer.subject:
+            above = next((c for c in (self.crl, *self.others) if c.issuer == issuer.issuer), None)
+            if above is not None:
+                self._verify(above, self._signer_of(issuer))
+                self._fresh(above, now)
+                status = self._lookup(above, issuer.serial_number)
+                if status.state == "revoked":
+                    return status
+        return self._lookup(crl, leaf.serial_number)
+
+    def _fresh(self, crl: x509.CertificateRevocationList, now: datetime.datetime) -> None:
+        if crl.last_update_utc > now + self.leeway:
             raise StatusInvalid("CRL lastUpdate is in the future")
-        if next_update is None or next_update + self.leeway < now:
+        if crl.next_update_utc is None or crl.next_update_utc + self.leeway < now:
             raise StatusInvalid("CRL is stale (nextUpdate passed or absent)")
-        entry = self.crl.get_revoked_certificate_by_serial_number(leaf.serial_number)
+
+    def _lookup(self, crl: x509.CertificateRevocationList, serial: int) -> CertStatus:
+        this_update, next_update = crl.last_update_utc, crl.next_update_utc
+        entry = crl.get_revoked_certificate_by_serial_number(serial)
         if entry is None:
             return CertStatus("good", this_update, next_update)
         try:
@@ -736,14 +800,20 @@ class FakeStatusChecker:
         return defer.succeed(CertStatus(answer, now, None, revoked_at=revoked_at, revocation_reason=reason))
 
 
-def make_status_checker(config: StatusConfig, reactor) -> IStatusChecker:
-    """The checker ``config.mode`` asks for (CRL files are read here, at start-up)."""
+def make_status_checker(
+    config: StatusConfig, reactor, authorities: tuple[x509.Certificate, ...] = ()
+) -> IStatusChecker:
+    """The checker ``config.mode`` asks for (CRL files are read here, at start-up).
+
+    ``authorities`` (the trust bundle's roots and our intermediates) verify a root CRL held
+    beside the issuing CA's, in mode ``crl``.
+    """
     if config.mode == "off":
         return NoStatusChecker(reactor)
     if config.mode == "crl":
         if config.crl is None:
             raise ValueError("status mode crl needs a crl file")
-        return CRLStatusChecker.from_path(config.crl, reactor)
+        return CRLStatusChecker.from_path(config.crl, reactor, authorities=authorities)
     if not config.url:
         raise ValueError("status mode ocsp needs a url")
     return OCSPStatusChecker(

@@ -69,7 +69,18 @@ class TrustMaterial:
     services: Mapping[str, ServiceMaterial]
     trust_domain: str | None
     loaded_at: datetime.datetime
-    crl: x509.CertificateRevocationList | None = None
+    crl: x509.CertificateRevocationList | None = None  # the CRL of the CA issuing the leaves
+    crls: tuple[x509.CertificateRevocationList, ...] = ()  # every CRL held, ``crl`` included
+
+    @property
+    def other_crls(self) -> tuple[x509.CertificateRevocationList, ...]:
+        """The CRLs beside ``crl``, such as the root's revoking intermediates."""
+        return tuple(crl for crl in self.crls if crl is not self.crl)
+
+    def crl_of(self, issuer: x509.Name) -> x509.CertificateRevocationList | None:
+        """The held CRL issued by ``issuer``, if any (one per issuer)."""
+        held = self.crls or ((self.crl,) if self.crl is not None else ())
+        return next((crl for crl in held if crl.issuer == issuer), None)
 
     @property
     def ca_certificates(self) -> tuple[x509.Certificate, ...]:
@@ -150,9 +161,10 @@ def _load_material(
     )
     if config.status.mode == "crl":
         assert config.status.crl is not None
-        crl = pki.load_crl(config.status.crl)
-        _check_crl(crl, snapshot, now, str(config.status.crl), previous)
-        snapshot = attrs.evolve(snapshot, crl=crl)
+        crls = pki.load_crls(config.status.crl)
+        for crl in crls:
+            _check_crl(crl, snapshot, now, _crl_source(str(config.status.crl), crl, len(crls)), previous)
+        snapshot = attrs.evolve(snapshot, crl=pki.primary_crl(crls, roots), crls=tuple(crls))
     return snapshot
 
 
@@ -200,6 +212,10 @@ def _usage(leaf: x509.Certificate, usage: x509.ObjectIdentifier) -> bool:
     return usages is not None and usage in usages
 
 
+def _crl_source(path: str, crl: x509.CertificateRevocationList, count: int) -> str:
+    return path if count == 1 else f"{path} (CRL of {crl.issuer.rfc4514_string()})"
+
+
 def _check_crl(
     crl: x509.CertificateRevocationList,
     material: TrustMaterial,
@@ -209,7 +225,8 @@ def _check_crl(
 ) -> None:
     pki.check_crl(crl, material.ca_certificates, now, source)
     number = pki.crl_number(crl)
-    old = previous.crl_number if previous is not None else None
+    held = previous.crl_of(crl.issuer) if previous is not None else None  # the same CA's current CRL
+    old = pki.crl_number(held) if held is not None else None
     if old is not None and (number is None or number < old):
         raise ConfigError(f"{source}: CRL number {number} is lower than the current {old} (replayed CRL?)")
 

@@ -150,20 +150,22 @@ class TestCA:
         last_update: datetime.datetime | None = None,
         next_update: datetime.datetime | None = None,
         signer_key=None,
+        root: bool = False,
+        reason: x509.ReasonFlags | None = None,
     ) -> x509.CertificateRevocationList:
+        """The intermediate's CRL; with ``root=True`` the root's (listing revoked intermediates)."""
         last = last_update or now() - datetime.timedelta(minutes=1)
         builder = (
             x509.CertificateRevocationListBuilder()
-            .issuer_name(self.intermediate.subject)
+            .issuer_name((self.root if root else self.intermediate).subject)
             .last_update(last)
             .next_update(next_update or last + datetime.timedelta(hours=1))
             .add_extension(x509.CRLNumber(number), critical=False)
         )
         for certificate in revoked:
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder()
-                .serial_number(certificate.serial_number)
-                .revocation_date(last)
-                .build()
-            )
-        return builder.sign(signer_key or self.intermediate_key, hashes.SHA256())
+            entry = x509.RevokedCertificateBuilder().serial_number(certificate.serial_number).revocation_date(last)
+            if reason is not None:
+                entry = entry.add_extension(x509.CRLReason(reason), critical=False)
+            builder = builder.add_revoked_certificate(entry.build())
+        default_key = self.root_key if root else self.intermediate_key
+        return builder.sign(signer_key or default_key, hashes.SHA256())

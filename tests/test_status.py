@@ -901,3 +901,66 @@ def test_crl_checker_reads_the_cas_crl(tmp_path):
     assert _result(checker.check(*orders)).state == "good"
     with pytest.raises(StatusInvalid):
         checker.replace(make_crl(make_ca("Other CA")))
+
+
+# ---------------------------------------------------------------------------------------------
+# mode crl with the root's CRL beside the intermediate's: a revoked intermediate
+
+
+def _wall_clock():
+    clock = task.Clock()
+    clock.advance(datetime.datetime.now(datetime.UTC).timestamp())
+    return clock
+
+
+def test_crl_checker_refuses_leaves_of_an_intermediate_the_roots_crl_revokes():
+    from tests.pkifactory import TestCA
+
+    ca = TestCA.create()
+    leaf = ca.issue("users").leaf
+    root_crl = ca.crl([ca.intermediate], root=True, reason=x509.ReasonFlags.ca_compromise)
+    checker = CRLStatusChecker(ca.crl(), _wall_clock(), others=(root_crl,), authorities=(ca.root,))
+    status = _result(checker.check(leaf, ca.intermediate))
+    assert (status.state, status.revocation_reason) == ("revoked", "cACompromise")
+
+
+def test_crl_checker_says_good_when_the_roots_crl_does_not_list_the_intermediate():
+    from tests.pkifactory import TestCA
+
+    ca = TestCA.create()
+    users, billing = ca.issue("users").leaf, ca.issue("billing").leaf
+    root_crl = ca.crl([billing], root=True)  # some other serial, not the intermediate's
+    checker = CRLStatusChecker(ca.crl([billing]), _wall_clock(), others=(root_crl,), authorities=(ca.root,))
+    assert _result(checker.check(users, ca.intermediate)).state == "good"
+    assert _result(checker.check(billing, ca.intermediate)).state == "revoked"
+
+
+def test_crl_checker_refuses_a_roots_crl_it_cannot_verify():
+    """A forged root CRL (another key), or one with no trusted root to verify it: invalid, not good."""
+    from tests.pkifactory import TestCA, new_key
+
+    ca = TestCA.create()
+    leaf = ca.issue("users").leaf
+    forged = ca.crl(root=True, signer_key=new_key())
+    checker = CRLStatusChecker(ca.crl(), _wall_clock(), others=(forged,), authorities=(ca.root,))
+    assert "signature" in _failure(checker.check(leaf, ca.intermediate), StatusInvalid).getErrorMessage()
+    unverifiable = CRLStatusChecker(ca.crl(), _wall_clock(), others=(ca.crl(root=True),))
+    assert "no trusted CA" in _failure(unverifiable.check(leaf, ca.intermediate), StatusInvalid).getErrorMessage()
+
+
+def test_crl_checker_reads_a_file_of_two_crls_in_either_order(tmp_path):
+    from tests.pkifactory import TestCA
+
+    ca = TestCA.create()
+    leaf = ca.issue("users").leaf
+    pem = serialization.Encoding.PEM
+    intermediate_crl, root_crl = ca.crl(), ca.crl([ca.intermediate], root=True)
+    for order in ((intermediate_crl, root_crl), (root_crl, intermediate_crl)):
+        path = tmp_path / "both.crl"
+        path.write_bytes(b"".join(crl.public_bytes(pem) for crl in order))
+        checker = CRLStatusChecker.from_path(path, _wall_clock(), ca.intermediate, (ca.root, ca.intermediate))
+        assert checker.crl.issuer == ca.intermediate.subject
+        assert _result(checker.check(leaf, ca.intermediate)).state == "revoked"
+    path.write_bytes(intermediate_crl.public_bytes(pem) + ca.crl(number=2).public_bytes(pem))
+    with pytest.raises(StatusInvalid, match="several CRLs of"):
+        CRLStatusChecker.from_path(path, _wall_clock())

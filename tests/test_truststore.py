@@ -414,6 +414,57 @@ def test_fetched_crl_is_checked_before_use(crl_setup: Setup) -> None:
         store.check_crl_bytes(b"not a crl")
 
 
+
+def _write_crls(setup: Setup, *crls) -> None:
+    (setup.directory / "ca.crl").write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls))
+
+
+def test_a_crl_file_with_the_intermediates_and_the_roots_crl_loads_and_reloads(crl_setup: Setup) -> None:
+    ca = crl_setup.ca
+    _write_crls(crl_setup, ca.crl(root=True, number=3), ca.crl(number=5))  # root's first: order is free
+    store = crl_setup.store()
+    assert store.crl is not None and store.crl.issuer == ca.intermediate.subject  # the leaves' CRL
+    assert store.material.crl_number == 5
+    assert [crl.issuer for crl in store.material.other_crls] == [ca.root.subject]
+    _write_crls(crl_setup, ca.crl(number=6), ca.crl([ca.intermediate], root=True, number=4))
+    assert crl_setup.reload(store) == (2, None)
+    (root_crl,) = store.material.other_crls
+    assert pki.is_revoked(root_crl, ca.intermediate) and store.material.crl_number == 6
+    # a fetched intermediate CRL is numbered against the intermediate's, not the root's
+    assert pki.crl_number(store.check_crl_bytes(ca.crl(number=7).public_bytes(serialization.Encoding.DER))) == 7
+
+
+@pytest.mark.parametrize(
+    ("crls", "words"),
+    [
+        (lambda ca: (ca.crl(number=6), ca.crl(number=7)), "several CRLs of CN=Test Root Intermediate"),
+        (lambda ca: (ca.crl(number=6), ca.crl(root=True, number=2), ca.crl(root=True, number=3)),
+         "several CRLs of CN=Test Root"),
+        (lambda ca: (ca.crl(number=6), ca.crl(root=True, signer_key=new_key())), "signature does not verify"),
+    ],
+    ids=["two-of-the-intermediate", "two-of-the-root", "forged-root-crl"],
+)  # fmt: skip
+def test_a_crl_file_with_two_crls_of_one_ca_or_a_forged_one_is_refused(crl_setup: Setup, crls, words: str) -> None:
+    store = crl_setup.store()
+    _write_crls(crl_setup, *crls(crl_setup.ca))
+    generation, failure = crl_setup.reload(store)
+    assert failure is not None and words in str(failure.value) and "ca.crl" in str(failure.value)
+    assert store.material.crl_number == 5 and store.material.other_crls == ()
+    with pytest.raises(ConfigError, match=words):
+        crl_setup.store()
+
+
+def test_a_roots_crl_going_backwards_is_refused_on_reload(crl_setup: Setup) -> None:
+    ca = crl_setup.ca
+    _write_crls(crl_setup, ca.crl(number=5), ca.crl(root=True, number=3))
+    store = crl_setup.store()
+    _write_crls(crl_setup, ca.crl(number=6), ca.crl(root=True, number=2))
+    generation, failure = crl_setup.reload(store)
+    assert failure is not None and "CRL of CN=Test Root)" in str(failure.value) and "lower than the current 3" in str(
+        failure.value
+    )
+
+
 def test_store_loads_identities_from_the_real_ca(tmp_path: Path) -> None:
     """Files written by the CA library load as they are, and the served chain verifies."""
     authority_module = pytest.importorskip("s2sgw.ca.authority")
