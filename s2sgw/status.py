@@ -708,9 +708,8 @@ class CRLStatusChecker:
 
     def _status(self, leaf: x509.Certificate, issuer: x509.Certificate) -> CertStatus:
         now = _utc(self.clock.seconds())
-        crl = self._crl_of(issuer.subject, "CRL is not issued by the leaf's issuer")
-        self._verify(crl, issuer)
-        self._fresh(crl, now)
+        # The intermediate first: if its issuer revoked it, its leaves are revoked, whether or
+        # not we hold the intermediate's own CRL.
         if issuer.issuer != issuer.subject:
             above = next((c for c in (self.crl, *self.others) if c.issuer == issuer.issuer), None)
             if above is not None:
@@ -719,6 +718,9 @@ class CRLStatusChecker:
                 status = self._lookup(above, issuer.serial_number)
                 if status.state == "revoked":
                     return status
+        crl = self._crl_of(issuer.subject, "CRL is not issued by the leaf's issuer")
+        self._verify(crl, issuer)
+        self._fresh(crl, now)
         return self._lookup(crl, leaf.serial_number)
 
     def _fresh(self, crl: x509.CertificateRevocationList, now: datetime.datetime) -> None:

@@ -442,16 +442,29 @@ class CrlWorld:
     gateway: Gateway
     port: int
     revoked: Path  # a leaf the intermediate's CRL lists
+    under_revoked_intermediate: Path  # a leaf of an intermediate the root's CRL revokes
+
+
+def _intermediate_leaf(world: World, cn: str, directory: str) -> tuple[x509.Certificate, Path]:
+    """Another intermediate of our root and a leaf "orders" under it; returns (intermediate, pem)."""
+    signing_root = root_key(world.pki)
+    other_key = new_ec_key()
+    other = ca_builder(cn, other_key.public_key(), world.pki.ca.root_cert, signing_root).sign(signing_root, sha256())
+    key = new_ec_key()
+    leaf = leaf_builder("orders", key.public_key(), other, other_key).sign(other_key, sha256())
+    return other, write_identity(world.odd / directory, "orders", [leaf, other], key)
 
 
 @pytest.fixture(scope="module")
 def crl_world(world: World) -> Iterator[CrlWorld]:
-    """A second gateway, status mode "crl", holding the intermediate's CRL (one leaf revoked)."""
+    """A second gateway, status mode "crl", holding the intermediate's CRL (one leaf revoked)
+    and the root's CRL (revoking another intermediate of the root, not the CA's)."""
     ca = world.pki.ca
     revoked = world.issue("reports")
     ca.revoke(serial=x509.load_pem_x509_certificates(revoked.read_bytes())[0].serial_number, reason="keyCompromise")
-    crl = world.odd / "intermediate.crl"
-    crl.write_bytes(ca.make_crl().public_bytes(_pem()))
+    retired, under_retired = _intermediate_leaf(world, "e2e revoked intermediate", "revoked-intermediate")
+    crl = world.odd / "intermediate-and-root.crl"
+    crl.write_bytes(ca.make_crl().public_bytes(_pem()) + _root_crl(world, retired).public_bytes(_pem()))
     port = free_port()
     certs = world.pki.certs
     services = service_toml(
@@ -461,8 +474,29 @@ def crl_world(world: World) -> Iterator[CrlWorld]:
     gateway = Gateway.start(
         world.procs, "crl-gateway", gateway_toml(world.pki.bundle, services, status=f'mode = "crl"\ncrl = "{crl}"'), [port]
     )
-    roundtrip(port, world.allowed)
-    yield CrlWorld(gateway, port, revoked)
+    roundtrip(port, world.allowed)  # the root's CRL does not list the CA's own intermediate
+    yield CrlWorld(gateway, port, revoked, under_retired)
+
+
+def _root_crl(world: World, intermediate: x509.Certificate) -> x509.CertificateRevocationList:
+    """The root's CRL revoking ``intermediate`` (built from the CA directory's root key)."""
+    at = now() - datetime.timedelta(minutes=1)
+    entry = (
+        x509.RevokedCertificateBuilder()
+        .serial_number(intermediate.serial_number)
+        .revocation_date(at)
+        .add_extension(x509.CRLReason(x509.ReasonFlags.ca_compromise), critical=False)
+        .build()
+    )
+    return (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(world.pki.ca.root_cert.subject)
+        .last_update(at)
+        .next_update(at + datetime.timedelta(hours=2))
+        .add_extension(x509.CRLNumber(1), critical=False)
+        .add_revoked_certificate(entry)
+        .sign(root_key(world.pki), sha256())
+    )
 
 
 def _refused_in_crl_mode(world: World, crl_world: CrlWorld, pem: Path, reason: str, case: str) -> str:
@@ -480,20 +514,22 @@ def test_a_leaf_revoked_in_the_crl_is_refused_in_crl_mode(world: World, crl_worl
     assert "keyCompromise" in line
 
 
+def test_a_leaf_of_an_intermediate_the_roots_crl_revokes_is_refused_in_crl_mode(
+    world: World, crl_world: CrlWorld
+) -> None:
+    """The chain verifies and the leaf itself is listed nowhere, but the root's CRL (held beside
+    the intermediate's in ``status.crl``) revokes its intermediate: refused as revoked."""
+    pem = crl_world.under_revoked_intermediate
+    line = _refused_in_crl_mode(world, crl_world, pem, "revoked", "crl-revoked-intermediate")
+    assert "cACompromise" in line
+
+
 def test_a_leaf_under_an_intermediate_whose_crl_we_do_not_hold_is_refused_in_crl_mode(
     world: World, crl_world: CrlWorld
 ) -> None:
-    """Another intermediate of our root (say, one the root revoked and the CA replaced): its
-    leaves chain fine, but the only CRL the gateway holds is not their issuer's, so they are
-    refused. (The root's own CRL is not consulted: see test_hostile_files for a CRL file that
-    holds it, which is refused rather than half read.)"""
-    ca = world.pki.ca
-    signing_root = root_key(world.pki)
-    other_key = new_ec_key()
-    other = ca_builder("e2e retired intermediate", other_key.public_key(), ca.root_cert, signing_root).sign(signing_root, sha256())
-    key = new_ec_key()
-    leaf = leaf_builder("orders", key.public_key(), other, other_key).sign(other_key, sha256())
-    pem = write_identity(world.odd / "other-intermediate", "orders", [leaf, other], key)
+    """Another intermediate of our root that the root's CRL does not revoke: its leaves chain
+    fine, but the gateway holds no CRL of their issuer, so they are refused."""
+    other, pem = _intermediate_leaf(world, "e2e retired intermediate", "other-intermediate")
     # OCSP mode: the CA's responder speaks for its own intermediate only, and says so
     line = world.refuse_with(pem, "status_invalid", "ocsp-other-intermediate")
     assert "UNAUTHORIZED" in line

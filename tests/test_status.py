@@ -922,6 +922,9 @@ def test_crl_checker_refuses_leaves_of_an_intermediate_the_roots_crl_revokes():
     checker = CRLStatusChecker(ca.crl(), _wall_clock(), others=(root_crl,), authorities=(ca.root,))
     status = _result(checker.check(leaf, ca.intermediate))
     assert (status.state, status.revocation_reason) == ("revoked", "cACompromise")
+    # revoked even when the intermediate's own CRL is not held
+    only_root = CRLStatusChecker(root_crl, _wall_clock(), authorities=(ca.root,))
+    assert _result(only_root.check(leaf, ca.intermediate)).state == "revoked"
 
 
 def test_crl_checker_says_good_when_the_roots_crl_does_not_list_the_intermediate():
