@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 from twisted.application.service import MultiService, Service
@@ -16,19 +16,11 @@ from s2sgw.crlrefresh import CRLRefreshService, reload_following_crl
 from s2sgw.enforce import Enforcer, PushedRevocations
 from s2sgw.feed import FeedSubscriber, feed_url, register_metrics
 from s2sgw.health import Operations
-from s2sgw.listener import InboundListener
+from s2sgw.listener import GatedRoute, InboundListener
 from s2sgw.reload import ReloadService
 from s2sgw.stapling import StapleService, inbound_targets, stapling_enabled
 from s2sgw.status import make_status_checker
 from s2sgw.truststore import TrustStore
-
-
-class Route(Protocol):
-    """What InboundListener and OutboundConnector have in common for a service to drive."""
-
-    def listen(self) -> Deferred: ...
-    def stop_listening(self) -> Deferred: ...
-    def drain(self, timeout: float) -> Deferred: ...
 
 
 @attrs.define(eq=False)
@@ -36,7 +28,7 @@ class RouteService(Service):
     """Bind a route's listener at start (before privileges drop); on stop, refuse new
     connections and give live ones ``drain`` seconds to finish."""
 
-    route: Route
+    route: GatedRoute
     label: str
     drain: float
     _log = Logger()
