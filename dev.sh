@@ -37,9 +37,14 @@ setup_venv() {
     fi
     local stamp="$VENV/.s2sgw-installed"
     if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
-        "$VENV/bin/pip" install -q --upgrade pip
+        echo "setting up $VENV (log: $VENV/install.log)"
         # compat mode puts the checkout on sys.path, so twistd finds twisted/plugins/.
-        "$VENV/bin/pip" install -q -e '.[test]' --config-settings editable_mode=compat
+        if ! { "$VENV/bin/pip" install -q --upgrade pip &&
+               "$VENV/bin/pip" install -q -e '.[test]' --config-settings editable_mode=compat; } \
+               >"$VENV/install.log" 2>&1; then
+            cat "$VENV/install.log" >&2
+            exit 1
+        fi
         touch "$stamp"
     fi
     export PATH="$PWD/$VENV/bin:$PATH"
