@@ -224,6 +224,18 @@ class Monitor(Service):
                     crl.next_update_utc,
                 )
             )
+        for other in material.other_crls:  # e.g. the root's CRL: stale, it refuses every peer too
+            if other.next_update_utc is not None:
+                issuer = other.issuer.rfc4514_string()
+                items.append(
+                    Expiring(
+                        "crl",
+                        f"CRL of {issuer} number {pki.crl_number(other)} ({self.config.status.crl})",
+                        f"crl-{issuer}-{pki.crl_number(other)}-{other.last_update_utc.isoformat()}",
+                        other.last_update_utc,
+                        other.next_update_utc,
+                    )
+                )
         return items
 
     def readiness(self) -> Readiness:
@@ -259,6 +271,12 @@ class Monitor(Service):
                 reasons.append("no CRL loaded (status mode crl)")
             elif crl.next_update_utc is None or crl.next_update_utc < now:
                 reasons.append(f"the CRL is stale (nextUpdate {crl.next_update_utc}): peers are refused")
+            for other in material.other_crls:
+                if other.next_update_utc is None or other.next_update_utc < now:
+                    reasons.append(
+                        f"the CRL of {other.issuer.rfc4514_string()} is stale "
+                        f"(nextUpdate {other.next_update_utc}): peers are refused"
+                    )
         if status.mode == "ocsp" and self.probe_interval and self.probing_enabled:
             probe = self.probe
             if probe is None:

@@ -238,3 +238,30 @@ def test_admin_config_rejects_bad_values(world: Pki) -> None:
             "service": [{"name": "x", "cert": str(world.bundle), "key": str(world.bundle)}]}
     with pytest.raises(ConfigError, match="expiry_warning: must be between 0 and 1"):
         parse_config(data, world.directory / "gw.toml")
+
+
+def test_a_stale_roots_crl_held_beside_the_intermediates_makes_the_gateway_not_ready(tmp_path: Path) -> None:
+    """Held in ``status.crl``, the root's CRL judges every peer's intermediate: once stale it
+    refuses them all, so readiness says so, like for the intermediate's CRL."""
+    import datetime
+
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.pkifactory import now
+    from tests.test_truststore import make_setup
+
+    setup = make_setup(tmp_path, mode="crl")
+    ca = setup.ca
+    soon = now() + datetime.timedelta(minutes=10)
+    crls = (ca.crl(number=5, next_update=now() + datetime.timedelta(hours=2)), ca.crl(root=True, next_update=soon))
+    (tmp_path / "ca.crl").write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls))
+    store = setup.store()
+    clock = MemoryReactorClock()
+    clock.advance(now().timestamp())
+    monitor = Monitor(store, {}, None, clock, probe_interval=None, registry=CollectorRegistry())
+    assert not monitor.readiness().reasons
+    assert [item.what for item in monitor.expiring() if item.kind == "crl"][1].startswith("CRL of CN=Test Root ")
+    clock.advance(20 * 60)
+    assert [r for r in monitor.readiness().reasons if "CRL" in r] == [
+        f"the CRL of CN=Test Root is stale (nextUpdate {crls[1].next_update_utc}): peers are refused"
+    ]
