@@ -157,3 +157,21 @@ def gateway_config(
 
 def service_block(pki: Pki, name: str, routes: str) -> str:
     return f'\n[[service]]\nname = "{name}"\ncert = "{pki.certs / (name + ".pem")}"\nkey = "{pki.certs / (name + ".key")}"\n' + textwrap.dedent(routes)
+
+
+def callers_of(pki: Pki, names: tuple[str, ...], ports: dict[str, int], remote_port: int, peer: str = "users") -> str:
+    """One [[service]] per caller, each with an outbound route ``NAME-to-PEER`` on ``ports[NAME]``."""
+    return "".join(
+        service_block(
+            pki,
+            name,
+            f"""
+            [[service.outbound]]
+            name = "{name}-to-{peer}"
+            listen = "tcp:{ports[name]}:interface=127.0.0.1"
+            remote = "tcp:127.0.0.1:{remote_port}"
+            peer = "{peer}"
+            """,
+        )
+        for name in names
+    )

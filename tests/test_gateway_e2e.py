@@ -19,7 +19,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from tests.e2e import Pki, Processes, free_port, gateway_config, rss_kib, service_block
+from tests.e2e import Pki, Processes, free_port, gateway_config, rss_kib, service_block, callers_of
 
 pytestmark = pytest.mark.e2e
 
@@ -72,20 +72,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
             allow = ["orders", "reports"]
             """,
         )
-        callers = "".join(
-            service_block(
-                pki,
-                name,
-                f"""
-                [[service.outbound]]
-                name = "{name}-to-users"
-                listen = "tcp:{ports[name]}:interface=127.0.0.1"
-                remote = "tcp:127.0.0.1:{ports['users_gw']}"
-                peer = "users"
-                """,
-            )
-            for name in ("orders", "billing", "reports")
-        )
+        callers = callers_of(pki, ("orders", "billing", "reports"), ports, ports["users_gw"])
         (root / "users-gw.toml").write_text(gateway_config(pki, ports["ca"], users))
         (root / "callers-gw.toml").write_text(gateway_config(pki, ports["ca"], callers))
         procs.wait_port(ports["ca"])

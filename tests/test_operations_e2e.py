@@ -23,7 +23,7 @@ import attrs
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e import BIN, Pki, Processes, free_port, gateway_config, service_block
+from tests.e2e import BIN, Pki, Processes, free_port, gateway_config, service_block, callers_of
 
 pytestmark = pytest.mark.e2e
 
@@ -85,20 +85,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         )
         admin = f'[admin]\nlisten = "tcp:{ports["admin"]}:interface=127.0.0.1"\nprobe_interval = 0.3\n'
         (root / "users-gw.toml").write_text(users_config(pki, ports) + "\n" + admin)
-        callers = "".join(
-            service_block(
-                pki,
-                name,
-                f"""
-                [[service.outbound]]
-                name = "{name}-to-users"
-                listen = "tcp:{ports[name]}:interface=127.0.0.1"
-                remote = "tcp:127.0.0.1:{ports['users_gw']}"
-                peer = "users"
-                """,
-            )
-            for name in ("orders", "billing")
-        )
+        callers = callers_of(pki, ("orders", "billing"), ports, ports["users_gw"])
         callers_admin = f'\n[admin]\nlisten = "tcp:{ports["callers_admin"]}:interface=127.0.0.1"\n'
         (root / "callers-gw.toml").write_text(gateway_config(pki, ports["ca"], callers) + callers_admin)
         procs.wait_port(ports["backend"])

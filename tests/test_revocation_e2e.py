@@ -18,7 +18,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from tests.e2e import Pki, Processes, free_port, gateway_config, service_block
+from tests.e2e import Pki, Processes, free_port, gateway_config, service_block, callers_of
 
 pytestmark = pytest.mark.e2e
 
@@ -145,20 +145,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
             allow = ["orders", "reports", "billing"]
             """,
         )
-        callers = "".join(
-            service_block(
-                pki,
-                name,
-                f"""
-                [[service.outbound]]
-                name = "{name}-to-users"
-                listen = "tcp:{ports[name]}:interface=127.0.0.1"
-                remote = "tcp:127.0.0.1:{ports['users_gw']}"
-                peer = "users"
-                """,
-            )
-            for name in ("orders", "reports", "billing")
-        )
+        callers = callers_of(pki, ("orders", "reports", "billing"), ports, ports["users_gw"])
         admin = '[admin]\nlisten = "tcp:%d:interface=127.0.0.1"' % ports["admin"]
         users_config = gateway_config(pki, ports["ca"], users, extra=admin).replace(
             "max_cache_age = 1.0", f'max_cache_age = {MAX_CACHE_AGE}\nfeed = "http://127.0.0.1:{relay.port}/revocations"'
