@@ -97,14 +97,9 @@ def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) 
     # Every reload (SIGHUP, timer, CRL refresh) also hands a new CRL to the status checker.
     reload = reload_following_crl(trust_store, checker)
     operations = Operations.build(config, trust_store, checker, routes, reactor)
-    # Live connections: pushed revocations, re-validation at nextUpdate, peers untrusted by a reload
-    # (with mode "off" the chain is judged at the handshake only, as in trust rotations without status).
+    # Live connections: pushed revocations, re-validation at nextUpdate, peers untrusted by a reload.
     enforcer = Enforcer.for_routes(
-        routes,
-        judging,
-        reactor,
-        fail=config.status.fail,
-        verify_chain=trust_store.verify_chain if config.status.mode != "off" else None,
+        routes, judging, reactor, fail=config.status.fail, verify_chain=trust_store.verify_chain
     )
     enforcer.setServiceParent(top)
     stapler = None

@@ -101,12 +101,13 @@ def hup_and_wait(world: World, name: str, generation: int) -> None:
 def test_certificate_and_trust_anchor_rotation_under_load_drops_nothing(tmp_path: Path) -> None:
     """old root -> bundle with old and new roots -> certificates reissued under the new root ->
     new root only, each step a SIGHUP to the real processes, while a client opens connection after
-    connection through both gateways: no request fails, a connection opened before the rotation
-    still works after it, and each side sees the other's new certificate serial."""
+    connection through both gateways: no request fails, each side sees the other's new certificate
+    serial, a connection opened between the overlap steps finishes after the rotation, and one
+    opened with old-root certificates is closed (untrusted_chain) once the old root leaves."""
     world = start_world(tmp_path)
     procs, ports = world.procs, world.ports
     client = ClientLoop(ports["orders"], deadline=120.0)
-    live = None
+    live = fresh = None
     try:
         new_ca = CertificateAuthority.init(tmp_path / "ca2", TRUST_DOMAIN)
         old_root = world.pki.bundle.read_bytes()
@@ -143,21 +144,31 @@ def test_certificate_and_trust_anchor_rotation_under_load_drops_nothing(tmp_path
         line = procs.wait_audit("users-gw", "users-in", "outcome=closed", f"serial={orders_serial} ")
         assert f"peer={ORDERS} " in line
 
+        # A connection opened now, between peers that both hold new-root certificates.
+        fresh = socket.create_connection(("127.0.0.1", ports["orders"]), timeout=10)
+        fresh.sendall(b"GET /api/users/1 HTTP/1.0\r\n")
+        client.wait_for(5)
+
         # 4. the old root leaves the bundle
         world.trust.write_bytes(new_root)
         hup_and_wait(world, "users-gw", 4)
         hup_and_wait(world, "callers-gw", 4)
         client.wait_for(20)
 
-        live.sendall(b"\r\n")
+        # The connection set up under the old root no longer chains to the trust: closed.
+        assert live.recv(65536) == b""
+        procs.wait_audit("users-gw", "users-in", "outcome=closed", "reason=untrusted_chain ")
+        # The one set up under the new root carries on.
+        fresh.sendall(b"\r\n")
         answer = b""
-        while chunk := live.recv(65536):
+        while chunk := fresh.recv(65536):
             answer += chunk
         assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(ANSWER)
     finally:
         client.stop()
-        if live is not None:
-            live.close()
+        for sock in (live, fresh):
+            if sock is not None:
+                sock.close()
         procs.stop_all()
     assert client.failures == [], f"{len(client.failures)} of {client.ok + len(client.failures)} requests failed"
     assert client.ok >= 100
