@@ -18,41 +18,12 @@ from pathlib import Path
 import attrs
 import pytest
 
-from tests.e2e import Pki, Processes, free_port, gateway_config, service_block, callers_of
+from tests.e2e import EchoServer, Pki, Processes, callers_of, free_port, gateway_config, service_block, wait_for
 
 pytestmark = pytest.mark.e2e
 
 S2SGW = str(Path(sys.executable).parent / "s2sgw")
 MAX_CACHE_AGE = 2.0
-
-
-class EchoServer:
-    """A backend that echoes every byte, one thread per connection."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            try:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class CuttableRelay:
@@ -167,16 +138,6 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         procs.stop_all()
         relay.cut()
         echo.close()
-
-
-def wait_for(condition, timeout: float = 10.0, step: float = 0.02) -> float:
-    """Seconds until ``condition()`` held; fails after ``timeout``."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not met after {timeout} s")
-        time.sleep(step)
-    return time.monotonic() - start
 
 
 def live_connection(world: World, caller: str) -> socket.socket:
