@@ -9,8 +9,6 @@ hold the same CRL and a restart starts from it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from s2sgw import pki
+from s2sgw.files import write_atomically
 from s2sgw.config import ConfigError
 from s2sgw.status import CRLStatusChecker, ResponseTooLarge, read_limited
 
@@ -41,27 +40,6 @@ CRL_REFRESHES = Counter("s2sgw_crl_refreshes", "CRL fetches from the CA, by outc
 
 class CRLFetchError(Exception):
     """The CRL could not be fetched (HTTP status, timeout) or put in use (write, reload)."""
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` in one rename, so a reader sees the old or the new file. Blocking."""
-    directory = path.parent
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def reload_following_crl(store: Any, checker: Any) -> Callable[[], Deferred[int]]:

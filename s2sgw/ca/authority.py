@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
+from s2sgw import files as files_module
 from s2sgw.ca.store import LEAF, OCSP_SIGNER, CAError, CAStore, Row, SerialInUse, StoreError, serial_hex
 
 __all__ = [
@@ -305,48 +306,12 @@ def _ca_builder(
 # -- files -------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_temp(path: Path, data: bytes, mode: int) -> Path:
-    """Write ``data`` to a new hidden file beside ``path``, created with ``mode`` (never wider)."""
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have narrowed it; the caller asked for this mode
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        temp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    return temp
-
-
 def _write_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
-    """Write every file or none: all to temporaries first, then rename each into place."""
-    temps: list[tuple[Path, Path]] = []
-    current = files[0][0]
+    """Write every file or none (CAError naming the file on failure)."""
     try:
-        for current, data, mode in files:
-            temps.append((_write_temp(current, data, mode), current))
-        for temp, current in temps:
-            os.replace(temp, current)
+        files_module.write_files(files)
     except OSError as error:
-        for temp, _ in temps:
-            temp.unlink(missing_ok=True)
-        raise CAError(f"cannot write {current}: {error.strerror}") from None
-    for directory in {path.parent for path, _, _ in files}:
-        _fsync_dir(directory)
+        raise CAError(f"cannot write {error.filename}: {error.strerror}") from None
 
 
 def write_atomically(path: Path | str, data: bytes, mode: int = 0o644) -> Path:
@@ -512,7 +477,7 @@ class CertificateAuthority:
                 os.replace(temp_db, database)  # last: its presence marks a complete CA
             except OSError as error:
                 raise CAError(f"cannot write {database}: {error.strerror}") from None
-            _fsync_dir(directory)
+            files_module.fsync_directory(directory)
         return cls.open(directory)
 
     @classmethod

@@ -1,0 +1,65 @@
+"""Atomic file writes: a reader sees the old file or the new one, never a partial one. Blocking."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make renames in ``directory`` durable (best effort: some filesystems refuse)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_temp(path: Path, data: bytes, mode: int) -> Path:
+    """Write ``data`` to a new hidden file beside ``path``, created with ``mode`` (never wider)."""
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have narrowed it; the caller asked for this mode
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        temp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return temp
+
+
+def write_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
+    """Write every ``(path, data, mode)`` or none: all to temporaries first, then rename each.
+
+    Raises OSError naming the file in ``error.filename`` when one cannot be written.
+    """
+    temps: list[tuple[Path, Path]] = []
+    current = files[0][0]
+    try:
+        for current, data, mode in files:
+            temps.append((_write_temp(current, data, mode), current))
+        for temp, current in temps:
+            os.replace(temp, current)
+    except OSError as error:
+        for temp, _ in temps:
+            temp.unlink(missing_ok=True)
+        error.filename = str(current)
+        raise
+    for directory in {path.parent for path, _, _ in files}:
+        fsync_directory(directory)
+
+
+def write_atomically(path: Path | str, data: bytes, mode: int = 0o644) -> Path:
+    """Replace ``path`` with ``data`` in one rename."""
+    path = Path(path)
+    write_files([(path, data, mode)])
+    return path
