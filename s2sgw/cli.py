@@ -14,7 +14,9 @@ from s2sgw.errors import S2sgwError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from s2sgw import commands, demo, explain
+    from s2sgw import demo
+    from s2sgw.ops import commands
+    from s2sgw.ops import explain
     from s2sgw.ca import commands as ca_commands
 
     parser = argparse.ArgumentParser(prog="s2sgw", description=__doc__.splitlines()[0])

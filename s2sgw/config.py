@@ -69,7 +69,7 @@ class InboundRoute:
     backend: str  # client endpoint string
     allow: tuple[str, ...] = ()  # service names or spiffe:// IDs; empty refuses all
     max_connections: int = 1024
-    identity: IdentityMode = "none"  # what the backend learns about the caller (s2sgw/identity.py)
+    identity: IdentityMode = "none"  # what the backend learns about the caller (s2sgw/identity/policy.py)
     jwt_forward: bool = False  # identity = "jwt": pass the verified token on instead of removing it
 
 

@@ -9,17 +9,17 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from s2sgw.authz import Authorizer
+from s2sgw.routes.authz import Authorizer
 from s2sgw.config import GatewayConfig
-from s2sgw.connector import OutboundConnector
-from s2sgw.crlrefresh import CRLRefreshService, reload_following_crl
-from s2sgw.enforce import Enforcer, PushedRevocations
-from s2sgw.feed import FeedSubscriber, feed_url, register_metrics
-from s2sgw.health import Operations
-from s2sgw.listener import GatedRoute, InboundListener
+from s2sgw.routes.outbound import OutboundConnector
+from s2sgw.status.crl_refresh import CRLRefreshService, reload_following_crl
+from s2sgw.status.enforce import Enforcer, PushedRevocations
+from s2sgw.status.feed import FeedSubscriber, feed_url, register_metrics
+from s2sgw.ops.health import Operations
+from s2sgw.routes.inbound import GatedRoute, InboundListener
 from s2sgw.reload import ReloadService
-from s2sgw.stapling import StapleService, inbound_targets, stapling_enabled
-from s2sgw.status import make_status_checker
+from s2sgw.status.stapling import StapleService, inbound_targets, stapling_enabled
+from s2sgw.status.ocsp import make_status_checker
 from s2sgw.truststore import TrustStore
 
 

@@ -35,7 +35,7 @@ from s2sgw.config import (
     load_config,
 )
 from s2sgw.interfaces import ITrustStore
-from s2sgw.stapling import StapleCache, stapling_enabled
+from s2sgw.status.stapling import StapleCache, stapling_enabled
 
 UTC = datetime.UTC
 

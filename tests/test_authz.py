@@ -16,10 +16,10 @@ from twisted.internet import defer, task
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface.verify import verifyObject
 
-from s2sgw.authz import Authorizer, PeerIdentity, peer_identity
+from s2sgw.routes.authz import Authorizer, PeerIdentity, peer_identity
 from s2sgw.config import InboundRoute, OutboundRoute
 from s2sgw.interfaces import CertStatus, Decision, IAuthorizer, Reason, StatusInvalid, StatusUnavailable
-from s2sgw.status import FakeStatusChecker
+from s2sgw.status.ocsp import FakeStatusChecker
 from tests.test_status import NOW, make_ca
 
 DOMAIN = "s2s.test"

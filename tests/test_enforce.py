@@ -21,17 +21,17 @@ from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 
-from s2sgw.audit import AUDIT_NAMESPACE, AuditLog
+from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
 from s2sgw.ca.feed import FeedDocument, FeedEntry, key_hash
 from s2sgw.ca.ocsp import Responder
 from s2sgw.ca.server import StatusPublisher, build_root
 from s2sgw.config import InboundRoute, OutboundRoute, TimeoutsConfig
-from s2sgw.connector import OutboundConnector
-from s2sgw.enforce import Enforcer, PushedRevocations
+from s2sgw.routes.outbound import OutboundConnector
+from s2sgw.status.enforce import Enforcer, PushedRevocations
 from s2sgw.interfaces import Decision, Reason, StatusUnavailable
-from s2sgw.listener import InboundListener
-from s2sgw.metrics import Metrics
-from s2sgw.status import FakeStatusChecker, OCSPStatusChecker
+from s2sgw.routes.inbound import InboundListener
+from s2sgw.ops.metrics import Metrics
+from s2sgw.status.ocsp import FakeStatusChecker, OCSPStatusChecker
 from s2sgw.transport import TLSFactory
 from tests.tlshelpers import PKI, FakeAuthorizer, FakeTrustStore, HalfCloseCollector, Wire, WireEndpoint, pump_all
 

@@ -26,7 +26,7 @@ from s2sgw.ca.feed import FeedDocument, FeedEntry, RevocationFeed, key_hash, sig
 from s2sgw.ca.ocsp import Responder
 from s2sgw.ca.server import StatusPublisher, StoreWatcher, build_root
 from s2sgw.config import StatusConfig
-from s2sgw.feed import FeedGap, FeedRollback, FeedSubscriber, check_sequence, feed_url, open_document, register_metrics
+from s2sgw.status.feed import FeedGap, FeedRollback, FeedSubscriber, check_sequence, feed_url, open_document, register_metrics
 from s2sgw.interfaces import StatusInvalid
 
 BASE = "http://ca.test"

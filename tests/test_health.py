@@ -18,13 +18,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 
-from s2sgw.authz import Authorizer
+from s2sgw.routes.authz import Authorizer
 from s2sgw.config import ConfigError, load_config, parse_config
-from s2sgw.health import Monitor
-from s2sgw.listener import InboundListener
-from s2sgw.metrics import Metrics
-from s2sgw.notify import Notifier, NotifyService, format_message, socket_address
-from s2sgw.status import FakeStatusChecker
+from s2sgw.ops.health import Monitor
+from s2sgw.routes.inbound import InboundListener
+from s2sgw.ops.metrics import Metrics
+from s2sgw.ops.notify import Notifier, NotifyService, format_message, socket_address
+from s2sgw.status.ocsp import FakeStatusChecker
 from s2sgw.truststore import TrustStore
 from tests.e2e import Pki, gateway_config, service_block
 

@@ -22,14 +22,14 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 
-from s2sgw.audit import AUDIT_NAMESPACE, AuditLog
+from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
 from s2sgw.config import ConfigError, InboundRoute, TimeoutsConfig, parse_config
-from s2sgw.httpident import IdentityHeaders, Refusal, RequestRewriter, identity_headers
+from s2sgw.identity.http_headers import IdentityHeaders, Refusal, RequestRewriter, identity_headers
 from s2sgw.interfaces import Decision, Reason
-from s2sgw.jwtident import AddBearer, ReplayCache, TokenSigner, TokenVerifier, VerifyBearer, algorithm_for
-from s2sgw.listener import InboundListener
-from s2sgw.metrics import Metrics
-from s2sgw.proxyproto import CallerInfo, encode_v2
+from s2sgw.identity.jwt_bearer import AddBearer, ReplayCache, TokenSigner, TokenVerifier, VerifyBearer, algorithm_for
+from s2sgw.routes.inbound import InboundListener
+from s2sgw.ops.metrics import Metrics
+from s2sgw.identity.proxy_v2 import CallerInfo, encode_v2
 from s2sgw.transport import TLSFactory
 from tests.tlshelpers import PKI, FakeAuthorizer, FakeTrustStore, HalfCloseCollector, Wire, WireEndpoint, pump_all
 

@@ -8,13 +8,13 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.task import Clock
 
-from s2sgw.authz import Authorizer
+from s2sgw.routes.authz import Authorizer
 from s2sgw.config import InboundRoute, load_config
-from s2sgw.crlrefresh import CRLRefreshService
+from s2sgw.status.crl_refresh import CRLRefreshService
 from s2sgw.interfaces import Reason
 from s2sgw.reload import ReloadService
 from s2sgw.service import build_gateway
-from s2sgw.status import CRLStatusChecker, FakeStatusChecker
+from s2sgw.status.ocsp import CRLStatusChecker, FakeStatusChecker
 from s2sgw.truststore import TrustStore
 from tests.pkifactory import TestCA
 from tests.test_crl_refresh import CONFIG, SyncReactor

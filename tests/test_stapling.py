@@ -25,14 +25,14 @@ from twisted.web.resource import Resource
 from treq.testing import StubTreq
 
 from s2sgw import tls
-from s2sgw.authz import Authorizer
+from s2sgw.routes.authz import Authorizer
 from s2sgw.ca.authority import CertificateAuthority, IssuedIdentity
 from s2sgw.ca.ocsp import Responder, SerialStatus
 from s2sgw.config import OutboundRoute, load_config
-from s2sgw.connector import OutboundConnector
+from s2sgw.routes.outbound import OutboundConnector
 from s2sgw.interfaces import CertStatus, Reason, StatusInvalid
-from s2sgw.stapling import STAPLES_RECEIVED, Staple, StapleCache, StapleService, fingerprint, inbound_targets
-from s2sgw.status import OCSPStatusChecker
+from s2sgw.status.stapling import STAPLES_RECEIVED, Staple, StapleCache, StapleService, fingerprint, inbound_targets
+from s2sgw.status.ocsp import OCSPStatusChecker
 from s2sgw.transport import TLSFactory
 from s2sgw.truststore import TrustStore
 from tests.test_tls import connect

@@ -20,7 +20,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface.verify import verifyObject
 
 from s2sgw.interfaces import CertStatus, IStatusChecker, StatusInvalid, StatusUnavailable
-from s2sgw.status import (
+from s2sgw.status.ocsp import (
     CRLStatusChecker,
     FakeStatusChecker,
     NoStatusChecker,

@@ -128,7 +128,7 @@ class StapleService(Service):
 
     ``targets`` returns (service name, leaf, issuer) for every certificate a server context may
     present (the trust store's services with inbound routes); ``checker`` has ``fetch_staple``
-    (:class:`s2sgw.status.OCSPStatusChecker`).
+    (:class:`s2sgw.status.ocsp.OCSPStatusChecker`).
     """
 
     targets: Callable[[], Iterable[tuple[str, x509.Certificate, x509.Certificate]]]

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from s2sgw.httpident import Header, Refusal, RequestHead
+from s2sgw.identity.http_headers import Header, Refusal, RequestHead
 from s2sgw.interfaces import Reason
 
 TOKEN_LIFETIME = 30.0  # seconds between iat and exp of the tokens we sign

@@ -3,7 +3,7 @@
 :class:`FeedSubscriber` long-polls ``GET /revocations?since=N`` on the CA status server (see
 :mod:`s2sgw.ca.feed`), verifies each answer like an OCSP answer (signed by the issuing CA or by
 a certificate it issued for OCSP signing), checks that the sequence numbers continue where it
-left off, and hands new revocations to ``on_revocations`` (the :class:`s2sgw.enforce.Enforcer`:
+left off, and hands new revocations to ``on_revocations`` (the :class:`s2sgw.status.enforce.Enforcer`:
 status cache and live connections). A failed poll is retried with exponential back-off and
 resumes from the last sequence number seen; a CA whose sequence went backwards (restored from a
 backup) is followed from 0 again.
@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from s2sgw.ca.feed import DEFAULT_HOLD, DOCUMENT_TYPE, DOCUMENT_VERSION, FeedDocument, FeedEntry, key_hash
 from s2sgw.config import StatusConfig
 from s2sgw.interfaces import StatusInvalid, StatusUnavailable
-from s2sgw.status import DEFAULT_LEEWAY, _check_delegate, _describe, read_limited, verify_signature
+from s2sgw.status.ocsp import DEFAULT_LEEWAY, _check_delegate, _describe, read_limited, verify_signature
 
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_AGE = datetime.timedelta(seconds=120)

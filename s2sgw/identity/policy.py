@@ -7,7 +7,7 @@ admitted connection, after the authorizer said yes and the backend is connected:
 
 - ``proxy-v2`` writes a PROXY v2 header to the backend before any byte of the caller;
 - ``http-headers`` and ``jwt`` return a sink for the caller's bytes that rewrites each HTTP/1.x
-  request head (:mod:`s2sgw.httpident`, :mod:`s2sgw.jwtident`).
+  request head (:mod:`s2sgw.identity.http_headers`, :mod:`s2sgw.identity.jwt_bearer`).
 
 A request the layer refuses gets a small HTTP error answer, and the connection closes with the
 refusal's reason code in the audit event.
@@ -26,9 +26,9 @@ from twisted.logger import Logger
 
 from s2sgw import pki
 from s2sgw.config import InboundRoute, OutboundRoute
-from s2sgw.httpident import HeadPolicy, IdentityHeaders, Refusal, RequestRewriter, error_response, identity_headers
-from s2sgw.jwtident import AddBearer, ReplayCache, TokenSigner, TokenVerifier, VerifyBearer
-from s2sgw.proxyproto import CallerInfo, encode_v2
+from s2sgw.identity.http_headers import HeadPolicy, IdentityHeaders, Refusal, RequestRewriter, error_response, identity_headers
+from s2sgw.identity.jwt_bearer import AddBearer, ReplayCache, TokenSigner, TokenVerifier, VerifyBearer
+from s2sgw.identity.proxy_v2 import CallerInfo, encode_v2
 
 Sink = Callable[[bytes], None]
 
@@ -101,7 +101,7 @@ class InboundIdentity:
     def attach(self, peer: Any, backend: Any) -> Sink | None:
         """Called once per connection before the splice; the sink for the caller's bytes, if any.
 
-        ``peer`` is the caller's :class:`~s2sgw.listener.InboundSide` (TLS transport, session
+        ``peer`` is the caller's :class:`~s2sgw.routes.inbound.InboundSide` (TLS transport, session
         with the decision), ``backend`` the connected backend side.
         """
         session = peer.session

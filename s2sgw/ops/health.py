@@ -516,7 +516,7 @@ def cache_entries(checker: Any) -> int | None:
 
 def _query_status(checker: Any, clock: IReactorTime, leaf: x509.Certificate, issuer: x509.Certificate) -> Deferred[CertStatus]:
     """One OCSP query with the checker's HTTP client, timeout and verification, without its cache."""
-    from s2sgw import status as ocsp_status
+    from s2sgw.status import ocsp as ocsp_status
 
     query = ocsp_status.build_request(leaf, issuer, nonce=ocsp_status.new_nonce())
     d = defer.maybeDeferred(
@@ -666,7 +666,7 @@ class Operations(MultiService):
         reactor: Any,
         environ: Mapping[str, str] | None = None,
     ) -> Operations:
-        from s2sgw.notify import Notifier, NotifyService
+        from s2sgw.ops.notify import Notifier, NotifyService
 
         environ = os.environ if environ is None else environ
         notifier = Notifier.from_environ(environ)
@@ -675,7 +675,7 @@ class Operations(MultiService):
         monitor = Monitor(trust_store, routes, checker, reactor, probe_interval=interval if watched else None)
         admin = None
         if config.admin is not None:
-            from s2sgw.admin import AdminService
+            from s2sgw.ops.admin import AdminService
 
             admin = AdminService(config.admin.listen, monitor, reactor)
         notify = None

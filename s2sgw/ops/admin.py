@@ -19,7 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
-from s2sgw.health import Monitor
+from s2sgw.ops.health import Monitor
 
 JSON = b"application/json"
 

@@ -22,11 +22,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw.audit import AuditLog
+from s2sgw.ops.audit import AuditLog
 from s2sgw.config import OutboundRoute, TimeoutsConfig
-from s2sgw.identity import OutboundIdentity
+from s2sgw.identity.policy import OutboundIdentity
 from s2sgw.interfaces import Decision, IAuthorizer, ITrustStore, Reason
-from s2sgw.listener import (
+from s2sgw.routes.inbound import (
     CHAIN_ERROR,
     GatedRoute,
     RouteGate,
@@ -37,7 +37,7 @@ from s2sgw.listener import (
     peer_chain,
     tls_parameters,
 )
-from s2sgw.metrics import INTERNAL_ERROR, Metrics, default_metrics
+from s2sgw.ops.metrics import INTERNAL_ERROR, Metrics, default_metrics
 from s2sgw.relay import RelaySide, splice
 from s2sgw.tls import received_staple
 from s2sgw.transport import (

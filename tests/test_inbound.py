@@ -20,11 +20,11 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
-from s2sgw.audit import AUDIT_NAMESPACE, AuditLog
+from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
 from s2sgw.config import InboundRoute, TimeoutsConfig
 from s2sgw.interfaces import Decision, Reason
-from s2sgw.listener import InboundListener
-from s2sgw.metrics import Metrics
+from s2sgw.routes.inbound import InboundListener
+from s2sgw.ops.metrics import Metrics
 from s2sgw.transport import EagerClient, EagerPort, TLSFactory, client_endpoint, server_endpoint
 from tests.tlshelpers import PKI, FakeAuthorizer, FakeTrustStore, HalfCloseCollector, Wire, WireEndpoint, pump_all
 

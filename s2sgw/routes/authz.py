@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from s2sgw.config import FailMode
-from s2sgw.stapling import STAPLES_RECEIVED
+from s2sgw.status.stapling import STAPLES_RECEIVED
 from s2sgw.interfaces import (
     CertStatus,
     Decision,

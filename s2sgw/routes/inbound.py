@@ -31,11 +31,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw.audit import AuditLog, AuditRecord, Direction
+from s2sgw.ops.audit import AuditLog, AuditRecord, Direction
 from s2sgw.config import InboundRoute, OutboundRoute, TimeoutsConfig
-from s2sgw.identity import InboundIdentity
+from s2sgw.identity.policy import InboundIdentity
 from s2sgw.interfaces import Decision, IAuthorizer, ITrustStore, Reason
-from s2sgw.metrics import INTERNAL_ERROR, Metrics, default_metrics
+from s2sgw.ops.metrics import INTERNAL_ERROR, Metrics, default_metrics
 from s2sgw.relay import Relay, RelaySide, splice
 from s2sgw.transport import CurrentServerCreator, TLSFactory, client_endpoint, server_endpoint, set_tcp_nodelay
 
