@@ -6,15 +6,11 @@ the status checker through these, so each can be replaced by a fake that passes 
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Sequence
-from typing import Literal
 
 import attrs
 from cryptography import x509
 from zope.interface import Attribute, Interface
-
-from s2sgw.errors import S2sgwError
 
 
 class Reason:
@@ -67,26 +63,12 @@ class Decision:
     detail: str = ""  # plain words for the log (never secrets)
 
 
-CertState = Literal["good", "revoked", "unknown"]
 
 
-@attrs.frozen
-class CertStatus:
-    """A verified status answer for one certificate."""
-
-    state: CertState
-    this_update: datetime.datetime
-    next_update: datetime.datetime | None
-    revoked_at: datetime.datetime | None = None
-    revocation_reason: str | None = None  # e.g. "keyCompromise" (x509.ReasonFlags value)
 
 
-class StatusUnavailable(S2sgwError):
-    """The CA could not be asked (unreachable, timeout, HTTP error, tryLater)."""
 
 
-class StatusInvalid(S2sgwError):
-    """The CA's answer failed verification (signature, signer, CertID, time window, nonce)."""
 
 
 class IStatusChecker(Interface):

@@ -15,11 +15,12 @@ from s2sgw.routes.outbound import OutboundConnector
 from s2sgw.status.crl_refresh import CRLRefreshService, reload_following_crl
 from s2sgw.status.enforce import Enforcer, PushedRevocations
 from s2sgw.status.feed import FeedSubscriber, feed_url, register_metrics
-from s2sgw.ops.health import Operations
-from s2sgw.routes.inbound import GatedRoute, InboundListener
+from s2sgw.ops.operations import Operations
+from s2sgw.routes.inbound import InboundListener
+from s2sgw.routes.gate import GatedRoute
 from s2sgw.reload import ReloadService
 from s2sgw.status.stapling import StapleService, inbound_targets, stapling_enabled
-from s2sgw.status.ocsp import make_status_checker
+from s2sgw.status.checker import make_status_checker
 from s2sgw.truststore import TrustStore
 
 

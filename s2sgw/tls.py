@@ -22,7 +22,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL, crypto
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -339,47 +343,47 @@ def sni_name(hostname: str) -> bytes | None:
 
 
 def chain_error(tls_protocol: Any) -> tuple[str, str] | None:
-    """The verification failure recorded on ``tls_protocol``, as (reason, detail)."""
-    reason = getattr(tls_protocol, CHAIN_ERROR, None)
-    if reason is None:
+    """The verification failure our verify callback recorded on ``tls_protocol``, as (reason, detail)."""
+    code = getattr(tls_protocol, CHAIN_ERROR, None)
+    if not code:
         return None
-    return reason, getattr(tls_protocol, CHAIN_ERROR_DETAIL, "")
+    return code, str(getattr(tls_protocol, CHAIN_ERROR_DETAIL, "") or code)
 
 
-def handshake_failure(tls_protocol: Any, reason: Failure | BaseException | None) -> tuple[str, str]:
-    """Classify a failed handshake as (Reason code, detail) for the audit log.
+def handshake_failure(tls_protocol: Any, reason: Failure | None) -> tuple[str, str]:
+    """Classify a connection that ended before its handshake completed as (Reason code, detail).
 
     Our own verify callback's verdict wins; otherwise OpenSSL's error text tells a missing
-    client certificate from other TLS errors (versions, ciphers, garbage, alerts from the peer).
+    client certificate or an untrusted chain from other TLS errors (versions, ciphers, garbage).
     """
     recorded = chain_error(tls_protocol)
     if recorded is not None:
         return recorded
-    error = reason.value if isinstance(reason, Failure) else reason
-    text = _ssl_error_text(error)
-    if "peer did not return a certificate" in text or "alert certificate required" in text:
-        return Reason.NO_CLIENT_CERT, text
-    return Reason.TLS_ERROR, text or (repr(error) if error is not None else "connection lost during handshake")
-
-
-def _ssl_error_text(error: BaseException | None) -> str:
-    if not isinstance(error, SSL.Error):
-        return str(error) if error is not None else ""
-    parts = []
-    for item in error.args[0] if error.args and isinstance(error.args[0], list) else []:
-        if isinstance(item, tuple) and item:
-            parts.append(str(item[-1]))
-    return "; ".join(parts) or str(error)
+    if reason is None or reason.check(ConnectionDone):
+        return Reason.TLS_ERROR, "connection closed before the TLS handshake completed"
+    text = str(reason.value)
+    lowered = text.lower()
+    if "peer did not return a certificate" in lowered or "alert certificate required" in lowered:
+        return Reason.NO_CLIENT_CERT, "the client sent no certificate"
+    if "certificate verify failed" in lowered:
+        return Reason.UNTRUSTED_CHAIN, text
+    return Reason.TLS_ERROR, text
 
 
 def peer_chain(tls_protocol: Any) -> list[x509.Certificate]:
-    """The peer's verified chain, leaf first, after a completed handshake (empty if none)."""
+    """The peer's chain as OpenSSL verified it, leaf first (empty if there is none)."""
     connection: SSL.Connection = tls_protocol.getHandle()
     chain = connection.get_verified_chain(as_cryptography=True)
-    return list(chain or [])
+    if chain:
+        return list(chain)
+    leaf = connection.get_peer_certificate(as_cryptography=True)
+    if leaf is None:
+        return []
+    rest = connection.get_peer_cert_chain(as_cryptography=True) or []
+    return [leaf] + [cert for cert in rest if cert != leaf]
 
 
 def negotiated(tls_protocol: Any) -> tuple[str, str]:
-    """(protocol version, cipher name) for the audit log."""
+    """(protocol version, cipher) of an established TLS connection, for the audit log."""
     connection: SSL.Connection = tls_protocol.getHandle()
-    return connection.get_protocol_version_name(), connection.get_cipher_name() or ""
+    return (connection.get_protocol_version_name() or "-", connection.get_cipher_name() or "-")

@@ -18,8 +18,9 @@ from zope.interface.verify import verifyObject
 
 from s2sgw.routes.authz import Authorizer, PeerIdentity, peer_identity
 from s2sgw.config import InboundRoute, OutboundRoute
-from s2sgw.interfaces import CertStatus, Decision, IAuthorizer, Reason, StatusInvalid, StatusUnavailable
-from s2sgw.status.ocsp import FakeStatusChecker
+from s2sgw.interfaces import Decision, IAuthorizer, Reason
+from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
+from tests.doubles import FakeStatusChecker
 from tests.test_status import NOW, make_ca
 
 DOMAIN = "s2s.test"

@@ -26,13 +26,8 @@ from twisted.python.failure import Failure
 from s2sgw.ca import tap
 from s2sgw.ca.authority import CertificateAuthority
 from s2sgw.ca.ocsp import Responder
-from s2sgw.ca.server import (
-    StatusPublisher,
-    StatusSite,
-    StoreWatcher,
-    build_root,
-    decode_get_path,
-)
+from s2sgw.ca.server import StatusSite, build_root, decode_get_path
+from s2sgw.ca.publisher import StatusPublisher, StoreWatcher
 
 BASE = "http://ca.test"
 

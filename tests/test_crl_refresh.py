@@ -32,7 +32,7 @@ from s2sgw import pki
 from s2sgw.config import load_config
 from s2sgw.status.crl_refresh import CRLRefreshService, reload_following_crl
 from s2sgw.files import write_atomically
-from s2sgw.status.ocsp import CRLStatusChecker
+from s2sgw.status.crl import CRLStatusChecker
 from s2sgw.truststore import TrustStore
 from tests.pkifactory import TestCA, new_key, now
 

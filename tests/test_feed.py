@@ -22,12 +22,16 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from s2sgw.ca.authority import CertificateAuthority
-from s2sgw.ca.feed import FeedDocument, FeedEntry, RevocationFeed, key_hash, sign
+from s2sgw.ca.feed import RevocationFeed
+from s2sgw.wire.ocsp import key_hash
+from s2sgw.wire.feed import FeedDocument, FeedEntry, sign
 from s2sgw.ca.ocsp import Responder
-from s2sgw.ca.server import StatusPublisher, StoreWatcher, build_root
+from s2sgw.ca.server import build_root
+from s2sgw.ca.publisher import StatusPublisher, StoreWatcher
 from s2sgw.config import StatusConfig
-from s2sgw.status.feed import FeedGap, FeedRollback, FeedSubscriber, check_sequence, feed_url, open_document, register_metrics
-from s2sgw.interfaces import StatusInvalid
+from s2sgw.status.feed import FeedSubscriber, feed_url, register_metrics
+from s2sgw.wire.feed import FeedGap, FeedRollback, check_sequence, open_document
+from s2sgw.wire.ocsp import StatusInvalid
 
 BASE = "http://ca.test"
 HOLD = 25.0

@@ -24,7 +24,7 @@ from s2sgw.ops.health import Monitor
 from s2sgw.routes.inbound import InboundListener
 from s2sgw.ops.metrics import Metrics
 from s2sgw.ops.notify import Notifier, NotifyService, format_message, socket_address
-from s2sgw.status.ocsp import FakeStatusChecker
+from tests.doubles import FakeStatusChecker
 from s2sgw.truststore import TrustStore
 from tests.e2e import Pki, gateway_config, service_block
 

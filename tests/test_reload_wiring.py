@@ -14,7 +14,8 @@ from s2sgw.status.crl_refresh import CRLRefreshService
 from s2sgw.interfaces import Reason
 from s2sgw.reload import ReloadService
 from s2sgw.service import build_gateway
-from s2sgw.status.ocsp import CRLStatusChecker, FakeStatusChecker
+from tests.doubles import FakeStatusChecker
+from s2sgw.status.crl import CRLStatusChecker
 from s2sgw.truststore import TrustStore
 from tests.pkifactory import TestCA
 from tests.test_crl_refresh import CONFIG, SyncReactor

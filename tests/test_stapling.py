@@ -30,7 +30,8 @@ from s2sgw.ca.authority import CertificateAuthority, IssuedIdentity
 from s2sgw.ca.ocsp import Responder, SerialStatus
 from s2sgw.config import OutboundRoute, load_config
 from s2sgw.routes.outbound import OutboundConnector
-from s2sgw.interfaces import CertStatus, Reason, StatusInvalid
+from s2sgw.interfaces import Reason
+from s2sgw.wire.ocsp import CertStatus, StatusInvalid
 from s2sgw.status.stapling import STAPLES_RECEIVED, Staple, StapleCache, StapleService, fingerprint, inbound_targets
 from s2sgw.status.ocsp import OCSPStatusChecker
 from s2sgw.transport import TLSFactory

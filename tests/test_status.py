@@ -19,16 +19,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface.verify import verifyObject
 
-from s2sgw.interfaces import CertStatus, IStatusChecker, StatusInvalid, StatusUnavailable
-from s2sgw.status.ocsp import (
-    CRLStatusChecker,
-    FakeStatusChecker,
-    NoStatusChecker,
-    OCSPStatusChecker,
-    build_request,
-    new_nonce,
-    verify_response,
-)
+from s2sgw.interfaces import IStatusChecker
+from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
+from s2sgw.status.ocsp import OCSPStatusChecker
+from tests.doubles import FakeStatusChecker
+from s2sgw.status.checker import NoStatusChecker
+from s2sgw.status.crl import CRLStatusChecker
+from s2sgw.wire.ocsp import build_request, new_nonce, verify_response
 
 NOW = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
 HOUR = datetime.timedelta(hours=1)

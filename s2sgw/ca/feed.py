@@ -24,24 +24,26 @@ batch was cut at ``max_batch`` and the asker should come straight back with ``si
 
 from __future__ import annotations
 
-import base64
 import datetime
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives import serialization
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
-DOCUMENT_TYPE = "s2sgw-revocations"
-DOCUMENT_VERSION = 1
-FEED_CONTENT_TYPE = b"application/json"
-DEFAULT_HOLD = 25.0
+from s2sgw.wire.feed import (
+    DEFAULT_HOLD,
+    FEED_CONTENT_TYPE,
+    FeedDocument,
+    FeedEntry,
+    sign,
+)
+from s2sgw.wire.ocsp import key_hash
+
 DEFAULT_MAX_WAITERS = 10_000
 DEFAULT_MAX_BATCH = 1000
 
@@ -50,94 +52,16 @@ DEFAULT_MAX_BATCH = 1000
 # values and codec (pure)
 
 
-@attrs.frozen
-class FeedEntry:
-    """One revocation as the feed tells it."""
-
-    seq: int
-    serial: int
-    revoked_at: datetime.datetime
-    reason: str | None = None
-
-    @classmethod
-    def from_record(cls, record: Any) -> FeedEntry | None:
-        """A CertRecord with a revocation sequence number -> an entry (None otherwise)."""
-        if getattr(record, "revocation_seq", None) is None or record.revoked_at is None:
-            return None
-        return cls(record.revocation_seq, record.serial, record.revoked_at, record.reason)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "serial": f"{self.serial:x}",
-            "revoked_at": _iso(self.revoked_at),
-            "reason": self.reason,
-        }
 
 
-@attrs.frozen
-class FeedDocument:
-    """The payload of one feed answer."""
-
-    issuer_key_hash: bytes
-    since: int
-    seq: int
-    latest: int
-    time: datetime.datetime
-    revocations: tuple[FeedEntry, ...] = ()
-    more: bool = False
-
-    def payload(self) -> bytes:
-        """Canonical JSON bytes: what is signed."""
-        body = {
-            "type": DOCUMENT_TYPE,
-            "version": DOCUMENT_VERSION,
-            "issuer": self.issuer_key_hash.hex(),
-            "since": self.since,
-            "seq": self.seq,
-            "latest": self.latest,
-            "more": self.more,
-            "time": _iso(self.time),
-            "revocations": [entry.to_json() for entry in self.revocations],
-        }
-        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def _iso(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
-def key_hash(certificate: x509.Certificate) -> bytes:
-    """SHA-1 of the subjectPublicKey bits, as OCSP names an issuer key (RFC 6960 4.1.1)."""
-    return x509.SubjectKeyIdentifier.from_public_key(certificate.public_key()).digest
 
 
-def _signing_hash(key: Any) -> hashes.HashAlgorithm | None:
-    if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
-        return None
-    return hashes.SHA256()
 
 
-def sign(payload: bytes, key: Any, signer_der: bytes) -> bytes:
-    """The envelope for ``payload``: detached signature plus the signer's certificate."""
-    algorithm = _signing_hash(key)
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        assert algorithm is not None
-        signature = key.sign(payload, ec.ECDSA(algorithm))
-    elif isinstance(key, rsa.RSAPrivateKey):
-        assert algorithm is not None
-        signature = key.sign(payload, padding.PKCS1v15(), algorithm)
-    elif isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
-        signature = key.sign(payload)
-    else:
-        raise TypeError(f"cannot sign with a {type(key).__name__}")
-    envelope = {
-        "payload": base64.b64encode(payload).decode("ascii"),
-        "signature": base64.b64encode(signature).decode("ascii"),
-        "hash": algorithm.name if algorithm is not None else None,
-        "signer": base64.b64encode(signer_der).decode("ascii"),
-    }
-    return json.dumps(envelope, sort_keys=True).encode("utf-8") + b"\n"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,7 +83,9 @@ def metrics_registry(publisher: Any, base: CollectorRegistry | None = REGISTRY) 
 
 def add_endpoints(root: resource.Resource, publisher: Any, base: CollectorRegistry | None = REGISTRY) -> None:
     """Add ``/readyz`` and ``/metrics`` (prometheus_client's Twisted resource) to the site root."""
-    from prometheus_client.twisted import MetricsResource  # imports the global reactor: late
+    from prometheus_client.twisted import (
+        MetricsResource,  # imports the global reactor: late
+    )
 
     root.putChild(b"readyz", ReadyzResource(publisher))
     root.putChild(b"metrics", MetricsResource(registry=metrics_registry(publisher, base)))

@@ -11,15 +11,8 @@ from twisted.python import usage
 
 from s2sgw.ca.monitoring import add_endpoints
 from s2sgw.ca.ocsp import Responder
-from s2sgw.ca.server import (
-    DEFAULT_MAX_BODY,
-    DEFAULT_TIMEOUT,
-    StatusPublisher,
-    StatusSite,
-    StoreWatcher,
-    build_root,
-    thread_runner,
-)
+from s2sgw.ca.publisher import StatusPublisher, StoreWatcher, thread_runner
+from s2sgw.ca.server import DEFAULT_MAX_BODY, DEFAULT_TIMEOUT, StatusSite, build_root
 
 
 def _positive(kind: type, what: str):

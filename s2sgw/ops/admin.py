@@ -70,7 +70,9 @@ class StatusResource(resource.Resource):
 
 def metrics_resource(registry: CollectorRegistry = REGISTRY) -> resource.Resource:
     """prometheus_client's Twisted resource (a WSGI app in the reactor's thread pool)."""
-    from prometheus_client.twisted import MetricsResource  # imports the global reactor: late
+    from prometheus_client.twisted import (
+        MetricsResource,  # imports the global reactor: late
+    )
 
     return MetricsResource(registry=registry)
 

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_check_config(args: argparse.Namespace) -> int:
-    from s2sgw.truststore import load_material
+    from s2sgw.material import load_material
 
     config = load_config(args.file)
     # A command, not the reactor: the wall clock is the right "now" here.

@@ -26,10 +26,10 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
 from s2sgw import pki, tls
-from s2sgw.routes.authz import Authorizer
 from s2sgw.config import GatewayConfig, InboundRoute, OutboundRoute, load_config
 from s2sgw.errors import S2sgwError
 from s2sgw.interfaces import Decision, IStatusChecker, Reason
+from s2sgw.routes.authz import Authorizer
 
 EXIT_ALLOWED = 0
 EXIT_REFUSED = 1
@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_explain(args: argparse.Namespace) -> int:
     from twisted.internet import task
 
-    from s2sgw.truststore import load_material
+    from s2sgw.material import load_material
 
     try:
         config = load_config(args.config)
@@ -94,7 +94,7 @@ def run_explain(args: argparse.Namespace) -> int:
     verdicts: list[Verdict] = []
 
     def main(reactor: Any) -> Deferred[None]:
-        from s2sgw.status.ocsp import make_status_checker
+        from s2sgw.status.checker import make_status_checker
 
         checker = make_status_checker(config.status, reactor, material.ca_certificates)
         d = explain(config, material.roots, material.trust_domain or "", route, chain, checker, now)

@@ -14,16 +14,13 @@ MultiService for :func:`s2sgw.service.build_gateway`.
 from __future__ import annotations
 
 import datetime
-import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from twisted.application.service import MultiService, Service
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -33,19 +30,16 @@ from twisted.python.failure import Failure
 
 from s2sgw import pki
 from s2sgw.config import GatewayConfig
-from s2sgw.interfaces import CertStatus, StatusInvalid, StatusUnavailable
+from s2sgw.ops.health_metrics import HealthCollector
+from s2sgw.ops.status_page import status_document
+from s2sgw.timeutil import utc
+from s2sgw.wire.est import fingerprint
+from s2sgw.wire.ocsp import CertStatus, StatusInvalid
 
 UTC = datetime.UTC
 EXPIRY_CHECK_INTERVAL = 60.0
 
 
-def _utc(seconds: float) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(seconds, UTC)
-
-
-def fingerprint(certificate: x509.Certificate) -> str:
-    """SHA-256 fingerprint, hex; the first 16 digits name a root in metric labels."""
-    return certificate.fingerprint(hashes.SHA256()).hex()
 
 
 def _duration(seconds: float) -> str:
@@ -131,7 +125,7 @@ class Monitor(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._collector = _Collector(self)
+        self._collector = HealthCollector(self)
         (REGISTRY if self.registry is None else self.registry).register(self._collector)
         self._every(self.expiry_interval, self.check_expiry)
         if self.probe_interval and self.probing_enabled:
@@ -163,7 +157,7 @@ class Monitor(Service):
     # -- facts -----------------------------------------------------------------------------
 
     def now(self) -> datetime.datetime:
-        return _utc(self.clock.seconds())
+        return utc(self.clock.seconds())
 
     @property
     def config(self) -> GatewayConfig:
@@ -307,88 +301,7 @@ class Monitor(Service):
 
     def status(self) -> dict[str, Any]:
         """The ``/status`` document: plain JSON types, no secrets."""
-        now = self.now()
-        material = self.trust_store.material
-        document = dict(self.trust_store.status())
-        state = self.readiness()
-        document["ready"] = state.ready
-        document["reasons"] = list(state.reasons)
-        document["now"] = now.isoformat()
-        document["last_reload"] = _iso(getattr(self.trust_store, "last_reload", None))
-        document["last_reload_failed"] = self.reload_error
-        for name, entry in document.get("services", {}).items():
-            leaf = material.services[name].leaf
-            entry = dict(entry)
-            entry["not_before"] = leaf.not_valid_before_utc.isoformat()
-            entry["seconds_left"] = round((leaf.not_valid_after_utc - now).total_seconds(), 3)
-            entry["chain"] = [
-                {"subject": c.subject.rfc4514_string(), "not_after": c.not_valid_after_utc.isoformat()}
-                for c in material.services[name].chain[1:]
-            ]
-            if self.probe is not None:
-                entry["ca_status"] = self.probe.states.get(name)
-            document["services"][name] = entry
-        document["trust"] = [
-            {
-                "subject": root.subject.rfc4514_string(),
-                "fingerprint_sha256": fingerprint(root),
-                "not_after": root.not_valid_after_utc.isoformat(),
-                "seconds_left": round((root.not_valid_after_utc - now).total_seconds(), 3),
-            }
-            for root in material.roots
-        ]
-        crl = material.crl
-        document["crl"] = (
-            None
-            if crl is None
-            else {
-                "number": pki.crl_number(crl),
-                "this_update": crl.last_update_utc.isoformat(),
-                "next_update": _iso(crl.next_update_utc),
-                "revoked": len(crl),
-            }
-        )
-        document["status_checks"] = self._checker_status()
-        document["routes"] = {
-            name: {
-                "direction": route.gate.direction,
-                "service": route.route.service,
-                "listen": route.route.listen,
-                "listening": route.gate.port is not None,
-                "address": _address(route.gate.port),
-                "live_connections": route.active,
-                "max_connections": route.route.max_connections,
-                "draining": route.gate.draining,
-            }
-            for name, route in self.routes.items()
-        }
-        for name, section in self.sections.items():
-            document[name] = section()
-        return document
-
-    def _checker_status(self) -> dict[str, Any]:
-        status = self.config.status
-        hits, misses = getattr(self.checker, "hits", None), getattr(self.checker, "misses", None)
-        lookups = (hits or 0) + (misses or 0)
-        probe = self.probe
-        return {
-            "mode": status.mode,
-            "url": status.url,
-            "fail": status.fail,
-            "cache_entries": cache_entries(self.checker),
-            "hits": hits,
-            "misses": misses,
-            "queries": getattr(self.checker, "queries", None),
-            "hit_ratio": round(hits / lookups, 4) if hits is not None and lookups else None,
-            "probe": None
-            if probe is None
-            else {
-                "reachable": probe.reachable,
-                "error": probe.error,
-                "age_seconds": round(self.clock.seconds() - probe.at, 3),
-                "own_status": dict(probe.states),
-            },
-        }
+        return status_document(self)
 
     # -- expiry warnings -------------------------------------------------------------------
 
@@ -441,7 +354,7 @@ class Monitor(Service):
         ]
         started = self.clock.seconds()
         d = defer.gatherResults(
-            [_query_status(self.checker, self.clock, leaf, issuer) for _, leaf, issuer in targets],
+            [self.checker.probe(leaf, issuer) for _, leaf, issuer in targets],
             consumeErrors=True,
         )
         self._probing = d
@@ -491,211 +404,3 @@ class Monitor(Service):
 
 def _is_root(certificate: x509.Certificate, roots: tuple[x509.Certificate, ...]) -> bool:
     return any(certificate == root for root in roots)
-
-
-def _iso(moment: datetime.datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
-
-
-def _address(port: Any) -> str | None:
-    if port is None:
-        return None
-    address = port.getHost()
-    host, number = getattr(address, "host", None), getattr(address, "port", None)
-    if number is not None:
-        return f"[{host}]:{number}" if ":" in str(host) else f"{host}:{number}"
-    name = getattr(address, "name", None)
-    return name.decode() if isinstance(name, bytes) else (None if name is None else str(name))
-
-
-def cache_entries(checker: Any) -> int | None:
-    """How many answers the status checker holds (the OCSP checker's cache), if it has one."""
-    cache = getattr(checker, "_cache", None)
-    return None if cache is None else len(cache)
-
-
-def _query_status(checker: Any, clock: IReactorTime, leaf: x509.Certificate, issuer: x509.Certificate) -> Deferred[CertStatus]:
-    """One OCSP query with the checker's HTTP client, timeout and verification, without its cache."""
-    from s2sgw.status import ocsp as ocsp_status
-
-    query = ocsp_status.build_request(leaf, issuer, nonce=ocsp_status.new_nonce())
-    d = defer.maybeDeferred(
-        checker.http.post,
-        checker.url,
-        data=query.der,
-        headers={
-            b"Content-Type": [ocsp_status.OCSP_REQUEST_TYPE],
-            b"Accept": [b"application/ocsp-response"],
-        },
-    )
-
-    def body(response: Any) -> Deferred[bytes]:
-        read = ocsp_status.read_limited(response, getattr(checker, "max_body", ocsp_status.MAX_RESPONSE_BYTES))
-        if response.code != 200:
-            code = response.code
-
-            def refuse(_: object) -> None:
-                raise StatusUnavailable(f"HTTP {code}")
-
-            read.addBoth(refuse)
-        return read
-
-    def verify(der: bytes) -> CertStatus:
-        return ocsp_status.verify_response(
-            der,
-            query,
-            issuer,
-            now=_utc(clock.seconds()),
-            leeway=getattr(checker, "leeway", ocsp_status.DEFAULT_LEEWAY),
-            max_age=datetime.timedelta(seconds=getattr(checker, "max_cache_age", 300.0)),
-        )
-
-    def classify(failure: Failure) -> Failure:
-        if failure.check(StatusUnavailable, StatusInvalid, defer.CancelledError):
-            return failure
-        return Failure(StatusUnavailable(ocsp_status._describe(failure)))
-
-    def timed_out(result: object, timeout: float) -> Failure:
-        return Failure(StatusUnavailable(f"no answer within {timeout:g}s"))
-
-    d.addCallback(body)
-    d.addTimeout(getattr(checker, "timeout", 2.0), clock, onTimeoutCancel=timed_out)
-    d.addCallback(verify)
-    d.addErrback(classify)
-    return d
-
-
-class _Collector:
-    """Gauges computed at scrape time from the monitor's current snapshot (label sets are bounded:
-    service names, root fingerprints and fixed words)."""
-
-    def __init__(self, monitor: Monitor) -> None:
-        self.monitor = monitor
-
-    def describe(self) -> list[Metric]:
-        return []  # computed on collect; no duplicate checks against fixed names needed
-
-    def collect(self) -> Iterator[Metric]:
-        monitor = self.monitor
-        store = monitor.trust_store
-        material = store.material
-        now = monitor.now()
-        certificates = GaugeMetricFamily(
-            "s2sgw_certificate_expiry_seconds",
-            "Seconds until each service's own certificate expires (negative: expired).",
-            labels=["service"],
-        )
-        for name, service in material.services.items():
-            certificates.add_metric([name], (service.leaf.not_valid_after_utc - now).total_seconds())
-        yield certificates
-        roots = GaugeMetricFamily(
-            "s2sgw_trust_bundle_expiry_seconds",
-            "Seconds until each root certificate of the trust bundle expires.",
-            labels=["root", "fingerprint"],
-        )
-        for root in material.roots:
-            roots.add_metric(
-                [root.subject.rfc4514_string(), fingerprint(root)[:16]],
-                (root.not_valid_after_utc - now).total_seconds(),
-            )
-        yield roots
-        crl = material.crl
-        if crl is not None:
-            if crl.next_update_utc is not None:
-                yield GaugeMetricFamily(
-                    "s2sgw_crl_expiry_seconds",
-                    "Seconds until the loaded CRL's nextUpdate (negative: stale).",
-                    value=(crl.next_update_utc - now).total_seconds(),
-                )
-            number = pki.crl_number(crl)
-            if number is not None:
-                yield GaugeMetricFamily("s2sgw_crl_number", "CRL number of the loaded CRL.", value=number)
-        reloads = CounterMetricFamily(
-            "s2sgw_reloads", "Trust reloads by result (ok | failed).", labels=["result"]
-        )
-        reloads.add_metric(["ok"], max(0, store.generation - 1))
-        reloads.add_metric(["failed"], getattr(store, "reload_failures", 0))
-        yield reloads
-        yield GaugeMetricFamily(
-            "s2sgw_trust_generation", "Generation of the trust material in use (1 at start).", value=store.generation
-        )
-        yield GaugeMetricFamily(
-            "s2sgw_ready", "1 when /readyz would answer 200, else 0.", value=1 if monitor.readiness().ready else 0
-        )
-        entries = cache_entries(monitor.checker)
-        if entries is not None:
-            yield GaugeMetricFamily("s2sgw_status_cache_entries", "Status answers held in the cache.", value=entries)
-        probe = monitor.probe
-        if probe is not None:
-            yield GaugeMetricFamily(
-                "s2sgw_status_server_up",
-                "1 when the last readiness probe got a verified answer from the CA status server.",
-                value=1 if probe.reachable else 0,
-            )
-
-
-@attrs.define(eq=False)
-class Operations(MultiService):
-    """Monitor, admin endpoint and systemd notification of one gateway process.
-
-    Add it to the gateway's MultiService after the routes: it starts last (READY=1 once
-    everything is bound) and stops first (STOPPING=1 before draining).
-    """
-
-    monitor: Monitor
-    notify: Any = None  # NotifyService | None
-    admin: Any = None  # AdminService | None
-    _log = Logger()
-
-    def __attrs_post_init__(self) -> None:
-        MultiService.__init__(self)
-        self.monitor.setServiceParent(self)
-        if self.admin is not None:
-            self.admin.setServiceParent(self)
-        if self.notify is not None:
-            self.notify.setServiceParent(self)
-            self.monitor.on_change = lambda state: self.notify.status(self.monitor.summary())
-
-    @classmethod
-    def build(
-        cls,
-        config: GatewayConfig,
-        trust_store: Any,
-        checker: Any,
-        routes: Mapping[str, Any],
-        reactor: Any,
-        environ: Mapping[str, str] | None = None,
-    ) -> Operations:
-        from s2sgw.ops.notify import Notifier, NotifyService
-
-        environ = os.environ if environ is None else environ
-        notifier = Notifier.from_environ(environ)
-        watched = config.admin is not None or notifier is not None
-        interval = config.admin.probe_interval if config.admin is not None else 5.0
-        monitor = Monitor(trust_store, routes, checker, reactor, probe_interval=interval if watched else None)
-        admin = None
-        if config.admin is not None:
-            from s2sgw.ops.admin import AdminService
-
-            admin = AdminService(config.admin.listen, monitor, reactor)
-        notify = None
-        if notifier is not None:
-            notify = NotifyService(notifier, monitor.summary)
-        return cls(monitor, notify, admin)
-
-    def reloading(self, reload: Callable[[], Deferred[Any]]) -> Callable[[], Deferred[Any]]:
-        """Remember each reload's outcome for the summary, and frame it for systemd (when notifying)."""
-        monitor = self.monitor
-
-        def tracked() -> Deferred[Any]:
-            def outcome(result: object) -> object:
-                monitor.reload_error = result.getErrorMessage() if isinstance(result, Failure) else None
-                return result
-
-            return reload().addBoth(outcome)
-
-        return tracked if self.notify is None else self.notify.reloading(tracked)
-
-    def reloaded(self, generation: int) -> None:
-        """After a successful reload: check the new material's lifetimes and readiness now."""
-        self.monitor.check_expiry()

@@ -36,16 +36,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from s2sgw.config import FailMode
+from s2sgw.interfaces import Decision, IAuthorizer, IStatusChecker, Reason
 from s2sgw.status.stapling import STAPLES_RECEIVED
-from s2sgw.interfaces import (
-    CertStatus,
-    Decision,
-    IAuthorizer,
-    IStatusChecker,
-    Reason,
-    StatusInvalid,
-    StatusUnavailable,
-)
+from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
 
 
 class NoIdentity(ValueError):

@@ -22,23 +22,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw.ops.audit import AuditLog
+from s2sgw import tls
 from s2sgw.config import OutboundRoute, TimeoutsConfig
 from s2sgw.identity.policy import OutboundIdentity
 from s2sgw.interfaces import Decision, IAuthorizer, ITrustStore, Reason
-from s2sgw.routes.inbound import (
-    CHAIN_ERROR,
-    GatedRoute,
-    RouteGate,
-    Session,
-    _Refused,
-    classify_handshake_failure,
-    dial_error,
-    peer_chain,
-    tls_parameters,
-)
+from s2sgw.ops.audit import AuditLog
 from s2sgw.ops.metrics import INTERNAL_ERROR, Metrics, default_metrics
 from s2sgw.relay import RelaySide, splice
+from s2sgw.routes.gate import GatedRoute, RouteGate, Session, RefusedProtocol, dial_error
 from s2sgw.tls import received_staple
 from s2sgw.transport import (
     CurrentClientCreator,
@@ -152,8 +143,8 @@ class RemoteSide(RelaySide):
         connector = self.connector
         session = self.local.session
         try:
-            session.tls_version, session.cipher = tls_parameters(self.transport)
-            chain = peer_chain(self.transport)
+            session.tls_version, session.cipher = tls.negotiated(self.transport)
+            chain = tls.peer_chain(self.transport)
             session.chain = tuple(chain)
         except Exception:
             self._log.failure("reading the remote chain on route {route}", route=connector.route.name)
@@ -221,8 +212,8 @@ class RemoteSide(RelaySide):
         self._cancel_timer()
         local = self.local
         if local.session.outcome is None:
-            if not self.handshake_done or getattr(self.transport, CHAIN_ERROR, None):
-                code, detail = classify_handshake_failure(self.transport, reason)
+            if not self.handshake_done or tls.chain_error(self.transport):
+                code, detail = tls.handshake_failure(self.transport, reason)
             else:
                 code, detail = Reason.PEER_CLOSED, "the remote gateway closed before the relay started"
                 text = reason.getErrorMessage()
@@ -242,7 +233,7 @@ class _LocalFactory(Factory):
         gate = self.connector.gate
         if gate.full:
             gate.refuse_excess(addr)
-            return _Refused()
+            return RefusedProtocol()
         return LocalSide(self.connector, addr)
 
 

@@ -26,9 +26,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from s2sgw import pki
-from s2sgw.files import write_atomically
 from s2sgw.config import ConfigError
-from s2sgw.status.ocsp import CRLStatusChecker, ResponseTooLarge, read_limited
+from s2sgw.files import write_atomically
+from s2sgw.status.crl import CRLStatusChecker
+from s2sgw.wire.http import ResponseTooLarge, read_limited
 
 MAX_CRL_BYTES = 4 * 1024 * 1024
 CRL_ACCEPT = b"application/pkix-crl, application/x-pem-file;q=0.5"

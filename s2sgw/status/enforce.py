@@ -33,9 +33,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw.ca.feed import FeedDocument, key_hash
 from s2sgw.config import FailMode
-from s2sgw.interfaces import CertStatus, IStatusChecker, Reason, StatusInvalid, StatusUnavailable
+from s2sgw.interfaces import IStatusChecker, Reason
+from s2sgw.timeutil import utc
+from s2sgw.wire.feed import FeedDocument
+from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable, key_hash
 
 UTC = datetime.UTC
 _SHA256 = hashes.SHA256()
@@ -56,9 +58,6 @@ def _close_counter(registry: CollectorRegistry | None) -> Counter:
         )
     return counter
 
-
-def _utc(seconds: float) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(seconds, UTC)
 
 
 def _gates_of(routes: Any) -> Callable[[], Iterable[Any]]:
@@ -94,7 +93,7 @@ class PushedRevocations:
         return lookup(leaf, issuer) if lookup is not None else None
 
     def revoke(self, serial: int, revoked_at: datetime.datetime | None = None, reason: str | None = None) -> None:
-        now = _utc(self.clock.seconds())
+        now = utc(self.clock.seconds())
         self._revoked.pop(serial, None)
         while len(self._revoked) >= self.max_entries:
             del self._revoked[next(iter(self._revoked))]
@@ -214,7 +213,7 @@ class Enforcer(Service):
     def revalidate(self) -> None:
         """One pass over the live connections: expired peers close, stale statuses are asked again."""
         now = self.clock.seconds()
-        moment = _utc(now)
+        moment = utc(now)
         groups: dict[tuple[int, bytes], list[Any]] = {}
         for session in self._sessions():
             chain = getattr(session, "chain", ())

@@ -1,7 +1,7 @@
 """Follow the CA's revocation feed, so a revocation reaches this gateway within a second.
 
 :class:`FeedSubscriber` long-polls ``GET /revocations?since=N`` on the CA status server (see
-:mod:`s2sgw.ca.feed`), verifies each answer like an OCSP answer (signed by the issuing CA or by
+the document of :mod:`s2sgw.wire.feed`), verifies each answer like an OCSP answer (signed by the issuing CA or by
 a certificate it issued for OCSP signing), checks that the sequence numbers continue where it
 left off, and hands new revocations to ``on_revocations`` (the :class:`s2sgw.status.enforce.Enforcer`:
 status cache and live connections). A failed poll is retried with exponential back-off and
@@ -15,10 +15,7 @@ is cut and revocations arrive only through OCSP re-validation at ``nextUpdate``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
-import json
 import urllib.parse
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +23,6 @@ from typing import Any
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.application.service import Service
@@ -36,24 +32,24 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from s2sgw.ca.feed import DEFAULT_HOLD, DOCUMENT_TYPE, DOCUMENT_VERSION, FeedDocument, FeedEntry, key_hash
 from s2sgw.config import StatusConfig
-from s2sgw.interfaces import StatusInvalid, StatusUnavailable
-from s2sgw.status.ocsp import DEFAULT_LEEWAY, _check_delegate, _describe, read_limited, verify_signature
+from s2sgw.status.ocsp import _describe
+from s2sgw.timeutil import utc
+from s2sgw.wire.feed import (
+    DEFAULT_HOLD,
+    DEFAULT_MAX_AGE,
+    FeedDocument,
+    FeedRollback,
+    check_sequence,
+    open_document,
+)
+from s2sgw.wire.http import read_limited
+from s2sgw.wire.ocsp import DEFAULT_LEEWAY, StatusInvalid, StatusUnavailable
 
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
-DEFAULT_MAX_AGE = datetime.timedelta(seconds=120)
-_HASHES: dict[str, hashes.HashAlgorithm] = {
-    "sha256": hashes.SHA256(),
-    "sha384": hashes.SHA384(),
-    "sha512": hashes.SHA512(),
-}
 
 UTC = datetime.UTC
 
-
-def _utc(seconds: float) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(seconds, UTC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,127 +77,20 @@ def feed_url(status: StatusConfig) -> str | None:
 # codec (pure)
 
 
-def _field(payload: dict[str, Any], name: str, kind: type) -> Any:
-    value = payload.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise StatusInvalid(f"feed document field {name!r} is missing or not a {kind.__name__}")
-    return value
 
 
-def _count(payload: dict[str, Any], name: str) -> int:
-    value = _field(payload, name, int)
-    if value < 0:
-        raise StatusInvalid(f"feed document field {name!r} is negative")
-    return value
 
 
-def _time(text: Any, name: str) -> datetime.datetime:
-    if not isinstance(text, str):
-        raise StatusInvalid(f"feed document field {name!r} is not a time")
-    try:
-        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise StatusInvalid(f"feed document field {name!r} is not an ISO 8601 time") from None
-    if moment.tzinfo is None:
-        raise StatusInvalid(f"feed document field {name!r} has no time zone")
-    return moment.astimezone(UTC)
 
 
-def _entry(item: Any) -> FeedEntry:
-    if not isinstance(item, dict):
-        raise StatusInvalid("feed revocation is not an object")
-    serial_text = _field(item, "serial", str)
-    try:
-        serial = int(serial_text, 16)
-    except ValueError:
-        raise StatusInvalid(f"feed revocation serial {serial_text!r} is not hex") from None
-    reason = item.get("reason")
-    if reason is not None and not isinstance(reason, str):
-        raise StatusInvalid("feed revocation reason is not a string")
-    return FeedEntry(_count(item, "seq"), serial, _time(item.get("revoked_at"), "revoked_at"), reason)
 
 
-def open_document(
-    data: bytes,
-    issuers: Sequence[x509.Certificate],
-    *,
-    now: datetime.datetime,
-    leeway: datetime.timedelta = DEFAULT_LEEWAY,
-    max_age: datetime.timedelta = DEFAULT_MAX_AGE,
-) -> FeedDocument:
-    """Verify a feed answer and return its payload; raise StatusInvalid if anything is wrong.
-
-    ``issuers`` are the CA certificates this gateway trusts (roots and the intermediates of its
-    own chains); the document must name one of them by key hash and be signed by it or by a
-    certificate it issued with extendedKeyUsage OCSPSigning. Its time must be within
-    ``max_age`` (plus ``leeway``) of ``now``, so an old answer replayed cannot hide news.
-    """
-    try:
-        envelope = json.loads(data)
-        if not isinstance(envelope, dict):
-            raise StatusInvalid("feed answer is not a JSON object")
-        payload_bytes = base64.b64decode(_field(envelope, "payload", str), validate=True)
-        signature = base64.b64decode(_field(envelope, "signature", str), validate=True)
-        signer = x509.load_der_x509_certificate(base64.b64decode(_field(envelope, "signer", str), validate=True))
-        payload = json.loads(payload_bytes)
-    except StatusInvalid:
-        raise
-    except (ValueError, TypeError, binascii.Error) as error:
-        raise StatusInvalid(f"feed answer is not a signed document: {error}") from None
-    if not isinstance(payload, dict):
-        raise StatusInvalid("feed payload is not an object")
-    if payload.get("type") != DOCUMENT_TYPE or payload.get("version") != DOCUMENT_VERSION:
-        raise StatusInvalid("feed payload is not a version 1 revocation document")
-    issuer_hex = _field(payload, "issuer", str)
-    issuer = next((c for c in issuers if key_hash(c).hex() == issuer_hex.lower()), None)
-    if issuer is None:
-        raise StatusInvalid(f"feed issuer {issuer_hex} is not a CA this gateway trusts")
-    if signer != issuer:
-        _check_delegate(signer, issuer, now, leeway)
-    hash_name = envelope.get("hash")
-    if hash_name is not None and hash_name not in _HASHES:
-        raise StatusInvalid(f"feed signature hash {hash_name!r} is not accepted")
-    verify_signature(signer.public_key(), signature, payload_bytes, _HASHES.get(hash_name) if hash_name else None)
-    moment = _time(payload.get("time"), "time")
-    if moment > now + leeway:
-        raise StatusInvalid(f"feed document time {moment.isoformat()} is in the future")
-    if moment + max_age + leeway < now:
-        raise StatusInvalid(f"feed document from {moment.isoformat()} is too old (replayed?)")
-    revocations = payload.get("revocations")
-    if not isinstance(revocations, list):
-        raise StatusInvalid("feed document field 'revocations' is not a list")
-    return FeedDocument(
-        issuer_key_hash=bytes.fromhex(issuer_hex),
-        since=_count(payload, "since"),
-        seq=_count(payload, "seq"),
-        latest=_count(payload, "latest"),
-        time=moment,
-        revocations=tuple(_entry(item) for item in revocations),
-        more=bool(payload.get("more", False)),
-    )
 
 
-class FeedGap(StatusInvalid):
-    """A feed answer skips sequence numbers, or answers another question than ours."""
 
 
-class FeedRollback(Exception):
-    """The CA's sequence went below ours: its store was restored or replaced."""
 
 
-def check_sequence(document: FeedDocument, since: int) -> None:
-    """Raise FeedRollback or FeedGap unless ``document`` continues exactly after ``since``."""
-    if document.since != since:
-        raise FeedGap(f"answer is for since={document.since}, we asked since={since}")
-    if document.latest < since or document.seq < since:
-        raise FeedRollback(f"the CA's latest revocation is {document.latest}, we have seen {since}")
-    expected = since
-    for entry in document.revocations:
-        expected += 1
-        if entry.seq != expected:
-            raise FeedGap(f"revocation {entry.seq} follows {expected - 1}")
-    if document.seq != expected or document.latest < document.seq:
-        raise FeedGap(f"answer claims seq {document.seq} after {len(document.revocations)} revocations from {since}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +235,7 @@ class FeedSubscriber(Service):
 
     def _verify(self, body: bytes) -> FeedDocument:
         return open_document(
-            body, self.issuers(), now=_utc(self.clock.seconds()), leeway=self.leeway, max_age=self.max_age
+            body, self.issuers(), now=utc(self.clock.seconds()), leeway=self.leeway, max_age=self.max_age
         )
 
     def _take(self, document: FeedDocument, since: int) -> None:

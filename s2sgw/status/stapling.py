@@ -10,7 +10,6 @@ peer asks the CA itself, as it would without stapling.
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,7 +24,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from s2sgw.interfaces import CertStatus, StatusInvalid, StatusUnavailable
+from s2sgw.timeutil import utc
+from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
 
 STAPLE_FETCHES = Counter(
     "s2sgw_staple_fetches",
@@ -117,9 +117,6 @@ class _Target:
     refreshes: int = 0
     last_error: str | None = None
 
-
-def _utc(seconds: float) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
 
 
 @attrs.define(eq=False)
@@ -293,7 +290,7 @@ class StapleService(Service):
                 "stapling": staple is not None,
                 "state": staple.status.state if staple else None,
                 "this_update": staple.status.this_update.isoformat() if staple else None,
-                "next_update": _utc(staple.expires).isoformat() if staple else None,
+                "next_update": utc(staple.expires).isoformat() if staple else None,
                 "refreshes": target.refreshes,
                 "failures": target.failures,
                 "last_error": target.last_error,

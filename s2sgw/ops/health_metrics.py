@@ -1,0 +1,91 @@
+"""Readiness and lifetimes as Prometheus gauges, computed at scrape time from the monitor's snapshot."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from s2sgw import pki
+from s2sgw.wire.est import fingerprint
+
+
+def cache_entries(checker: Any) -> int | None:
+    """How many answers the status checker holds (the OCSP checker's cache), if it has one."""
+    cache = getattr(checker, "_cache", None)
+    return None if cache is None else len(cache)
+
+
+if TYPE_CHECKING:
+    from s2sgw.ops.health import Monitor
+
+
+class HealthCollector:
+    """Gauges computed at scrape time from the monitor's current snapshot (label sets are bounded:
+    service names, root fingerprints and fixed words)."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+
+    def describe(self) -> list[Metric]:
+        return []  # computed on collect; no duplicate checks against fixed names needed
+
+    def collect(self) -> Iterator[Metric]:
+        monitor = self.monitor
+        store = monitor.trust_store
+        material = store.material
+        now = monitor.now()
+        certificates = GaugeMetricFamily(
+            "s2sgw_certificate_expiry_seconds",
+            "Seconds until each service's own certificate expires (negative: expired).",
+            labels=["service"],
+        )
+        for name, service in material.services.items():
+            certificates.add_metric([name], (service.leaf.not_valid_after_utc - now).total_seconds())
+        yield certificates
+        roots = GaugeMetricFamily(
+            "s2sgw_trust_bundle_expiry_seconds",
+            "Seconds until each root certificate of the trust bundle expires.",
+            labels=["root", "fingerprint"],
+        )
+        for root in material.roots:
+            roots.add_metric(
+                [root.subject.rfc4514_string(), fingerprint(root)[:16]],
+                (root.not_valid_after_utc - now).total_seconds(),
+            )
+        yield roots
+        crl = material.crl
+        if crl is not None:
+            if crl.next_update_utc is not None:
+                yield GaugeMetricFamily(
+                    "s2sgw_crl_expiry_seconds",
+                    "Seconds until the loaded CRL's nextUpdate (negative: stale).",
+                    value=(crl.next_update_utc - now).total_seconds(),
+                )
+            number = pki.crl_number(crl)
+            if number is not None:
+                yield GaugeMetricFamily("s2sgw_crl_number", "CRL number of the loaded CRL.", value=number)
+        reloads = CounterMetricFamily(
+            "s2sgw_reloads", "Trust reloads by result (ok | failed).", labels=["result"]
+        )
+        reloads.add_metric(["ok"], max(0, store.generation - 1))
+        reloads.add_metric(["failed"], getattr(store, "reload_failures", 0))
+        yield reloads
+        yield GaugeMetricFamily(
+            "s2sgw_trust_generation", "Generation of the trust material in use (1 at start).", value=store.generation
+        )
+        yield GaugeMetricFamily(
+            "s2sgw_ready", "1 when /readyz would answer 200, else 0.", value=1 if monitor.readiness().ready else 0
+        )
+        entries = cache_entries(monitor.checker)
+        if entries is not None:
+            yield GaugeMetricFamily("s2sgw_status_cache_entries", "Status answers held in the cache.", value=entries)
+        probe = monitor.probe
+        if probe is not None:
+            yield GaugeMetricFamily(
+                "s2sgw_status_server_up",
+                "1 when the last readiness probe got a verified answer from the CA status server.",
+                value=1 if probe.reachable else 0,
+            )
+
