@@ -13,7 +13,7 @@ from pathlib import Path
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 UTC = datetime.UTC
@@ -169,3 +169,43 @@ class TestCA:
             builder = builder.add_revoked_certificate(entry.build())
         default_key = self.root_key if root else self.intermediate_key
         return builder.sign(signer_key or default_key, hashes.SHA256())
+
+
+def make_ca(cn: str = "Test CA", kind: str = "ec") -> Issued:
+    key = _key(kind)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - HOUR)
+        .not_valid_after(NOW + 24 * HOUR)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, _hash(key))
+    )
+    return Issued(cert, key)
+
+
+NOW = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
+HOUR = datetime.timedelta(hours=1)
+
+
+def _key(kind: str):
+    if kind == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _hash(key):
+    return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+
+
+@attrs.frozen
+class Issued:
+    cert: x509.Certificate
+    key: object

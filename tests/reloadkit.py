@@ -6,10 +6,17 @@ import http.client
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import attrs
+from cryptography.hazmat.primitives import serialization
+from twisted.python.failure import Failure
 
+from s2sgw.config import load_config
+from s2sgw.truststore import TrustStore
+from tests.doubles import FakeReactor, FakeThreadPool
 from tests.e2e import Processes
+from tests.pkifactory import Identity, TestCA
 
 ANSWER = b'{"id": 1, "name": "John Doe"}'
 
@@ -122,3 +129,76 @@ class ClientLoop:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+
+TRUSTSTORE_CONFIG = """
+trust = "bundle.pem"
+[status]
+mode = "{mode}"
+url = "http://127.0.0.1:8080/ocsp"
+crl = "ca.crl"
+[[service]]
+name = "orders"
+cert = "orders.pem"
+key = "orders.key"
+  [[service.inbound]]
+  listen = "tcp:0:interface=127.0.0.1"
+  backend = "tcp:127.0.0.1:8080"
+  allow = ["users"]
+  [[service.outbound]]
+  listen = "tcp:0:interface=127.0.0.1"
+  remote = "tcp:127.0.0.1:8443"
+  peer = "users"
+"""
+
+CRL_REFRESH_CONFIG = """
+trust = "bundle.pem"
+[status]
+mode = "crl"
+crl = "ca.crl"
+crl_url = "{url}"
+crl_refresh = 60
+[[service]]
+name = "orders"
+cert = "orders.pem"
+key = "orders.key"
+  [[service.inbound]]
+  listen = "tcp:0:interface=127.0.0.1"
+  backend = "tcp:127.0.0.1:8080"
+  allow = ["users"]
+"""
+
+
+def make_setup(directory: Path, mode: str = "off") -> Setup:
+    ca = TestCA.create()
+    (directory / "bundle.pem").write_bytes(ca.bundle_pem())
+    ca.issue("orders").write(directory, "orders")
+    config_path = directory / "gateway.toml"
+    config_path.write_text(TRUSTSTORE_CONFIG.format(mode=mode))
+    if mode == "crl":
+        (directory / "ca.crl").write_bytes(ca.crl(number=5).public_bytes(serialization.Encoding.PEM))
+    return Setup(directory, ca, config_path, FakeReactor(), FakeThreadPool())
+
+
+@attrs.define
+class Setup:
+    directory: Path
+    ca: TestCA
+    config_path: Path
+    reactor: FakeReactor
+    pool: FakeThreadPool
+
+    def store(self) -> TrustStore:
+        return TrustStore.load(load_config(self.config_path), self.reactor, threadpool=self.pool)
+
+    def write_identity(self, name: str, identity: Identity) -> None:
+        identity.write(self.directory, name)
+
+    def reload(self, store: TrustStore) -> tuple[Any, Failure | None]:
+        """Run one reload to its end; return (result, failure)."""
+        outcome: list[Any] = []
+        store.reload().addBoth(outcome.append)
+        self.pool.run()
+        assert outcome, "reload did not finish"
+        result = outcome[0]
+        return (None, result) if isinstance(result, Failure) else (result, None)

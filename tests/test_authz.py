@@ -16,12 +16,12 @@ from twisted.internet import defer, task
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface.verify import verifyObject
 
-from s2sgw.routes.authz import Authorizer, PeerIdentity, peer_identity
 from s2sgw.config import InboundRoute, OutboundRoute
 from s2sgw.interfaces import Decision, IAuthorizer, Reason
+from s2sgw.routes.authz import Authorizer, PeerIdentity, peer_identity
 from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
 from tests.doubles import FakeStatusChecker
-from tests.test_status import NOW, make_ca
+from tests.pkifactory import NOW, make_ca
 
 DOMAIN = "s2s.test"
 HOUR = datetime.timedelta(hours=1)

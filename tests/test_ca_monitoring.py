@@ -17,8 +17,8 @@ from twisted.web import resource
 
 from s2sgw.ca.authority import CertificateAuthority
 from s2sgw.ca.monitoring import ReadyzResource, metrics_registry, readiness
+from tests.doubles import Inline, make_harness
 from tests.e2e import Processes, free_port
-from tests.test_ca_server import Inline, make_harness
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

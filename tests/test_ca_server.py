@@ -15,7 +15,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
-from treq.testing import StubTreq
 from twisted.application.service import IService
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
@@ -25,69 +24,8 @@ from twisted.python.failure import Failure
 
 from s2sgw.ca import tap
 from s2sgw.ca.authority import CertificateAuthority
-from s2sgw.ca.ocsp import Responder
 from s2sgw.ca.server import StatusSite, build_root, decode_get_path
-from s2sgw.ca.publisher import StatusPublisher, StoreWatcher
-
-BASE = "http://ca.test"
-
-
-def result_of(d: defer.Deferred) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
-
-
-@attrs.define
-class Inline:
-    """Runs store work at once, recording what ran (the real server uses a thread)."""
-
-    calls: list[str] = attrs.field(factory=list)
-    fail: Callable[[str], bool] = lambda name: False
-
-    def __call__(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
-        name = getattr(f, "__name__", repr(f))
-        self.calls.append(name)
-        if self.fail(name):
-            return defer.fail(RuntimeError(f"store broken during {name}"))
-        return defer.maybeDeferred(f, *args)
-
-
-@attrs.define
-class Harness:
-    ca: CertificateAuthority
-    clock: task.Clock
-    inline: Inline
-    publisher: StatusPublisher
-    watcher: StoreWatcher
-    stub: StubTreq
-
-    def fetch(self, method: str, path: str, **kwargs: Any) -> tuple[Any, bytes]:
-        d = self.stub.request(method, BASE + path, **kwargs)
-        self.stub.flush()
-        response = result_of(d)
-        body = self.stub.content(response)
-        self.stub.flush()
-        return response, result_of(body)
-
-    def post(self, body: bytes) -> tuple[Any, ocsp.OCSPResponse]:
-        response, der = self.fetch(
-            "POST", "/ocsp", data=body, headers={"Content-Type": "application/ocsp-request"}
-        )
-        return response, ocsp.load_der_ocsp_response(der)
-
-    def request(self, cert: x509.Certificate, nonce: bytes | None = None) -> bytes:
-        return ocsp_request(cert, self.ca.intermediate_cert, nonce)
-
-
-def ocsp_request(cert: x509.Certificate, issuer: x509.Certificate, nonce: bytes | None = None) -> bytes:
-    builder = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1())
-    if nonce is not None:
-        builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
-    return builder.build().public_bytes(serialization.Encoding.DER)
+from tests.doubles import BASE, Harness, Inline, make_harness, ocsp_request, result_of
 
 
 def header(response: Any, name: str) -> str | None:
@@ -100,20 +38,6 @@ def ca(tmp_path: Path) -> CertificateAuthority:
     return CertificateAuthority.init(tmp_path / "ca", "example.org")
 
 
-def make_harness(ca: CertificateAuthority, inline: Inline | None = None, **kwargs: Any) -> Harness:
-    clock = task.Clock()
-    clock.advance(datetime.datetime.now(datetime.timezone.utc).timestamp())
-    inline = inline or Inline()
-    responder = Responder(
-        issuer=ca.intermediate_cert,
-        signer_cert=ca.ocsp_cert,
-        signer_key=ca.ocsp_key,
-        validity=datetime.timedelta(seconds=300),
-    )
-    publisher = StatusPublisher(ca=ca, responder=responder, clock=clock, in_thread=inline, **kwargs)
-    watcher = StoreWatcher(publisher, clock)
-    watcher.startService()
-    return Harness(ca, clock, inline, publisher, watcher, StubTreq(build_root(publisher)))
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,43 +21,23 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import REGISTRY
-from twisted.internet.task import Clock
-from twisted.python.failure import Failure
+from treq.testing import StubTreq
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
-from treq.testing import StubTreq
 
 from s2sgw import pki
 from s2sgw.config import load_config
-from s2sgw.status.crl_refresh import CRLRefreshService, reload_following_crl
 from s2sgw.files import write_atomically
 from s2sgw.status.crl import CRLStatusChecker
+from s2sgw.status.crl_refresh import CRLRefreshService, reload_following_crl
 from s2sgw.truststore import TrustStore
+from tests.doubles import SyncReactor
 from tests.pkifactory import TestCA, new_key, now
+from tests.reloadkit import CRL_REFRESH_CONFIG
 
 CRL_URL = "http://ca.test/crl"
 
 
-class SyncReactor(Clock):
-    """A Clock at the wall time whose "threads" run at once: what the store and the refresher need."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.advance(time.time())
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
-
-    def getThreadPool(self) -> SyncReactor:
-        return self
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs) -> None:
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
 
 
 class CRLResource(Resource):
@@ -87,22 +66,6 @@ class CRLResource(Resource):
         return self.body
 
 
-CONFIG = """
-trust = "bundle.pem"
-[status]
-mode = "crl"
-crl = "ca.crl"
-crl_url = "{url}"
-crl_refresh = 60
-[[service]]
-name = "orders"
-cert = "orders.pem"
-key = "orders.key"
-  [[service.inbound]]
-  listen = "tcp:0:interface=127.0.0.1"
-  backend = "tcp:127.0.0.1:8080"
-  allow = ["users"]
-"""
 
 
 @attrs.define
@@ -138,7 +101,7 @@ def rig(tmp_path: Path) -> Rig:
     (tmp_path / "bundle.pem").write_bytes(ca.bundle_pem())
     ca.issue("orders").write(tmp_path, "orders")
     (tmp_path / "ca.crl").write_bytes(ca.crl(number=5).public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "gateway.toml").write_text(CONFIG.format(url=CRL_URL))
+    (tmp_path / "gateway.toml").write_text(CRL_REFRESH_CONFIG.format(url=CRL_URL))
     reactor = SyncReactor()
     store = TrustStore.load(load_config(tmp_path / "gateway.toml"), reactor, threadpool=reactor)
     checker = CRLStatusChecker.from_path(tmp_path / "ca.crl", reactor)
@@ -343,7 +306,14 @@ def test_revoked_peer_is_refused_after_the_next_crl_refresh(tmp_path: Path) -> N
     `s2sgw ca revoke orders`, orders is refused with reason revoked, and the CRL file on disk
     carries the new number."""
     from tests.e2e import TRUST_DOMAIN, Pki, Processes, free_port
-    from tests.reloadkit import ANSWER, config_text, get, inbound, outbound, wait_log_count
+    from tests.reloadkit import (
+        ANSWER,
+        config_text,
+        get,
+        inbound,
+        outbound,
+        wait_log_count,
+    )
 
     ports = {name: free_port() for name in ("ca", "users_gw", "backend", "orders", "admin")}
     pki = Pki.create(tmp_path, f"http://127.0.0.1:{ports['ca']}", ("users", "orders"))

@@ -21,23 +21,30 @@ from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 
-from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
-from s2sgw.wire.ocsp import key_hash
-from s2sgw.wire.feed import FeedDocument, FeedEntry
 from s2sgw.ca.ocsp import Responder
-from s2sgw.ca.server import build_root
 from s2sgw.ca.publisher import StatusPublisher
+from s2sgw.ca.server import build_root
 from s2sgw.config import InboundRoute, OutboundRoute, TimeoutsConfig
+from s2sgw.interfaces import Decision, Reason
+from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
+from s2sgw.ops.metrics import Metrics
+from s2sgw.routes.inbound import InboundListener
 from s2sgw.routes.outbound import OutboundConnector
 from s2sgw.status.enforce import Enforcer, PushedRevocations
-from s2sgw.interfaces import Decision, Reason
-from s2sgw.wire.ocsp import StatusUnavailable
-from s2sgw.routes.inbound import InboundListener
-from s2sgw.ops.metrics import Metrics
 from s2sgw.status.ocsp import OCSPStatusChecker
-from tests.doubles import FakeStatusChecker
 from s2sgw.transport import TLSFactory
-from tests.tlshelpers import PKI, FakeAuthorizer, FakeTrustStore, HalfCloseCollector, Wire, WireEndpoint, pump_all
+from s2sgw.wire.feed import FeedDocument, FeedEntry
+from s2sgw.wire.ocsp import StatusUnavailable, key_hash
+from tests.doubles import FakeStatusChecker
+from tests.tlshelpers import (
+    PKI,
+    FakeAuthorizer,
+    FakeTrustStore,
+    HalfCloseCollector,
+    Wire,
+    WireEndpoint,
+    pump_all,
+)
 
 TIMEOUTS = TimeoutsConfig(handshake=10.0, connect=5.0, idle=1e9, drain=10.0)
 

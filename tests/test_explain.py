@@ -16,8 +16,14 @@ from twisted.internet.task import Clock
 
 from s2sgw import pki
 from s2sgw.config import load_config
-from s2sgw.ops.explain import EXIT_ALLOWED, EXIT_ERROR, EXIT_REFUSED, explain, find_route
 from s2sgw.interfaces import Reason
+from s2sgw.ops.explain import (
+    EXIT_ALLOWED,
+    EXIT_ERROR,
+    EXIT_REFUSED,
+    explain,
+    find_route,
+)
 from s2sgw.wire.ocsp import StatusUnavailable
 from tests.doubles import FakeStatusChecker
 from tests.e2e import BIN, Pki, Processes, free_port, gateway_config, service_block

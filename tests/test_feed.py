@@ -23,15 +23,21 @@ from twisted.web import resource, server
 
 from s2sgw.ca.authority import CertificateAuthority
 from s2sgw.ca.feed import RevocationFeed
-from s2sgw.wire.ocsp import key_hash
-from s2sgw.wire.feed import FeedDocument, FeedEntry, sign
 from s2sgw.ca.ocsp import Responder
-from s2sgw.ca.server import build_root
 from s2sgw.ca.publisher import StatusPublisher, StoreWatcher
+from s2sgw.ca.server import build_root
 from s2sgw.config import StatusConfig
 from s2sgw.status.feed import FeedSubscriber, feed_url, register_metrics
-from s2sgw.wire.feed import FeedGap, FeedRollback, check_sequence, open_document
-from s2sgw.wire.ocsp import StatusInvalid
+from s2sgw.wire.feed import (
+    FeedDocument,
+    FeedEntry,
+    FeedGap,
+    FeedRollback,
+    check_sequence,
+    open_document,
+    sign,
+)
+from s2sgw.wire.ocsp import StatusInvalid, key_hash
 
 BASE = "http://ca.test"
 HOLD = 25.0

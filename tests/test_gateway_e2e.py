@@ -19,7 +19,15 @@ from pathlib import Path
 import attrs
 import pytest
 
-from tests.e2e import Pki, Processes, free_port, gateway_config, rss_kib, service_block, callers_of
+from tests.e2e import (
+    Pki,
+    Processes,
+    callers_of,
+    free_port,
+    gateway_config,
+    rss_kib,
+    service_block,
+)
 
 pytestmark = pytest.mark.e2e
 

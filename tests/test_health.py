@@ -18,14 +18,14 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 
-from s2sgw.routes.authz import Authorizer
 from s2sgw.config import ConfigError, load_config, parse_config
 from s2sgw.ops.health import Monitor
-from s2sgw.routes.inbound import InboundListener
 from s2sgw.ops.metrics import Metrics
 from s2sgw.ops.notify import Notifier, NotifyService, format_message, socket_address
-from tests.doubles import FakeStatusChecker
+from s2sgw.routes.authz import Authorizer
+from s2sgw.routes.inbound import InboundListener
 from s2sgw.truststore import TrustStore
+from tests.doubles import FakeStatusChecker
 from tests.e2e import Pki, gateway_config, service_block
 
 
@@ -248,7 +248,7 @@ def test_a_stale_roots_crl_held_beside_the_intermediates_makes_the_gateway_not_r
     from cryptography.hazmat.primitives import serialization
 
     from tests.pkifactory import now
-    from tests.test_truststore import make_setup
+    from tests.reloadkit import make_setup
 
     setup = make_setup(tmp_path, mode="crl")
     ca = setup.ca

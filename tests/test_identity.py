@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import struct
 from typing import Any
 
@@ -22,16 +21,37 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 
-from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
 from s2sgw.config import ConfigError, InboundRoute, TimeoutsConfig, parse_config
-from s2sgw.identity.http_headers import IdentityHeaders, Refusal, RequestRewriter, identity_headers
-from s2sgw.interfaces import Decision, Reason
-from s2sgw.identity.jwt_bearer import AddBearer, ReplayCache, TokenSigner, TokenVerifier, VerifyBearer, algorithm_for
-from s2sgw.routes.inbound import InboundListener
-from s2sgw.ops.metrics import Metrics
+from s2sgw.identity.http_headers import (
+    IdentityHeaders,
+    Refusal,
+    RequestRewriter,
+    identity_headers,
+)
+from s2sgw.identity.jwt_bearer import (
+    AddBearer,
+    ReplayCache,
+    TokenSigner,
+    TokenVerifier,
+    VerifyBearer,
+    algorithm_for,
+)
 from s2sgw.identity.proxy_v2 import CallerInfo, encode_v2
+from s2sgw.interfaces import Decision, Reason
+from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
+from s2sgw.ops.metrics import Metrics
+from s2sgw.routes.inbound import InboundListener
 from s2sgw.transport import TLSFactory
-from tests.tlshelpers import PKI, FakeAuthorizer, FakeTrustStore, HalfCloseCollector, Wire, WireEndpoint, pump_all
+from tests.doubles import decode_proxy_v2, decode_tlvs
+from tests.tlshelpers import (
+    PKI,
+    FakeAuthorizer,
+    FakeTrustStore,
+    HalfCloseCollector,
+    Wire,
+    WireEndpoint,
+    pump_all,
+)
 
 CALLER = "spiffe://example.test/users"
 US = "spiffe://example.test/orders"
@@ -40,45 +60,10 @@ US = "spiffe://example.test/orders"
 # An independent PROXY v2 decoder (written from HAProxy's proxy-protocol.txt, not from our encoder)
 
 
-@attrs.frozen
-class Decoded:
-    command: int
-    family: int
-    source: tuple[str, int] | None
-    destination: tuple[str, int] | None
-    tlvs: dict[int, bytes]
-    consumed: int
 
 
-def decode_proxy_v2(data: bytes) -> Decoded:
-    assert data[:12] == b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a", "no v2 signature"
-    version_command, family, length = data[12], data[13], int.from_bytes(data[14:16], "big")
-    assert version_command >> 4 == 2
-    body = data[16 : 16 + length]
-    assert len(body) == length
-    source = destination = None
-    if family == 0x11:
-        source = (str(ipaddress.IPv4Address(body[0:4])), int.from_bytes(body[8:10], "big"))
-        destination = (str(ipaddress.IPv4Address(body[4:8])), int.from_bytes(body[10:12], "big"))
-        rest = body[12:]
-    elif family == 0x21:
-        source = (str(ipaddress.IPv6Address(body[0:16])), int.from_bytes(body[32:34], "big"))
-        destination = (str(ipaddress.IPv6Address(body[16:32])), int.from_bytes(body[34:36], "big"))
-        rest = body[36:]
-    else:
-        rest = body
-    return Decoded(version_command & 0xF, family, source, destination, decode_tlvs(rest), 16 + length)
 
 
-def decode_tlvs(data: bytes) -> dict[int, bytes]:
-    found: dict[int, bytes] = {}
-    while data:
-        kind, length = data[0], int.from_bytes(data[1:3], "big")
-        value = data[3 : 3 + length]
-        assert len(value) == length, "truncated TLV"
-        found[kind] = value
-        data = data[3 + length :]
-    return found
 
 
 def test_proxy_v2_header_carries_address_tls_facts_spiffe_id_and_serial() -> None:

@@ -27,8 +27,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tests.doubles import decode_proxy_v2
 from tests.e2e import Pki, Processes, free_port, gateway_config, service_block
-from tests.test_identity import decode_proxy_v2
 
 pytestmark = pytest.mark.e2e
 

@@ -14,19 +14,37 @@ from prometheus_client import CollectorRegistry
 from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IOpenSSLServerConnectionCreator,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
-from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
 from s2sgw.config import InboundRoute, TimeoutsConfig
 from s2sgw.interfaces import Decision, Reason
-from s2sgw.routes.inbound import InboundListener
+from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
 from s2sgw.ops.metrics import Metrics
-from s2sgw.transport import EagerClient, EagerPort, TLSFactory, client_endpoint, server_endpoint
-from tests.tlshelpers import PKI, FakeAuthorizer, FakeTrustStore, HalfCloseCollector, Wire, WireEndpoint, pump_all
+from s2sgw.routes.inbound import InboundListener
+from s2sgw.transport import (
+    EagerClient,
+    EagerPort,
+    TLSFactory,
+    client_endpoint,
+    server_endpoint,
+)
+from tests.tlshelpers import (
+    PKI,
+    FakeAuthorizer,
+    FakeTrustStore,
+    HalfCloseCollector,
+    Wire,
+    WireEndpoint,
+    pump_all,
+)
 
 ALLOWED = Decision(True, Reason.OK, "spiffe://example.test/users", 0xABC)
 TIMEOUTS = TimeoutsConfig(handshake=10.0, connect=5.0, idle=300.0, drain=10.0)

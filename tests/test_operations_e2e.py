@@ -23,7 +23,15 @@ import attrs
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e import BIN, Pki, Processes, free_port, gateway_config, service_block, callers_of
+from tests.e2e import (
+    BIN,
+    Pki,
+    Processes,
+    callers_of,
+    free_port,
+    gateway_config,
+    service_block,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -19,14 +19,22 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from zope.interface import implementer
 
-from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
 from s2sgw.config import InboundRoute, OutboundRoute, TimeoutsConfig
-from s2sgw.routes.outbound import OutboundConnector
 from s2sgw.interfaces import Decision, Reason
-from s2sgw.routes.inbound import InboundListener
+from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
 from s2sgw.ops.metrics import Metrics
+from s2sgw.routes.inbound import InboundListener
+from s2sgw.routes.outbound import OutboundConnector
 from s2sgw.transport import TLSFactory, client_endpoint, server_endpoint
-from tests.tlshelpers import PKI, FakeAuthorizer, FakeTrustStore, HalfCloseCollector, Wire, WireEndpoint, pump_all
+from tests.tlshelpers import (
+    PKI,
+    FakeAuthorizer,
+    FakeTrustStore,
+    HalfCloseCollector,
+    Wire,
+    WireEndpoint,
+    pump_all,
+)
 
 PROVEN = Decision(True, Reason.OK, "spiffe://example.test/users", 0x5EED)
 TIMEOUTS = TimeoutsConfig(handshake=10.0, connect=5.0, idle=300.0, drain=10.0)

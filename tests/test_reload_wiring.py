@@ -8,17 +8,17 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.task import Clock
 
-from s2sgw.routes.authz import Authorizer
 from s2sgw.config import InboundRoute, load_config
-from s2sgw.status.crl_refresh import CRLRefreshService
 from s2sgw.interfaces import Reason
 from s2sgw.reload import ReloadService
+from s2sgw.routes.authz import Authorizer
 from s2sgw.service import build_gateway
-from tests.doubles import FakeStatusChecker
 from s2sgw.status.crl import CRLStatusChecker
+from s2sgw.status.crl_refresh import CRLRefreshService
 from s2sgw.truststore import TrustStore
+from tests.doubles import FakeStatusChecker, SyncReactor
 from tests.pkifactory import TestCA
-from tests.test_crl_refresh import CONFIG, SyncReactor
+from tests.reloadkit import CRL_REFRESH_CONFIG
 
 
 def _decide(authorizer: Authorizer, route: InboundRoute, chain) -> Any:
@@ -46,7 +46,7 @@ def test_gateway_in_mode_crl_with_a_url_runs_a_crl_refresh_and_the_checker_follo
     (tmp_path / "bundle.pem").write_bytes(ca.bundle_pem())
     ca.issue("orders").write(tmp_path, "orders")
     (tmp_path / "ca.crl").write_bytes(ca.crl(number=5).public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "gateway.toml").write_text(CONFIG.format(url="http://127.0.0.1:1/crl"))
+    (tmp_path / "gateway.toml").write_text(CRL_REFRESH_CONFIG.format(url="http://127.0.0.1:1/crl"))
     reactor = SyncReactor()
     config = load_config(tmp_path / "gateway.toml")
     store = TrustStore.load(config, reactor, threadpool=reactor)

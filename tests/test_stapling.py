@@ -15,6 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
+from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory
@@ -22,22 +23,27 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web.resource import Resource
-from treq.testing import StubTreq
 
 from s2sgw import tls
-from s2sgw.routes.authz import Authorizer
 from s2sgw.ca.authority import CertificateAuthority, IssuedIdentity
 from s2sgw.ca.ocsp import Responder, SerialStatus
 from s2sgw.config import OutboundRoute, load_config
-from s2sgw.routes.outbound import OutboundConnector
 from s2sgw.interfaces import Reason
-from s2sgw.wire.ocsp import CertStatus, StatusInvalid
-from s2sgw.status.stapling import STAPLES_RECEIVED, Staple, StapleCache, StapleService, fingerprint, inbound_targets
+from s2sgw.routes.authz import Authorizer
+from s2sgw.routes.outbound import OutboundConnector
 from s2sgw.status.ocsp import OCSPStatusChecker
+from s2sgw.status.stapling import (
+    STAPLES_RECEIVED,
+    Staple,
+    StapleCache,
+    StapleService,
+    fingerprint,
+    inbound_targets,
+)
 from s2sgw.transport import TLSFactory
 from s2sgw.truststore import TrustStore
-from tests.test_tls import connect
-from tests.tlshelpers import HalfCloseCollector, Wire, WireEndpoint, pump_all
+from s2sgw.wire.ocsp import CertStatus, StatusInvalid
+from tests.tlshelpers import HalfCloseCollector, Wire, WireEndpoint, connect, pump_all
 
 DOMAIN = "s2s.test"
 VALIDITY = 300.0

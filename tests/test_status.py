@@ -9,7 +9,6 @@ import pytest
 import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client import REGISTRY
@@ -20,15 +19,20 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface.verify import verifyObject
 
 from s2sgw.interfaces import IStatusChecker
-from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
-from s2sgw.status.ocsp import OCSPStatusChecker
-from tests.doubles import FakeStatusChecker
 from s2sgw.status.checker import NoStatusChecker
 from s2sgw.status.crl import CRLStatusChecker
-from s2sgw.wire.ocsp import build_request, new_nonce, verify_response
+from s2sgw.status.ocsp import OCSPStatusChecker
+from s2sgw.wire.ocsp import (
+    CertStatus,
+    StatusInvalid,
+    StatusUnavailable,
+    build_request,
+    new_nonce,
+    verify_response,
+)
+from tests.doubles import FakeStatusChecker
+from tests.pkifactory import HOUR, NOW, Issued, _hash, _key, make_ca
 
-NOW = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
-HOUR = datetime.timedelta(hours=1)
 MINUTE = datetime.timedelta(minutes=1)
 
 
@@ -36,42 +40,16 @@ MINUTE = datetime.timedelta(minutes=1)
 # certificates built with cryptography
 
 
-def _key(kind: str):
-    if kind == "rsa":
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    if kind == "ed25519":
-        return ed25519.Ed25519PrivateKey.generate()
-    return ec.generate_private_key(ec.SECP256R1())
 
 
-def _hash(key):
-    return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-@attrs.frozen
-class Issued:
-    cert: x509.Certificate
-    key: object
 
 
-def make_ca(cn: str = "Test CA", kind: str = "ec") -> Issued:
-    key = _key(kind)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - HOUR)
-        .not_valid_after(NOW + 24 * HOUR)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, _hash(key))
-    )
-    return Issued(cert, key)
 
 
 def make_cert(

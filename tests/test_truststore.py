@@ -3,112 +3,25 @@
 from __future__ import annotations
 
 import datetime
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 from cryptography.hazmat.primitives import serialization
-from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from s2sgw import pki, tls
 from s2sgw.config import ConfigError, load_config
 from s2sgw.interfaces import ITrustStore, Reason
 from s2sgw.truststore import TrustStore
+from tests.doubles import FakeReactor, FakeThreadPool
 from tests.pkifactory import Identity, TestCA, cert_pem, key_pem, new_key, now
-from tests.test_tls import connect
+from tests.reloadkit import Setup, make_setup
+from tests.tlshelpers import connect
 
 
-class FakeReactor(Clock):
-    """Time plus callFromThread: what deferToThreadPool needs from a reactor."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.advance(time.time())
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
-
-
-@attrs.define
-class FakeThreadPool:
-    """Queues work; the test decides when the "thread" runs it."""
-
-    jobs: list[tuple[Callable[..., Any], Callable[..., Any]]] = attrs.field(factory=list)
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs) -> None:
-        self.jobs.append((on_result, lambda: f(*args, **kwargs)))
-
-    def run(self) -> None:
-        """Run every queued job (and any queued while running)."""
-        while self.jobs:
-            on_result, work = self.jobs.pop(0)
-            try:
-                result = work()
-            except BaseException:
-                on_result(False, Failure())
-            else:
-                on_result(True, result)
-
-
-@attrs.define
-class Setup:
-    directory: Path
-    ca: TestCA
-    config_path: Path
-    reactor: FakeReactor
-    pool: FakeThreadPool
-
-    def store(self) -> TrustStore:
-        return TrustStore.load(load_config(self.config_path), self.reactor, threadpool=self.pool)
-
-    def write_identity(self, name: str, identity: Identity) -> None:
-        identity.write(self.directory, name)
-
-    def reload(self, store: TrustStore) -> tuple[Any, Failure | None]:
-        """Run one reload to its end; return (result, failure)."""
-        outcome: list[Any] = []
-        store.reload().addBoth(outcome.append)
-        self.pool.run()
-        assert outcome, "reload did not finish"
-        result = outcome[0]
-        return (None, result) if isinstance(result, Failure) else (result, None)
-
-
-CONFIG = """
-trust = "bundle.pem"
-[status]
-mode = "{mode}"
-url = "http://127.0.0.1:8080/ocsp"
-crl = "ca.crl"
-[[service]]
-name = "orders"
-cert = "orders.pem"
-key = "orders.key"
-  [[service.inbound]]
-  listen = "tcp:0:interface=127.0.0.1"
-  backend = "tcp:127.0.0.1:8080"
-  allow = ["users"]
-  [[service.outbound]]
-  listen = "tcp:0:interface=127.0.0.1"
-  remote = "tcp:127.0.0.1:8443"
-  peer = "users"
-"""
-
-
-def make_setup(directory: Path, mode: str = "off") -> Setup:
-    ca = TestCA.create()
-    (directory / "bundle.pem").write_bytes(ca.bundle_pem())
-    ca.issue("orders").write(directory, "orders")
-    config_path = directory / "gateway.toml"
-    config_path.write_text(CONFIG.format(mode=mode))
-    if mode == "crl":
-        (directory / "ca.crl").write_bytes(ca.crl(number=5).public_bytes(serialization.Encoding.PEM))
-    return Setup(directory, ca, config_path, FakeReactor(), FakeThreadPool())
 
 
 @pytest.fixture

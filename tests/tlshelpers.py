@@ -22,14 +22,18 @@ from twisted.internet.error import ConnectionAborted, ConnectionDone, Connection
 from twisted.internet.interfaces import (
     IConsumer,
     IHalfCloseableProtocol,
+    IHandshakeListener,
     IProtocol,
     IPushProducer,
     IStreamClientEndpoint,
     ITCPTransport,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate
+from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from twisted.test import iosim
 from zope.interface import implementer
 
 from s2sgw.ca.authority import CertificateAuthority, IssuedIdentity
@@ -353,3 +357,59 @@ class WireEndpoint:
     def fail(self, reason: Exception) -> None:
         _factory, dialing = self.waiting.pop(0)
         dialing.errback(reason)
+
+
+def connect(server_creator, client_creator) -> Pair:
+    """Run a TLS handshake between the two creators to completion, in memory."""
+    server_app, client_app = Recorder(), Recorder()
+    clock = Clock()
+    server_factory = TLSMemoryBIOFactory(
+        server_creator, False, Factory.forProtocol(lambda: server_app), clock=clock
+    )
+    client_factory = TLSMemoryBIOFactory(
+        client_creator, True, Factory.forProtocol(lambda: client_app), clock=clock
+    )
+    client_tls, server_tls, pump = iosim.connectedServerAndClient(
+        lambda: server_factory.buildProtocol(None),
+        lambda: client_factory.buildProtocol(None),
+        greet=False,
+    )
+    # connectedServerAndClient names them backwards: it returns (client, server, pump) of the
+    # protocols built by ClientClass and ServerClass respectively.
+    assert isinstance(client_tls, TLSMemoryBIOProtocol)
+    pump.flush()
+    return Pair(server_tls, client_tls, server_app, client_app, pump, clock)
+
+
+@implementer(IHandshakeListener)
+class Recorder(Protocol):
+    """Remembers whether the handshake completed and why the connection ended."""
+
+    def __init__(self) -> None:
+        self.completed = False
+        self.lost: Failure | None = None
+        self.received = b""
+
+    def handshakeCompleted(self) -> None:
+        self.completed = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost = reason
+
+
+@attrs.define
+class Pair:
+    server_tls: TLSMemoryBIOProtocol
+    client_tls: TLSMemoryBIOProtocol
+    server: Recorder
+    client: Recorder
+    pump: iosim.IOPump
+    clock: Clock
+
+    def flush(self) -> None:
+        """Deliver everything written so far (the TLS layer may hold small writes for a tick)."""
+        self.clock.advance(0)
+        self.pump.flush()
