@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from s2sgw.httpident import Header, Refusal, RequestHead
+from s2sgw.httpident import IDENTITY_HEADERS, Header, Refusal, RequestHead
 from s2sgw.interfaces import Reason
 
 TOKEN_LIFETIME = 30.0  # seconds between iat and exp of the tokens we sign
@@ -204,7 +204,8 @@ class VerifyBearer:
 
     @strip.default
     def _strip(self) -> frozenset[bytes]:
-        return frozenset() if self.forward else frozenset({AUTHORIZATION})
+        # Identity headers go in any case: a backend must never read a caller-written one.
+        return IDENTITY_HEADERS if self.forward else IDENTITY_HEADERS | {AUTHORIZATION}
 
     def headers_for(self, head: RequestHead) -> Sequence[Header]:
         self.verifier.verify(bearer_token(head), self.caller_id, self.caller_cert)
@@ -213,11 +214,15 @@ class VerifyBearer:
 
 @attrs.frozen
 class AddBearer:
-    """Outbound ``identity = "jwt"``: a fresh token on each request, replacing the client's."""
+    """Outbound ``identity = "jwt"``: a fresh token on each request, replacing the client's.
+
+    The local client's identity headers are removed too: the only identity that leaves is the
+    signed token.
+    """
 
     signer: TokenSigner
     audience: str
-    strip: frozenset[bytes] = frozenset({AUTHORIZATION})
+    strip: frozenset[bytes] = IDENTITY_HEADERS | {AUTHORIZATION}
 
     def headers_for(self, head: RequestHead) -> Sequence[Header]:
         return ((b"Authorization", b"Bearer " + self.signer.token(self.audience).encode("ascii")),)
