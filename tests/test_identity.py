@@ -398,8 +398,11 @@ def test_the_replay_cache_is_bounded() -> None:
     clock = Clock()
     cache = ReplayCache(clock, size=3)
     for i in range(5):
-        assert cache.add(("c", str(i)), 100.0)
+        assert cache.add(("c", str(i)), 100.0 + i)
     assert len(cache) == 3 and cache.evicted == 2
+    # The ids it had to forget cannot come back, and neither can any token expiring no later.
+    assert not cache.add(("c", "0"), 100.0) and not cache.add(("c", "1"), 101.0) and not cache.add(("c", "new"), 101.0)
+    assert cache.add(("c", "5"), 105.0)
 
 
 def test_wrong_audience_other_signer_and_wrong_issuer_are_refused(p256: Any) -> None:

@@ -1,14 +1,18 @@
 """Forgery paths of the HTTP identity modes, as units: what a caller may not make a backend believe.
 
 Every spelling of an identity header is removed in every HTTP mode, the gateway's own fields come
-first, a head has at most 100 fields, and bare CR/LF are refused as they arrive.
+first, a head has at most 100 fields, bare CR/LF are refused as they arrive, and JWT time claims
+must be finite NumericDates with replays refused for the token's whole lifetime.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import math
 from typing import Any
 
+import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.task import Clock
@@ -16,7 +20,7 @@ from twisted.internet.task import Clock
 from s2sgw.httpident import IDENTITY_HEADERS, MAX_HEADER_FIELDS, IdentityHeaders, fold_name
 from s2sgw.interfaces import Reason
 from s2sgw.jwtident import AddBearer, ReplayCache, TokenSigner, TokenVerifier, VerifyBearer
-from tests.test_identity import CALLER, OURS, US, CertForKey, Rig, audits, pki, rewrite  # noqa: F401 (fixtures)
+from tests.test_identity import CALLER, OURS, US, CertForKey, Rig, _verify, audits, pki, rewrite  # noqa: F401 (fixtures)
 from tests.tlshelpers import PKI
 
 NOW = 1_000_000
@@ -209,3 +213,74 @@ def test_a_listener_refuses_101_header_fields_with_431_and_counts_the_reason(pki
     assert [(e["outcome"], e["reason"]) for e in audits] == [("closed", Reason.HTTP_TOO_MANY_HEADERS)]
     assert audits[0]["detail"] == "more than 100 header fields"
     assert _connections(rig, Reason.HTTP_TOO_MANY_HEADERS) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# JWT time claims and replays
+
+
+def _token(key: Any, **changes: Any) -> str:
+    """A token from the caller with some claims replaced (``None`` drops nothing: it is JSON null)."""
+    claims: dict[str, Any] = {"iss": CALLER, "sub": CALLER, "aud": US, "iat": NOW, "exp": NOW + 30, "jti": "abcdefghijkl"}
+    claims.update(changes)
+    payload = json.dumps(claims, separators=(",", ":"), allow_nan=True).encode()
+    return jwt.api_jws.PyJWS().encode(payload, key, algorithm="ES256")
+
+
+BAD_DATES = [math.nan, math.inf, -math.inf, "123", str(NOW), True, False, None, [NOW], {"n": NOW}, 10**400, -1]
+
+
+@pytest.mark.parametrize("claim", ["iat", "exp", "nbf"])
+@pytest.mark.parametrize("value", BAD_DATES, ids=repr)
+def test_a_time_claim_that_is_not_a_finite_number_is_refused(key: Any, claim: str, value: Any) -> None:
+    token = _token(key, **{claim: value})
+    assert _verify(token, _clock(), key) == Reason.JWT_INVALID
+
+
+def test_a_nan_token_is_refused_every_time_it_is_presented(key: Any) -> None:
+    token = _token(key, iat=math.nan, exp=math.nan)
+    assert "NaN" in jwt.api_jws.base64url_decode(token.split(".")[1]).decode()
+    clock = _clock()
+    cache = ReplayCache(clock)
+    assert [_verify(token, clock, key, cache) for _ in range(3)] == [Reason.JWT_INVALID] * 3
+    assert len(cache) == 0
+
+
+def test_finite_time_claims_are_accepted_integer_or_not(key: Any) -> None:
+    assert _verify(_token(key, iat=NOW - 0.5, exp=NOW + 29.5, nbf=NOW - 1.25), _clock(), key) == Reason.OK
+
+
+def test_a_token_not_valid_yet_is_refused(key: Any) -> None:
+    assert _verify(_token(key, nbf=NOW + 10), _clock(), key) == Reason.JWT_EXPIRED
+    assert _verify(_token(key, nbf=NOW + 4), _clock(), key) == Reason.OK  # within the leeway
+
+
+def test_a_used_token_is_refused_at_every_instant_until_it_expires(key: Any) -> None:
+    """Accepted until exp + leeway inclusive, and remembered exactly as long."""
+    clock = _clock()
+    cache = ReplayCache(clock)
+    token = _token(key)
+    assert _verify(token, clock, key, cache) == Reason.OK
+    for _ in range(35):
+        clock.advance(1)
+        assert _verify(token, clock, key, cache) == Reason.JWT_REPLAYED, clock.seconds() - NOW
+    assert clock.seconds() == NOW + 30 + 5  # exp + leeway: still acceptable, so still remembered
+    clock.advance(0.001)
+    assert _verify(token, clock, key, cache) == Reason.JWT_EXPIRED
+
+
+def test_a_full_replay_cache_never_lets_a_forgotten_token_back_in(key: Any) -> None:
+    clock = _clock()
+    cache = ReplayCache(clock, size=3)
+    tokens = [_token(key, jti=f"jti-{i:08d}", exp=NOW + 20 + i) for i in range(6)]
+    assert [_verify(t, clock, key, cache) for t in tokens] == [Reason.OK] * 6
+    assert len(cache) == 3 and cache.evicted == 3
+    assert [_verify(t, clock, key, cache) for t in tokens] == [Reason.JWT_REPLAYED] * 6
+    fresh = _token(key, jti="jti-fresh", exp=NOW + 30)
+    assert _verify(fresh, clock, key, cache) == Reason.OK
+
+
+def test_the_replay_cache_never_keeps_an_entry_without_a_finite_end() -> None:
+    cache = ReplayCache(Clock())
+    assert not cache.add(("c", "nan"), math.nan) and not cache.add(("c", "inf"), math.inf)
+    assert len(cache) == 0
