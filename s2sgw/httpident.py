@@ -11,8 +11,10 @@ Names are matched after folding letter case and ``_`` to ``-`` (:func:`fold_name
 backends do the same: gunicorn with ``--header-map dangerous`` and wsgiref turn both
 ``X_Forwarded_Client_Cert`` and ``X-Forwarded-Client-Cert`` into ``HTTP_X_FORWARDED_CLIENT_CERT``.
 The fields the policy adds go first, right after the request line, so a backend that keeps only
-the first N fields of a head still sees them; a head with more than ``max_fields`` fields is
-refused (431) rather than forwarded.
+the first N fields of a head still sees them. A head that would reach the backend with more
+than ``max_fields`` fields, the caller's (stripped ones included) plus the gateway's, is refused
+(431): a backend whose limit is 100 fields (gunicorn, Apache and Python's http.server by default)
+never refuses, for its field count, a head the gateway forwarded.
 
 Anything this parser cannot frame with certainty is refused rather than guessed at, because a
 request the gateway and the backend frame differently is how a caller would smuggle a forged
@@ -40,7 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from s2sgw.interfaces import Reason
 
 MAX_HEAD = 64 * 1024  # request line + header fields + the empty line
-MAX_HEADER_FIELDS = 100  # header fields a caller may send in one head (gunicorn's and Apache's default)
+MAX_HEADER_FIELDS = 100  # the caller's header fields plus the gateway's, in one head
 MAX_CHUNK_LINE = 4096
 
 
@@ -325,6 +327,8 @@ class RequestRewriter:
         else:
             next_state, remaining = _HEAD, 0
         added = self.policy.headers_for(RequestHead(method, target, version, tuple(headers)))
+        if len(headers) + len(added) > self.max_fields:
+            raise Refusal(431, Reason.HTTP_TOO_MANY_HEADERS, f"more than {self.max_fields} header fields with the gateway's")
         self._state, self._remaining = next_state, remaining
         self.requests += 1
         # The gateway's fields first: a backend that drops fields past its own limit keeps them.

@@ -98,10 +98,13 @@ def test_a_framing_field_spelled_with_an_underscore_is_refused(name: bytes) -> N
     assert rewriter.refused and not run.out
 
 
+def _fields(count: int) -> bytes:
+    return b"GET / HTTP/1.1\r\n" + b"".join(b"F%d: v\r\n" % i for i in range(count)) + b"\r\n"
+
+
 @pytest.mark.parametrize("mode", ["http-headers", "jwt-out"])
 def test_the_gateways_fields_come_right_after_the_request_line(mode: str, key: Any) -> None:
-    fields = b"".join(b"F%d: v\r\n" % i for i in range(MAX_HEADER_FIELDS))
-    _, run = rewrite(b"GET / HTTP/1.1\r\n" + fields + b"\r\n", policy=_policies(key)[mode])
+    _, run = rewrite(_fields(MAX_HEADER_FIELDS - 2), policy=_policies(key)[mode])
     lines = bytes(run.out).split(b"\r\n")
     assert not run.refusals and lines[0] == b"GET / HTTP/1.1"
     if mode == "http-headers":
@@ -111,13 +114,27 @@ def test_the_gateways_fields_come_right_after_the_request_line(mode: str, key: A
         assert lines[1].startswith(b"Authorization: Bearer ") and lines[2] == b"F0: v"
 
 
-def test_100_header_fields_pass_and_101_are_refused_with_431() -> None:
-    head = b"GET / HTTP/1.1\r\n" + b"".join(b"F%d: v\r\n" % i for i in range(100))
-    rewriter, run = rewrite(head + b"\r\n")
-    assert not run.refusals and rewriter.requests == 1
-    rewriter, run = rewrite(head + b"F100: v\r\n\r\n")
+@pytest.mark.parametrize("mode", ["http-headers", "jwt-in", "jwt-out"])
+def test_101_header_fields_are_refused_with_431(mode: str, key: Any) -> None:
+    rewriter, run = rewrite(_fields(101), policy=_policies(key)[mode])
     assert [(r.status, r.reason) for r in run.refusals] == [(431, Reason.HTTP_TOO_MANY_HEADERS)]
-    assert not run.out
+    assert rewriter.refused and not run.out
+
+
+def test_a_head_reaches_the_backend_with_at_most_100_fields_counting_the_gateways() -> None:
+    """98 caller fields + the gateway's 2 pass; 99 + 2 are refused, so a 100-field backend never refuses."""
+    rewriter, run = rewrite(_fields(98))
+    assert not run.refusals and bytes(run.out).count(b"\r\n") == 1 + 100 + 1
+    rewriter, run = rewrite(_fields(99))
+    assert [(r.status, r.reason) for r in run.refusals] == [(431, Reason.HTTP_TOO_MANY_HEADERS)]
+    assert run.refusals[0].detail == "more than 100 header fields with the gateway's" and not run.out
+
+
+def test_a_route_adding_no_field_accepts_100_caller_fields(key: Any) -> None:
+    signer = TokenSigner(key, CALLER, _clock())
+    head = _fields(100).replace(b"F0: v", b"Authorization: Bearer " + signer.token(US).encode())
+    rewriter, run = rewrite(head, policy=_policies(key)["jwt-in-forward"])
+    assert not run.refusals and rewriter.requests == 1 and bytes(run.out) == head
 
 
 def test_too_many_fields_are_refused_before_the_head_is_complete() -> None:
@@ -130,7 +147,7 @@ def test_the_field_cap_counts_fields_arriving_a_byte_at_a_time() -> None:
     head = b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 101
     rewriter, run = rewrite(head, cuts=list(range(1, len(head))))
     assert [r.reason for r in run.refusals] == [Reason.HTTP_TOO_MANY_HEADERS]
-    ok = b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 100 + b"\r\n"
+    ok = b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 98 + b"\r\n"
     rewriter, run = rewrite(ok, cuts=list(range(1, len(ok))))
     assert not run.refusals and rewriter.requests == 1
 
