@@ -195,6 +195,13 @@ def test_folded_lines_stay_refused_with_underscore_names() -> None:
     assert [r.reason for r in run.refusals] == [Reason.HTTP_BAD_REQUEST] and b"folded" not in run.out
 
 
+def test_trailers_pass_untouched_identity_names_included() -> None:
+    """What security.rst tells backend authors: never merge trailer fields into headers."""
+    data = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nX-Forwarded-Client-Cert: By=evil\r\n\r\n"
+    _, run = rewrite(data)
+    assert not run.refusals and bytes(run.out).endswith(b"0\r\nX-Forwarded-Client-Cert: By=evil\r\n\r\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # In a listener: the answer, the audit reason and the metric
 
