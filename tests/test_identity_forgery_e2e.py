@@ -19,6 +19,7 @@ import shutil
 import socket
 import socketserver
 import ssl
+import sys
 import textwrap
 import threading
 import time
@@ -40,6 +41,7 @@ pytestmark = pytest.mark.e2e
 
 DOMAIN = "spiffe://e2e.s2sgw.test"
 USERS, ORDERS = f"{DOMAIN}/users", f"{DOMAIN}/orders"
+GUNICORN = shutil.which("gunicorn", path=str(Path(sys.executable).parent))  # from the test extras
 
 
 class HeadRecorder(socketserver.BaseRequestHandler):
@@ -202,7 +204,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Any:
     threading.Thread(target=recorder.serve_forever, daemon=True).start()
     procs = Processes(root)
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    gunicorn = shutil.which("gunicorn", path=str(Path(__import__("sys").executable).parent))
+    gunicorn = GUNICORN
     try:
         (root / "echo_app.py").write_text(WSGI_APP)
         for name, extra in (("gunicorn", []), ("gunicorn_dangerous", ["--header-map", "dangerous"])):
@@ -364,7 +366,7 @@ def test_a_token_is_accepted_once(world: World) -> None:
 
 @pytest.mark.parametrize("route", ["gunicorn", "gunicorn_dangerous"])
 def test_gunicorn_shows_the_application_exactly_the_gateways_identity(world: World, route: str) -> None:
-    if shutil.which("gunicorn", path=str(Path(__import__("sys").executable).parent)) is None:
+    if GUNICORN is None:
         pytest.skip("gunicorn is not installed (pip install '.[test]')")
     answer = world.mtls(route, b"GET / HTTP/1.1\r\nHost: users\r\n" + forged_fields() + b"Connection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
@@ -374,7 +376,7 @@ def test_gunicorn_shows_the_application_exactly_the_gateways_identity(world: Wor
 
 def test_gunicorn_accepts_every_head_the_gateway_forwards(world: World) -> None:
     """98 caller fields + the gateway's 2 = gunicorn's limit of 100: accepted; 99 are refused by the gateway."""
-    if shutil.which("gunicorn", path=str(Path(__import__("sys").executable).parent)) is None:
+    if GUNICORN is None:
         pytest.skip("gunicorn is not installed (pip install '.[test]')")
     fields = [b"Host: users", b"Connection: close", *(b"X-Field-%d: v" % i for i in range(96))]
     answer = world.mtls("gunicorn", b"GET / HTTP/1.1\r\n" + b"\r\n".join(fields) + b"\r\n\r\n")
