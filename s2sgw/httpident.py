@@ -295,11 +295,10 @@ class RequestRewriter:
             value = value.strip(b" \t")
             if _BAD_VALUE.search(value):
                 raise Refusal(400, Reason.HTTP_BAD_REQUEST, "control character in a header value")
-            lowered = folded = name.lower()
-            if b"_" in lowered:
-                folded = lowered.replace(b"_", b"-")
-                if folded in _FRAMING:
-                    raise Refusal(400, Reason.HTTP_BAD_REQUEST, "a framing field name spelled with '_'")
+            lowered = name.lower()
+            folded = lowered.replace(b"_", b"-")  # as fold_name(); faster than testing b"_" in lowered
+            if folded != lowered and folded in _FRAMING:
+                raise Refusal(400, Reason.HTTP_BAD_REQUEST, "a framing field name spelled with '_'")
             headers.append((name, value))
             if lowered == b"content-length":
                 lengths.extend(item.strip(b" \t") for item in value.split(b","))
