@@ -8,8 +8,9 @@ pipelined requests are handled one after another, in order. For each head a
 :class:`HeadPolicy` names the fields to remove and the fields to add.
 
 Names are matched after folding letter case and ``_`` to ``-`` (:func:`fold_name`), because some
-backends do the same: gunicorn with ``--header-map dangerous`` and wsgiref turn both
-``X_Forwarded_Client_Cert`` and ``X-Forwarded-Client-Cert`` into ``HTTP_X_FORWARDED_CLIENT_CERT``.
+backends do the same: gunicorn with ``--header-map dangerous`` turns both
+``X_Forwarded_Client_Cert`` and ``X-Forwarded-Client-Cert`` into ``HTTP_X_FORWARDED_CLIENT_CERT``,
+and nginx with ``underscores_in_headers on`` shows both as ``$http_x_forwarded_client_cert``.
 The fields the policy adds go first, right after the request line, so a backend that keeps only
 the first N fields of a head still sees them. A head that would reach the backend with more
 than ``max_fields`` fields, the caller's (stripped ones included) plus the gateway's, is refused
