@@ -45,10 +45,11 @@ class Reason:
     # identity layer of a route (identity = "http-headers" | "jwt"; see s2sgw/identity/)
     HTTP_BAD_REQUEST = "http_bad_request"  # malformed or oversized request head, bad framing
     HTTP_UPGRADE_REFUSED = "http_upgrade_refused"  # Upgrade / CONNECT: cannot be rewritten
+    HTTP_TOO_MANY_HEADERS = "http_too_many_headers"  # more header fields than a head may carry (431)
     JWT_MISSING = "jwt_missing"  # no Authorization: Bearer token
-    JWT_INVALID = "jwt_invalid"  # malformed, wrong algorithm or signature, wrong issuer/subject
-    JWT_EXPIRED = "jwt_expired"  # exp passed, iat in the future or lifetime too long
-    JWT_REPLAYED = "jwt_replayed"  # jti seen before
+    JWT_INVALID = "jwt_invalid"  # malformed, wrong algorithm or signature, wrong iss/sub, non-numeric time
+    JWT_EXPIRED = "jwt_expired"  # exp passed, iat or nbf in the future, or lifetime too long
+    JWT_REPLAYED = "jwt_replayed"  # jti seen before (or expiring before ids a full cache forgot)
     JWT_AUDIENCE = "jwt_audience"  # aud is not this service
 
 

@@ -72,3 +72,13 @@ def test_readme_config_example_loads(tmp_path: Path) -> None:
     config = parse_config(data, tmp_path / "users.toml")
     assert config.services[0].inbound[0].allow == ("orders",)
     assert config.status.url == "http://ca.internal:8080/ocsp"
+
+
+def test_every_reason_code_is_documented() -> None:
+    """Each reason an audit line or a metric label can carry is explained somewhere in docs/."""
+    from s2sgw.interfaces import Reason
+    from s2sgw.ops.metrics import KNOWN_REASONS
+
+    text = "".join(path.read_text() for path in REFERENCE.parent.glob("*.rst"))
+    missing = sorted(reason for reason in KNOWN_REASONS - {Reason.OK} if f"``{reason}``" not in text)
+    assert not missing, f"reason codes missing from docs/: {missing}"

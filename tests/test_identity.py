@@ -167,12 +167,11 @@ def test_each_pipelined_request_gets_identity_headers_and_loses_injected_ones() 
     )
     rewriter, run = rewrite(data)
     assert not run.refusals and rewriter.requests == 3
+    ours = b"X-Forwarded-Client-Cert: By=us;Hash=00;URI=caller\r\nClient-Cert: :AAAA:\r\n"
     assert bytes(run.out) == (
-        b"GET /a HTTP/1.1\r\nHost: x\r\nX-Forwarded-Client-Cert: By=us;Hash=00;URI=caller\r\nClient-Cert: :AAAA:\r\n\r\n"
-        b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-        b"X-Forwarded-Client-Cert: By=us;Hash=00;URI=caller\r\nClient-Cert: :AAAA:\r\n\r\nhello"
-        b"PUT /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
-        b"X-Forwarded-Client-Cert: By=us;Hash=00;URI=caller\r\nClient-Cert: :AAAA:\r\n\r\n"
+        b"GET /a HTTP/1.1\r\n" + ours + b"Host: x\r\n\r\n"
+        b"POST /b HTTP/1.1\r\n" + ours + b"Host: x\r\nContent-Length: 5\r\n\r\nhello"
+        b"PUT /c HTTP/1.1\r\n" + ours + b"Transfer-Encoding: chunked\r\n\r\n"
         b"3\r\nabc\r\n0\r\nX-Forwarded-Client-Cert-Trailer: t\r\n\r\n"
     )
 
@@ -238,9 +237,14 @@ _IDENTITY_NAMES = ["x-forwarded-client-cert", "client-cert", "client-cert-chain"
 
 
 def _casing(name: str) -> st.SearchStrategy[str]:
+    """``name`` with random letter case, and each ``-`` possibly spelled ``_``."""
     return st.lists(st.booleans(), min_size=len(name), max_size=len(name)).map(
-        lambda flags: "".join(c.upper() if f else c for c, f in zip(name, flags))
+        lambda flags: "".join(("_" if c == "-" else c.upper()) if f else c for c, f in zip(name, flags))
     )
+
+
+def _is_identity(name: bytes) -> bool:
+    return name.lower().replace(b"_", b"-").decode() in _IDENTITY_NAMES
 
 
 _injected = st.sampled_from(_IDENTITY_NAMES).flatmap(_casing).map(str.encode)
@@ -274,7 +278,7 @@ def requests(draw: Any) -> tuple[bytes, list[list[tuple[bytes, bytes]]], list[by
             raw = b""
         method = draw(st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE"]))
         data += method + b" /p HTTP/1.1\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in fields) + b"\r\n" + raw
-        kept_headers.append([(n, v) for n, v in fields if n.lower().decode() not in _IDENTITY_NAMES])
+        kept_headers.append([(n, v) for n, v in fields if not _is_identity(n)])
         bodies.append(raw)
     return data, kept_headers, bodies
 
@@ -290,9 +294,9 @@ def test_injected_identity_headers_never_survive_and_bodies_pass_untouched(
     parsed = parse_requests(bytes(run.out))
     assert len(parsed) == len(bodies) == rewriter.requests
     for (_line, headers, body), kept, raw in zip(parsed, kept_headers, bodies):
-        identity = [(n, v) for n, v in headers if n.lower().decode() in _IDENTITY_NAMES]
-        assert identity == list(OURS)
-        assert [(n, v) for n, v in headers if n.lower().decode() not in _IDENTITY_NAMES] == kept
+        identity = [(n, v) for n, v in headers if _is_identity(n)]
+        assert identity == list(OURS) and headers[: len(OURS)] == list(OURS)
+        assert [(n, v) for n, v in headers if not _is_identity(n)] == kept
         assert body == raw
 
 
@@ -379,8 +383,11 @@ def test_the_replay_cache_is_bounded() -> None:
     clock = Clock()
     cache = ReplayCache(clock, size=3)
     for i in range(5):
-        assert cache.add(("c", str(i)), 100.0)
+        assert cache.add(("c", str(i)), 100.0 + i)
     assert len(cache) == 3 and cache.evicted == 2
+    # The ids it had to forget cannot come back, and neither can any token expiring no later.
+    assert not cache.add(("c", "0"), 100.0) and not cache.add(("c", "1"), 101.0) and not cache.add(("c", "new"), 101.0)
+    assert cache.add(("c", "5"), 105.0)
 
 
 def test_wrong_audience_other_signer_and_wrong_issuer_are_refused(p256: Any) -> None:

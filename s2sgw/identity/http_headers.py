@@ -5,13 +5,25 @@ The identity layer of ``http-headers`` and ``jwt`` routes sits on one direction 
 ends: the request line, the header fields, and the body framing (``Content-Length`` or
 ``chunked``). Bodies, chunk framing and trailers are forwarded byte for byte as they arrive;
 pipelined requests are handled one after another, in order. For each head a
-:class:`HeadPolicy` names the fields to remove (matched case-insensitively) and the fields to add.
+:class:`HeadPolicy` names the fields to remove and the fields to add.
+
+Names are matched after folding letter case and ``_`` to ``-`` (:func:`fold_name`), because some
+backends do the same: gunicorn with ``--header-map dangerous`` turns both
+``X_Forwarded_Client_Cert`` and ``X-Forwarded-Client-Cert`` into ``HTTP_X_FORWARDED_CLIENT_CERT``,
+and nginx with ``underscores_in_headers on`` shows both as ``$http_x_forwarded_client_cert``.
+The fields the policy adds go first, right after the request line, so a backend that keeps only
+the first N fields of a head still sees them. A head that would reach the backend with more
+than ``max_fields`` fields, the caller's (stripped ones included) plus the gateway's, is refused
+(431): a backend whose limit is 100 fields (gunicorn, Apache and Python's http.server by default)
+never refuses, for its field count, a head the gateway forwarded.
 
 Anything this parser cannot frame with certainty is refused rather than guessed at, because a
 request the gateway and the backend frame differently is how a caller would smuggle a forged
-identity header past the rewriter: bare CR or LF, obsolete line folding, whitespace before the
-colon, ``Transfer-Encoding`` together with ``Content-Length``, conflicting lengths, a
-``Transfer-Encoding`` whose last coding is not ``chunked``, and heads over ``max_head`` bytes.
+identity header past the rewriter: bare CR or LF (refused as soon as it arrives, not when the
+head is complete), obsolete line folding, whitespace before the colon, ``Content_Length`` or
+``Transfer_Encoding`` spelled with ``_``, ``Transfer-Encoding`` together with ``Content-Length``,
+conflicting lengths, a ``Transfer-Encoding`` whose last coding is not ``chunked``, and heads over
+``max_head`` bytes.
 ``Upgrade`` (WebSocket, h2c) and ``CONNECT`` are refused too: after a switch the stream is no
 longer HTTP/1.1, so later "requests" could not be rewritten.
 """
@@ -31,12 +43,24 @@ from cryptography.hazmat.primitives import serialization
 from s2sgw.interfaces import Reason
 
 MAX_HEAD = 64 * 1024  # request line + header fields + the empty line
+MAX_HEADER_FIELDS = 100  # the caller's header fields plus the gateway's, in one head
 MAX_CHUNK_LINE = 4096
+
+
+def fold_name(name: bytes) -> bytes:
+    """A header name as backends that treat ``_`` like ``-`` see it: lowercase, ``_`` -> ``-``."""
+    return name.lower().replace(b"_", b"-")
+
 
 XFCC = b"x-forwarded-client-cert"
 CLIENT_CERT = b"client-cert"  # RFC 9440
 CLIENT_CERT_CHAIN = b"client-cert-chain"  # RFC 9440
+# Every name the gateway writes or a backend may read as the caller's identity (folded). Every
+# HTTP identity mode removes them from every request, whatever the caller's spelling.
 IDENTITY_HEADERS = frozenset({XFCC, CLIENT_CERT, CLIENT_CERT_CHAIN})
+# Framing fields: the gateway frames by their exact names, so a ``_`` spelling a backend might
+# fold into one of them would make the two frame the request differently.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -71,10 +95,10 @@ class RequestHead:
 class HeadPolicy(Protocol):
     """What a route does to each request head."""
 
-    strip: frozenset[bytes]  # lowercase names removed from every request
+    strip: frozenset[bytes]  # folded names (:func:`fold_name`) removed from every request
 
     def headers_for(self, head: RequestHead) -> Sequence[Header]:
-        """Fields to append to ``head`` (after the stripping); raise :class:`Refusal` to refuse."""
+        """Fields to write first, right after the request line; raise :class:`Refusal` to refuse."""
         ...
 
 
@@ -88,6 +112,11 @@ def error_response(status: int, reason: str) -> bytes:
         f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}\r\n"
         f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode("ascii") + body
+
+
+def _bare_cr_or_lf(data: bytes, pos: int, end: int) -> bool:
+    """Whether ``data[pos:end]``, a line holding no CRLF yet, already has a bare CR or LF."""
+    return data.find(b"\n", pos, end) >= 0 or data.find(b"\r", pos, end - 1) >= 0
 
 
 # States of the parser.
@@ -106,9 +135,12 @@ class RequestRewriter:
     forward: Callable[[bytes], None]
     refuse: Callable[[Refusal], None]
     max_head: int = MAX_HEAD
+    max_fields: int = MAX_HEADER_FIELDS
     requests: int = 0  # heads rewritten so far
     _state: int = _HEAD
     _buffer: bytes = b""
+    _scanned: int = 0  # bytes of the buffered, incomplete head already checked
+    _lines: int = 0  # CRLF-ended lines in those bytes
     _remaining: int = 0  # body or chunk bytes still to pass
     _trailer_bytes: int = 0
 
@@ -156,14 +188,14 @@ class RequestRewriter:
                 if data[pos : pos + 1] == b"\r" and pos + 1 == end:
                     self._buffer = b"\r"
                     break
-                stop = data.find(b"\r\n\r\n", pos)
+                stop = data.find(b"\r\n\r\n", max(pos, pos + self._scanned - 3))
                 if stop < 0:
-                    if end - pos > self.max_head:
-                        raise Refusal(431, Reason.HTTP_BAD_REQUEST, f"request head over {self.max_head} bytes")
+                    self._check_partial_head(data, pos, end)
                     self._buffer = data[pos:]
                     break
                 if stop + 4 - pos > self.max_head:
                     raise Refusal(431, Reason.HTTP_BAD_REQUEST, f"request head over {self.max_head} bytes")
+                self._scanned = self._lines = 0
                 out.append(self._rewrite(data[pos:stop]))
                 pos = stop + 4
             elif state == _CHUNK_SIZE:
@@ -171,6 +203,8 @@ class RequestRewriter:
                 if stop < 0:
                     if end - pos > MAX_CHUNK_LINE:
                         raise Refusal(400, Reason.HTTP_BAD_REQUEST, "chunk size line too long")
+                    if _bare_cr_or_lf(data, pos, end):
+                        raise Refusal(400, Reason.HTTP_BAD_REQUEST, "malformed chunk size")
                     self._buffer = data[pos:]
                     break
                 line = data[pos:stop]
@@ -202,6 +236,8 @@ class RequestRewriter:
                 if stop < 0:
                     if self._trailer_bytes + end - pos > self.max_head:
                         raise Refusal(400, Reason.HTTP_BAD_REQUEST, "trailer section too long")
+                    if _bare_cr_or_lf(data, pos, end):
+                        raise Refusal(400, Reason.HTTP_BAD_REQUEST, "bare CR or LF in a trailer")
                     self._buffer = data[pos:]
                     break
                 line = data[pos:stop]
@@ -215,6 +251,24 @@ class RequestRewriter:
                 if not line:
                     self._state = _HEAD
 
+    def _check_partial_head(self, data: bytes, pos: int, end: int) -> None:
+        """Refuse an incomplete head as soon as it is sure to be refused once complete.
+
+        Checks only the bytes not checked on earlier reads (a head arriving a byte at a time
+        costs linear time): a bare CR or LF, too many lines, too many bytes. A CR at the very
+        end waits for the next read to show whether an LF follows.
+        """
+        start = pos + self._scanned
+        stop = end - 1 if data[end - 1] == 0x0D else end
+        crlf = data.count(b"\r\n", start, stop)
+        if data.count(b"\n", start, stop) != crlf or data.count(b"\r", start, stop) != crlf:
+            raise Refusal(400, Reason.HTTP_BAD_REQUEST, "bare CR or LF in the request head")
+        self._scanned, self._lines = stop - pos, self._lines + crlf
+        if self._lines - 1 > self.max_fields:  # the first line is the request line
+            raise Refusal(431, Reason.HTTP_TOO_MANY_HEADERS, f"more than {self.max_fields} header fields")
+        if end - pos > self.max_head:
+            raise Refusal(431, Reason.HTTP_BAD_REQUEST, f"request head over {self.max_head} bytes")
+
     def _rewrite(self, head: bytes) -> bytes:
         """Parse one head (without its final CRLFCRLF), decide the body framing, return the new head."""
         lines = head.split(b"\r\n")
@@ -227,9 +281,11 @@ class RequestRewriter:
         method, target, version = parts
         if version not in _VERSIONS:
             raise Refusal(400, Reason.HTTP_BAD_REQUEST, "not an HTTP/1.0 or HTTP/1.1 request")
+        if len(lines) - 1 > self.max_fields:
+            raise Refusal(431, Reason.HTTP_TOO_MANY_HEADERS, f"more than {self.max_fields} header fields")
         strip = self.policy.strip
         headers: list[Header] = []
-        kept: list[bytes] = [request_line]
+        kept: list[bytes] = []
         lengths: list[bytes] = []
         codings: list[bytes] = []
         upgrade = False
@@ -241,6 +297,9 @@ class RequestRewriter:
             if _BAD_VALUE.search(value):
                 raise Refusal(400, Reason.HTTP_BAD_REQUEST, "control character in a header value")
             lowered = name.lower()
+            folded = lowered.replace(b"_", b"-")  # as fold_name(); faster than testing b"_" in lowered
+            if folded != lowered and folded in _FRAMING:
+                raise Refusal(400, Reason.HTTP_BAD_REQUEST, "a framing field name spelled with '_'")
             headers.append((name, value))
             if lowered == b"content-length":
                 lengths.extend(item.strip(b" \t") for item in value.split(b","))
@@ -250,7 +309,7 @@ class RequestRewriter:
                 upgrade = True
             elif lowered == b"connection" and b"upgrade" in (t.strip(b" \t").lower() for t in value.split(b",")):
                 upgrade = True
-            if lowered not in strip:
+            if folded not in strip:
                 kept.append(line)
         if upgrade or method == b"CONNECT":
             raise Refusal(501, Reason.HTTP_UPGRADE_REFUSED, "protocol upgrades and CONNECT are not relayed on this route")
@@ -268,12 +327,12 @@ class RequestRewriter:
         else:
             next_state, remaining = _HEAD, 0
         added = self.policy.headers_for(RequestHead(method, target, version, tuple(headers)))
-        for name, value in added:
-            kept.append(name + b": " + value)
+        if len(headers) + len(added) > self.max_fields:
+            raise Refusal(431, Reason.HTTP_TOO_MANY_HEADERS, f"more than {self.max_fields} header fields with the gateway's")
         self._state, self._remaining = next_state, remaining
         self.requests += 1
-        kept.append(b"\r\n")
-        return b"\r\n".join(kept)
+        # The gateway's fields first: a backend that drops fields past its own limit keeps them.
+        return b"\r\n".join([request_line, *(name + b": " + value for name, value in added), *kept, b"\r\n"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,12 +7,18 @@ sent. The inbound gateway verifies it against the public key of the certificate 
 presented in the same TLS session, so a token is only good on a connection of its signer: the
 algorithm comes from that key (never from the token), the time checks use the injected clock,
 and every ``jti`` is remembered until its token expires. PyJWT does the JWS work.
+
+Time claims are checked as RFC 7519 NumericDates before any arithmetic: a finite number, not a
+bool or a string. Python's JSON parser reads ``NaN`` and ``Infinity``, and every comparison
+with NaN is false, so an unchecked NaN ``exp`` would pass the expiry test and be forgotten by
+the replay cache at once.
 """
 
 from __future__ import annotations
 
 import base64
-import collections
+import heapq
+import math
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from s2sgw.identity.http_headers import Header, Refusal, RequestHead
+from s2sgw.identity.http_headers import IDENTITY_HEADERS, Header, Refusal, RequestHead
 from s2sgw.interfaces import Reason
 
 TOKEN_LIFETIME = 30.0  # seconds between iat and exp of the tokens we sign
@@ -32,6 +38,7 @@ MAX_LIFETIME = 60.0  # longest exp - iat we accept
 LEEWAY = 5.0  # clock skew allowed between the two gateways, seconds
 REPLAY_CACHE_SIZE = 200_000
 AUTHORIZATION = b"authorization"
+MAX_NUMERIC_DATE = 2**53  # later than any real date; keeps the arithmetic below exact and finite
 
 _CURVE_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 
@@ -76,39 +83,57 @@ class TokenSigner:
         return jwt.encode(claims, self.key, algorithm=self.algorithm)
 
 
+ReplayKey = tuple[str, str]  # (caller's SPIFFE ID, jti)
+
+
 @attrs.define(eq=False)
 class ReplayCache:
-    """Token ids seen, each kept until its token expires; bounded.
+    """Token ids seen, each kept while its token could still be accepted; bounded.
 
-    When full, the entry closest to expiry goes first. Evicting an unexpired entry weakens
-    replay detection for that token only, and a replayed token still needs the signer's own
-    TLS session (the signature is checked against the certificate of the connection).
+    An id is forgotten only once its ``until`` has passed, or when the cache is full: then the
+    id that expires first goes, and its ``until`` becomes a floor under which every token is
+    refused from then on. So no token is accepted twice while it is acceptable, full cache or
+    not; under a flood, fresh tokens (which expire last) still pass.
     """
 
     clock: IReactorTime
     size: int = REPLAY_CACHE_SIZE
     evicted: int = 0
-    _seen: collections.OrderedDict[tuple[str, str], float] = attrs.field(factory=collections.OrderedDict)
+    floor: float = -math.inf  # the latest ``until`` of an id forgotten before its time
+    _seen: dict[ReplayKey, float] = attrs.field(factory=dict)
+    _expiry: list[tuple[float, ReplayKey]] = attrs.field(factory=list)  # heap, soonest first
 
     def __len__(self) -> int:
         return len(self._seen)
 
-    def add(self, key: tuple[str, str], until: float) -> bool:
-        """Remember ``key`` until ``until``; False if it was already there (a replay)."""
+    def add(self, key: ReplayKey, until: float) -> bool:
+        """Remember ``key`` until ``until`` (inclusive); False if it may be a replay."""
+        if not math.isfinite(until):
+            return False
         now = self.clock.seconds()
-        seen = self._seen
-        while seen:
-            oldest_key, oldest_until = next(iter(seen.items()))
-            if oldest_until > now:
-                break
-            del seen[oldest_key]
-        if key in seen:
+        seen, expiry = self._seen, self._expiry
+        while expiry and expiry[0][0] < now:
+            del seen[heapq.heappop(expiry)[1]]
+        if key in seen or until <= self.floor:
             return False
         while len(seen) >= self.size:
-            seen.popitem(last=False)
+            forgotten_until, forgotten = heapq.heappop(expiry)
+            del seen[forgotten]
             self.evicted += 1
-        seen[key] = until  # tokens arrive roughly in expiry order: the front expires first
+            self.floor = max(self.floor, forgotten_until)
+        seen[key] = until
+        heapq.heappush(expiry, (until, key))
         return True
+
+
+def numeric_date(claims: dict[str, Any], name: str) -> float | None:
+    """The claim ``name`` as an RFC 7519 NumericDate, None if absent; Refusal if not one."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < MAX_NUMERIC_DATE:
+        raise _refusal(Reason.JWT_INVALID, f"{name} is not a finite NumericDate")
+    return float(value)
 
 
 @attrs.define(eq=False)
@@ -155,9 +180,10 @@ class TokenVerifier:
         audience = claims["aud"]
         if not (audience == self.audience or (isinstance(audience, list) and self.audience in audience)):
             raise _refusal(Reason.JWT_AUDIENCE, "aud is not this service")
-        issued, expires, jti = claims["iat"], claims["exp"], claims["jti"]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (issued, expires)):
-            raise _refusal(Reason.JWT_INVALID, "iat/exp are not numbers")
+        issued, expires, not_before = (numeric_date(claims, name) for name in ("iat", "exp", "nbf"))
+        if issued is None or expires is None:
+            raise _refusal(Reason.JWT_INVALID, "iat/exp missing")
+        jti = claims["jti"]
         if not isinstance(jti, str) or not 8 <= len(jti) <= 128:
             raise _refusal(Reason.JWT_INVALID, "jti missing or of a bad size")
         now = self.clock.seconds()
@@ -165,10 +191,12 @@ class TokenVerifier:
             raise _refusal(Reason.JWT_EXPIRED, "the token has expired")
         if issued - self.leeway > now:
             raise _refusal(Reason.JWT_EXPIRED, "the token was issued in the future")
+        if not_before is not None and not_before - self.leeway > now:
+            raise _refusal(Reason.JWT_EXPIRED, "the token is not valid yet (nbf)")
         if expires - issued > self.max_lifetime or expires < issued:
             raise _refusal(Reason.JWT_EXPIRED, f"the token lives longer than {self.max_lifetime:g} s")
         if not self.replay.add((caller_id, jti), expires + self.leeway):
-            raise _refusal(Reason.JWT_REPLAYED, "jti seen before")
+            raise _refusal(Reason.JWT_REPLAYED, "jti seen before (or expiring before ids a full cache forgot)")
         return claims
 
 
@@ -204,7 +232,8 @@ class VerifyBearer:
 
     @strip.default
     def _strip(self) -> frozenset[bytes]:
-        return frozenset() if self.forward else frozenset({AUTHORIZATION})
+        # Identity headers go in any case: a backend must never read a caller-written one.
+        return IDENTITY_HEADERS if self.forward else IDENTITY_HEADERS | {AUTHORIZATION}
 
     def headers_for(self, head: RequestHead) -> Sequence[Header]:
         self.verifier.verify(bearer_token(head), self.caller_id, self.caller_cert)
@@ -213,11 +242,15 @@ class VerifyBearer:
 
 @attrs.frozen
 class AddBearer:
-    """Outbound ``identity = "jwt"``: a fresh token on each request, replacing the client's."""
+    """Outbound ``identity = "jwt"``: a fresh token on each request, replacing the client's.
+
+    The local client's identity headers are removed too: the only identity that leaves is the
+    signed token.
+    """
 
     signer: TokenSigner
     audience: str
-    strip: frozenset[bytes] = frozenset({AUTHORIZATION})
+    strip: frozenset[bytes] = IDENTITY_HEADERS | {AUTHORIZATION}
 
     def headers_for(self, head: RequestHead) -> Sequence[Header]:
         return ((b"Authorization", b"Bearer " + self.signer.token(self.audience).encode("ascii")),)
