@@ -7,7 +7,6 @@ import hashlib
 import struct
 from typing import Any
 
-import attrs
 import jwt
 import pytest
 from cryptography import x509
@@ -15,17 +14,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.address import IPv4Address
-from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
 
-from s2sgw.config import ConfigError, InboundRoute, TimeoutsConfig, parse_config
+from s2sgw.config import ConfigError, parse_config
 from s2sgw.identity.http_headers import (
-    IdentityHeaders,
-    Refusal,
-    RequestRewriter,
     identity_headers,
 )
 from s2sgw.identity.jwt_bearer import (
@@ -37,24 +29,23 @@ from s2sgw.identity.jwt_bearer import (
     algorithm_for,
 )
 from s2sgw.identity.proxy_v2 import CallerInfo, encode_v2
-from s2sgw.interfaces import Decision, Reason
-from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
-from s2sgw.ops.metrics import Metrics
-from s2sgw.routes.inbound import InboundListener
-from s2sgw.transport import TLSFactory
+from s2sgw.interfaces import Reason
 from tests.doubles import decode_proxy_v2, decode_tlvs
+from tests.identitykit import (  # noqa: F401, F811 (fixtures)
+    CALLER,
+    OURS,
+    US,
+    CertForKey,
+    Rig,
+    Run,
+    _verify,
+    audits,
+    pki,
+    rewrite,
+)
 from tests.tlshelpers import (
     PKI,
-    FakeAuthorizer,
-    FakeTrustStore,
-    HalfCloseCollector,
-    Wire,
-    WireEndpoint,
-    pump_all,
 )
-
-CALLER = "spiffe://example.test/users"
-US = "spiffe://example.test/orders"
 
 # ---------------------------------------------------------------------------------------------
 # An independent PROXY v2 decoder (written from HAProxy's proxy-protocol.txt, not from our encoder)
@@ -105,28 +96,10 @@ def test_proxy_v2_without_tcp_addresses_is_unspec_but_keeps_the_tlvs() -> None:
 # ---------------------------------------------------------------------------------------------
 # HTTP request rewriting
 
-OURS = ((b"X-Forwarded-Client-Cert", b"By=us;Hash=00;URI=caller"), (b"Client-Cert", b":AAAA:"))
 
 
-@attrs.define
-class Run:
-    out: bytearray = attrs.Factory(bytearray)
-    refusals: list[Refusal] = attrs.Factory(list)
-    writes: int = 0
 
 
-def rewrite(data: bytes, cuts: list[int] | None = None, policy: Any = None) -> tuple[RequestRewriter, Run]:
-    run = Run()
-
-    def forward(chunk: bytes) -> None:
-        run.out.extend(chunk)
-        run.writes += 1
-
-    rewriter = RequestRewriter(policy or IdentityHeaders(OURS), forward, run.refusals.append)
-    points = sorted(set(c for c in (cuts or []) if 0 < c < len(data)))
-    for start, end in zip([0, *points], [*points, len(data)]):
-        rewriter.feed(data[start:end])
-    return rewriter, run
 
 
 def parse_requests(data: bytes) -> list[tuple[bytes, list[tuple[bytes, bytes]], bytes]]:
@@ -316,14 +289,6 @@ def _keys() -> list[Any]:
     return [ec.generate_private_key(ec.SECP256R1()), rsa.generate_private_key(65537, 2048), ed25519.Ed25519PrivateKey.generate()]
 
 
-@attrs.define
-class CertForKey:
-    """Just enough of a certificate for the verifier: the public key."""
-
-    key: Any
-
-    def public_key(self) -> Any:
-        return self.key.public_key()
 
 
 @pytest.mark.parametrize("key", _keys(), ids=["ES256", "RS256", "EdDSA"])
@@ -344,13 +309,6 @@ def p256() -> Any:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _verify(token: str, clock: Clock, key: Any, cache: ReplayCache | None = None, caller: str = CALLER) -> str:
-    verifier = TokenVerifier(US, clock, cache if cache is not None else ReplayCache(clock))
-    try:
-        verifier.verify(token, caller, CertForKey(key))  # type: ignore[arg-type]
-    except Refusal as refusal:
-        return refusal.reason
-    return Reason.OK
 
 
 def test_expired_future_and_long_lived_tokens_are_refused(p256: Any) -> None:
@@ -475,61 +433,10 @@ def test_identity_keys_load_with_their_defaults(tmp_path: Any) -> None:
 # In a listener: real TLS in memory
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    return PKI.create(tmp_path_factory.mktemp("ca") / "ca")
 
 
-@attrs.define(eq=False)
-class Rig:
-    pki: PKI
-    identity: str
-    backend: WireEndpoint = attrs.Factory(WireEndpoint)
-    clock: MemoryReactorClock = attrs.Factory(MemoryReactorClock)
-    wires: list[Wire] = attrs.Factory(list)
-    audits: list[dict] = attrs.Factory(list)
-    listener: InboundListener = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        route = InboundRoute("orders-in", "orders", "tcp:0", "tcp:127.0.0.1:8080", ("users",), identity=self.identity)
-        serial = x509.load_pem_x509_certificate(self.pki.identity("users").record.pem).serial_number
-        self.listener = InboundListener(
-            route,
-            FakeTrustStore(servers={"orders": self.pki.options("orders")}),
-            FakeAuthorizer(Decision(True, Reason.OK, CALLER, serial)),
-            self.clock,
-            TimeoutsConfig(),
-            metrics=Metrics(__import__("prometheus_client").CollectorRegistry()),
-            audit=AuditLog(),
-            backend=self.backend,
-        )
-
-    def connect(self) -> HalfCloseCollector:
-        caller = HalfCloseCollector()
-        server = self.listener.factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 40000))
-        client = TLSFactory(self.pki.options("users"), True, Factory.forProtocol(lambda: caller)).buildProtocol(None)
-        self.wires.append(Wire(client, server))
-        return caller
-
-    def pump(self) -> None:
-        while True:
-            count = len(self.backend.wires)
-            pump_all(*self.wires, *self.backend.wires)
-            if len(self.backend.wires) == count:
-                return
 
 
-@pytest.fixture
-def audits() -> Any:
-    events: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if event.get("log_namespace") == AUDIT_NAMESPACE:
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
 
 
 def test_a_proxy_v2_route_sends_the_header_before_the_callers_first_byte(pki: PKI) -> None:

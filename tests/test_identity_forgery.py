@@ -7,7 +7,6 @@ must be finite NumericDates with replays refused for the token's whole lifetime.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from typing import Any
@@ -17,27 +16,39 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.task import Clock
 
-from s2sgw.identity.http_headers import IDENTITY_HEADERS, MAX_HEADER_FIELDS, IdentityHeaders, fold_name
+from s2sgw.identity.http_headers import (
+    IDENTITY_HEADERS,
+    MAX_HEADER_FIELDS,
+    IdentityHeaders,
+    fold_name,
+)
+from s2sgw.identity.jwt_bearer import (
+    AddBearer,
+    ReplayCache,
+    TokenSigner,
+    TokenVerifier,
+    VerifyBearer,
+)
 from s2sgw.interfaces import Reason
-from s2sgw.identity.jwt_bearer import AddBearer, ReplayCache, TokenSigner, TokenVerifier, VerifyBearer
-from tests.test_identity import CALLER, OURS, US, CertForKey, Rig, _verify, audits, pki, rewrite  # noqa: F401 (fixtures)
+from tests.identitykit import (  # noqa: F401, F811 (fixtures)
+    CALLER,
+    FORGED,
+    OURS,
+    US,
+    CertForKey,
+    Rig,
+    _verify,
+    audits,
+    pki,
+    rewrite,
+)
 from tests.tlshelpers import PKI
 
 NOW = 1_000_000
 
 
-def spellings(name: bytes) -> list[bytes]:
-    """Every ``-``/``_`` choice of ``name``, each in lower, upper and title case."""
-    parts = name.split(b"-")
-    found = set()
-    for separators in itertools.product((b"-", b"_"), repeat=len(parts) - 1):
-        for case in (bytes.lower, bytes.upper, bytes.capitalize):
-            cased = [case(part) for part in parts]
-            found.add(cased[0] + b"".join(sep + part for sep, part in zip(separators, cased[1:])))
-    return sorted(found)
 
 
-FORGED = [spelling for name in sorted(IDENTITY_HEADERS) for spelling in spellings(name)]
 
 
 def test_the_spellings_cover_underscore_and_mixed_forms() -> None:

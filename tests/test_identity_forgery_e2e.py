@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from s2sgw.identity.http_headers import IDENTITY_HEADERS, fold_name
 from s2sgw.identity.jwt_bearer import algorithm_for
 from tests.e2e import Pki, Processes, free_port, gateway_config, service_block
-from tests.test_identity_forgery import FORGED
+from tests.identitykit import FORGED
 
 pytestmark = pytest.mark.e2e
 
