@@ -12,9 +12,59 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+
+@attrs.define(eq=False)
+class Coalesced:
+    """Run ``work`` at most once at a time; calls made while it runs share one more run after it.
+
+    Every call gets its own Deferred with the outcome of the run that covers it, so a change
+    made during a run (a file rewritten, a signal) is never missed and never reloaded twice.
+    """
+
+    work: Callable[[], Deferred[Any]]
+    _running: Deferred[Any] | None = attrs.field(default=None, init=False)
+    _next: list[Deferred[Any]] = attrs.field(factory=list, init=False)
+    _idle: list[Deferred[None]] = attrs.field(factory=list, init=False)
+
+    def __call__(self) -> Deferred[Any]:
+        result: Deferred[Any] = Deferred()
+        if self._running is None:
+            self._start([result])
+        else:
+            self._next.append(result)
+        return result
+
+    def idle(self) -> Deferred[None]:
+        """Fires once no run is in progress or queued (at once if none is)."""
+        if self._running is None:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle.append(waiter)
+        return waiter
+
+    def _start(self, waiters: list[Deferred[Any]]) -> None:
+        self._running = maybeDeferred(self.work)
+        self._running.addBoth(self._finished, waiters)
+
+    def _finished(self, outcome: object, waiters: list[Deferred[Any]]) -> None:
+        self._running = None
+        if self._next:
+            next_waiters, self._next = self._next, []
+            self._start(next_waiters)
+        for waiter in waiters:
+            if isinstance(outcome, Failure):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(outcome)
+        if self._running is None:
+            idle, self._idle = self._idle, []
+            for waiter in idle:
+                waiter.callback(None)
 
 
 @attrs.define(eq=False)
@@ -32,11 +82,13 @@ class ReloadService(Service):
     on_reloaded: Callable[[int], None] | None = None
     _log = Logger()
 
-    _running_reload: Deferred | None = attrs.field(default=None, init=False)
-    _again: bool = attrs.field(default=False, init=False)
+    _runs: Coalesced = attrs.field(init=False)
     _draining: bool = attrs.field(default=False, init=False)
     _previous_handler: Any = attrs.field(default=None, init=False)
     _timer: LoopingCall | None = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._runs = Coalesced(self._run_once)
 
     def startService(self) -> None:
         super().startService()
@@ -56,7 +108,7 @@ class ReloadService(Service):
         if self._timer is not None and self._timer.running:
             self._timer.stop()
         super().stopService()
-        return self._running_reload or succeed(None)
+        return self._runs.idle()
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.request_reload)
@@ -66,13 +118,12 @@ class ReloadService(Service):
         if self._draining:
             self._log.info("reload ignored: shutting down")
             return
-        if self._running_reload is not None:
-            self._again = True
-            return
+        self._runs().addErrback(lambda _: None)  # each run logs its own outcome
+
+    def _run_once(self) -> Deferred:
         self._log.info("reloading trust material")
-        self._running_reload = self.reload()
-        self._running_reload.addCallbacks(self._reloaded, self._failed)
-        self._running_reload.addBoth(self._finished)
+        run = self.reload()
+        return run.addCallbacks(self._reloaded, self._failed)
 
     def _reloaded(self, generation: int) -> None:
         self._log.info("reload done: trust generation {generation}", generation=generation)
@@ -82,9 +133,3 @@ class ReloadService(Service):
     def _failed(self, failure) -> None:
         # The store kept its old material; this is an operator's problem, not a crash.
         self._log.warn("reload failed, keeping the old trust material: {error}", error=failure.getErrorMessage())
-
-    def _finished(self, _: object) -> None:
-        self._running_reload = None
-        if self._again:
-            self._again = False
-            self.request_reload()

@@ -34,6 +34,7 @@ from s2sgw.config import (
 )
 from s2sgw.interfaces import ITrustStore
 from s2sgw.material import ServiceMaterial, TrustMaterial, _check_crl, load_material
+from s2sgw.reload import Coalesced
 from s2sgw.status.stapling import StapleCache, stapling_enabled
 
 UTC = datetime.UTC
@@ -75,8 +76,7 @@ class TrustStore:
     last_error: str | None = None
     last_reload: datetime.datetime | None = None
     staples: StapleCache = attrs.field(factory=StapleCache)  # our own OCSP answers, for stapling
-    _running: Deferred | None = attrs.field(default=None, init=False)
-    _waiting: list[Deferred] = attrs.field(factory=list, init=False)
+    _reloads: Coalesced = attrs.field(init=False)
     _log = Logger()
 
     @classmethod
@@ -223,31 +223,25 @@ class TrustStore:
             partial(self.client_context, service), hostname, request_staple=stapling_enabled(self._material.config)
         )
 
+    def __attrs_post_init__(self) -> None:
+        self._reloads = Coalesced(self._reload_once)
+
     def reload(self) -> Deferred[int]:
         """Load and check everything in a thread, then swap; fire the new generation.
 
         A reload requested while one runs waits for it and then runs once more (every such
         request shares that one run), so a file changed during a reload is never missed.
         """
-        result: Deferred[int] = Deferred()
-        if self._running is None:
-            self._start([result])
-        else:
-            self._waiting.append(result)
-        return result
+        return self._reloads()
 
-    def _start(self, waiters: list[Deferred]) -> None:
-        current = self._material
-        now = _now(self.reactor)
-        work = partial(self._build, current, now)
+    def _reload_once(self) -> Deferred[int]:
+        work = partial(self._build, self._material, _now(self.reactor))
         threadpool = self.threadpool if self.threadpool is not None else self.reactor.getThreadPool()
         try:
             running = deferToThreadPool(self.reactor, threadpool, work)
-        except Exception:
-            running = fail(Failure())
-        self._running = running
-        running.addCallbacks(self._swap, self._failed)
-        running.addBoth(self._finished, waiters)
+        except Exception:  # a stopped pool: report it like any failed reload
+            running = fail()
+        return running.addCallbacks(self._swap, self._failed)
 
     def _build(self, current: TrustMaterial, now: datetime.datetime) -> tuple[TrustMaterial, list[str]]:
         """Runs in a thread: nothing here touches the store's state."""
@@ -289,18 +283,6 @@ class TrustStore:
         if isinstance(error, ConfigError):
             return failure
         return Failure(ConfigError(message))
-
-    def _finished(self, outcome: int | Failure, waiters: list[Deferred]) -> None:
-        self._running = None
-        if self._waiting:
-            next_waiters, self._waiting = self._waiting, []
-            self._start(next_waiters)
-        for waiter in waiters:
-            if isinstance(outcome, Failure):
-                waiter.errback(outcome)
-            else:
-                waiter.callback(outcome)
-        return None
 
 
 def _apply_config(running: GatewayConfig, new: GatewayConfig) -> tuple[GatewayConfig, list[str]]:

@@ -112,3 +112,26 @@ def test_reload_requested_during_shutdown_is_ignored() -> None:
     service.stopService()
     service.request_reload()
     assert store.pending == []
+
+
+def test_coalesced_calls_during_a_run_share_exactly_one_more_run() -> None:
+    """The one coalescing rule of reloads: N calls during a run cause one more run, and every
+    caller hears the outcome of the run that covers its call."""
+    from s2sgw.reload import Coalesced
+
+    runs: list[Deferred] = []
+
+    def work() -> Deferred:
+        runs.append(Deferred())
+        return runs[-1]
+
+    coalesced = Coalesced(work)
+    first = coalesced()
+    later = [coalesced() for _ in range(3)]
+    idle = coalesced.idle()
+    assert len(runs) == 1
+    runs[0].callback(1)
+    assert first.result == 1 and len(runs) == 2 and not idle.called
+    runs[1].callback(2)
+    assert [d.result for d in later] == [2, 2, 2]
+    assert idle.called and coalesced.idle().called
