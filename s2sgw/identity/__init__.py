@@ -1,0 +1,1 @@
+"""Caller identity towards the backend: PROXY v2, HTTP identity headers, JWT bearer tokens."""

@@ -1,0 +1,1 @@
+"""Operating a gateway: admin endpoint, readiness and /status, metrics, systemd notify, audit, explain and check-config."""

@@ -1,15 +1,8 @@
-"""Is a peer's certificate still good? OCSP codec, OCSP client with cache, CRL and "off" checkers.
+"""Is a peer's certificate still good? Ask the CA over OCSP, and remember the answer.
 
-``cryptography.x509.ocsp`` builds and parses OCSP messages but verifies nothing, so the codec
-below checks what an answer must prove before we trust it: who signed it (our CA, or a responder
-certificate our CA issued for OCSP signing), that the signature holds, that it answers our
-question (CertID), that it is current (thisUpdate/nextUpdate) and, if it echoes a nonce, that
-the nonce is ours.
-
-Nonce policy: every query carries a fresh nonce. The CA's responder may answer from a cache of
-nonce-less answers (RFC 5019 style), so an answer *without* a nonce extension is accepted and its
-freshness rests on thisUpdate/nextUpdate (and, without nextUpdate, on a maximum age). An answer
-*with* a nonce must carry ours.
+Each query carries a fresh nonce and is verified by :mod:`s2sgw.wire.ocsp`; good and revoked
+answers are cached until ``nextUpdate`` (at most ``max_cache_age``), concurrent checks of one
+certificate share one query, and revocations pushed by the feed override the cache.
 """
 
 from __future__ import annotations
