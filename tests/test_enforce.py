@@ -29,11 +29,11 @@ from s2sgw.ca.server import build_root
 from s2sgw.ca.publisher import StatusPublisher
 from s2sgw.config import InboundRoute, OutboundRoute, TimeoutsConfig
 from s2sgw.routes.outbound import OutboundConnector
-from s2sgw.status.enforce import Enforcer, PushedRevocations
+from s2sgw.status.enforce import Enforcer, LiveCloseMetrics, PushedRevocations
 from s2sgw.interfaces import Decision, Reason
 from s2sgw.wire.ocsp import StatusUnavailable
 from s2sgw.routes.inbound import InboundListener
-from s2sgw.ops.metrics import Metrics
+from s2sgw.ops.metrics import RouteMetrics
 from s2sgw.status.ocsp import OCSPStatusChecker
 from tests.doubles import FakeStatusChecker
 from s2sgw.transport import TLSFactory
@@ -87,7 +87,9 @@ class Rig:
         store = FakeTrustStore(
             servers={"orders": self.pki.options("orders")}, clients={"orders": self.pki.options("orders")}
         )
-        metrics = Metrics(self.registry)
+        metrics, closes = RouteMetrics(), LiveCloseMetrics()
+        for counted in (metrics, closes):  # as the gateway's MetricsService does when it starts
+            self.registry.register(counted)
         inbound = InboundRoute("orders-in", "orders", "tcp:0", "tcp:127.0.0.1:1", allow=("callers",))
         outbound = OutboundRoute("orders-to-users", "orders", "tcp:0", "tcp:users.example:8443", "users")
         self.listener = InboundListener(
@@ -116,7 +118,7 @@ class Rig:
             self.clock,
             fail=self.fail,
             verify_chain=lambda chain: self.trusted,
-            registry=self.registry,
+            metrics=closes,
         )
 
     def serial(self, name: str) -> int:

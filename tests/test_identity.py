@@ -28,7 +28,7 @@ from s2sgw.identity.http_headers import IdentityHeaders, Refusal, RequestRewrite
 from s2sgw.interfaces import Decision, Reason
 from s2sgw.identity.jwt_bearer import AddBearer, ReplayCache, TokenSigner, TokenVerifier, VerifyBearer, algorithm_for
 from s2sgw.routes.inbound import InboundListener
-from s2sgw.ops.metrics import Metrics
+from s2sgw.ops.metrics import RouteMetrics
 from s2sgw.identity.proxy_v2 import CallerInfo, encode_v2
 from s2sgw.transport import TLSFactory
 from tests.tlshelpers import PKI, FakeAuthorizer, FakeTrustStore, HalfCloseCollector, Wire, WireEndpoint, pump_all
@@ -507,7 +507,7 @@ class Rig:
             FakeAuthorizer(Decision(True, Reason.OK, CALLER, serial)),
             self.clock,
             TimeoutsConfig(),
-            metrics=Metrics(__import__("prometheus_client").CollectorRegistry()),
+            metrics=RouteMetrics(),
             audit=AuditLog(),
             backend=self.backend,
         )
