@@ -15,7 +15,7 @@ from s2sgw.config import GatewayConfig
 from s2sgw.routes.outbound import OutboundConnector
 from s2sgw.status.crl_refresh import CRLRefreshMetrics, CRLRefreshService, reload_following_crl
 from s2sgw.status.enforce import Enforcer, LiveCloseMetrics, PushedRevocations
-from s2sgw.status.feed import FeedSubscriber, feed_url, register_metrics
+from s2sgw.status.feed import FeedSubscriber, feed_url
 from s2sgw.ops.metrics import MetricsService, RouteMetrics
 from s2sgw.ops.operations import Operations
 from s2sgw.routes.inbound import InboundListener
@@ -85,8 +85,8 @@ def build_gateway(
 ) -> tuple[MultiService, Gateway]:
     """Wire the status checker, the authorizer and one service per route.
 
-    Counted metrics go to ``registry`` while the gateway runs (see :mod:`s2sgw.ops.metrics`): they
-    are built here and handed to the parts that count.
+    Metrics go to ``registry`` while the gateway runs (see :mod:`s2sgw.ops.metrics`): the counted
+    ones are built here and handed to the parts that count; services add their own gauges.
     """
     route_metrics, status_metrics, staple_metrics = RouteMetrics(), StatusMetrics(), StapleMetrics()
     crl_metrics, close_metrics = CRLRefreshMetrics(), LiveCloseMetrics()
@@ -116,7 +116,7 @@ def build_gateway(
         RouteService(route, name, config.timeouts.drain).setServiceParent(top)
     # Every reload (SIGHUP, timer, CRL refresh) also hands a new CRL to the status checker.
     reload = reload_following_crl(trust_store, checker)
-    operations = Operations.build(config, trust_store, checker, routes, reactor)
+    operations = Operations.build(config, trust_store, checker, routes, reactor, registry=registry)
     # Live connections: pushed revocations, re-validation at nextUpdate, peers untrusted by a reload.
     enforcer = Enforcer.for_routes(
         routes, judging, reactor, fail=config.status.fail, verify_chain=trust_store.verify_chain,
@@ -145,9 +145,9 @@ def build_gateway(
     feed = None
     if url is not None:
         feed = FeedSubscriber(
-            url, reactor, issuers=lambda: trust_store.material.ca_certificates, on_revocations=enforcer.revoked
+            url, reactor, issuers=lambda: trust_store.material.ca_certificates, on_revocations=enforcer.revoked,
+            registry=registry,
         )
-        register_metrics(feed)
         operations.monitor.sections["revocation_feed"] = feed.status
         feed.setServiceParent(top)
     if config.status.mode == "crl" and config.status.crl_url is not None:

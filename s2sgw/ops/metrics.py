@@ -1,22 +1,28 @@
 """Prometheus metrics: the one way the gateway makes them, and the data path's own.
 
-Nothing is registered at import time. A part's metrics are one Prometheus collector, built
+Nothing is registered at import time. Every part's metrics are one Prometheus collector, built
 unregistered, and registered on an injected ``CollectorRegistry`` when a service starts and
-unregistered when it stops.
+unregistered when it stops:
 
-*Counted* metrics (counters, gauges and histograms updated as things happen) are a
-:class:`MetricSet` beside the code that counts: :class:`RouteMetrics` here,
-``StatusMetrics`` (``s2sgw/status/ocsp.py``), ``StapleMetrics`` (``s2sgw/status/stapling.py``),
-``CRLRefreshMetrics`` (``s2sgw/status/crl_refresh.py``), ``LiveCloseMetrics``
-(``s2sgw/status/enforce.py``). :func:`s2sgw.service.build_gateway` builds one of each, hands it
-to the parts that count into it (routes, status checker, authorizer, stapler, CRL refresher,
-enforcer) and to the gateway's :class:`MetricsService`, which registers them all when it starts.
-Their families are on ``/metrics`` in every status mode, whether or not the part that counts
-runs. A part built without one (a unit test) counts into a set of its own that nobody scrapes.
+- *Counted* metrics (counters, gauges and histograms updated as things happen) are a
+  :class:`MetricSet` beside the code that counts: :class:`RouteMetrics` here,
+  ``StatusMetrics`` (``s2sgw/status/ocsp.py``), ``StapleMetrics`` (``s2sgw/status/stapling.py``),
+  ``CRLRefreshMetrics`` (``s2sgw/status/crl_refresh.py``), ``LiveCloseMetrics``
+  (``s2sgw/status/enforce.py``). :func:`s2sgw.service.build_gateway` builds one of each, hands it
+  to the parts that count into it (routes, status checker, authorizer, stapler, CRL refresher,
+  enforcer) and to the gateway's :class:`MetricsService`, which registers them all when it starts.
+  Their families are on ``/metrics`` in every status mode, whether or not the part that counts
+  runs. A part built without one (a unit test) counts into a set of its own that nobody scrapes.
+- *Observed* metrics (gauges computed at scrape time from a running service's state) are a
+  collector the service builds over itself in ``startService`` and registers there, and
+  unregisters in ``stopService``: the :class:`~s2sgw.ops.health.Monitor`'s health gauges, the
+  :class:`~s2sgw.status.feed.FeedSubscriber`'s freshness gauges.
 
 The registry is injected: ``build_gateway`` takes one, prometheus' default ``REGISTRY`` unless
-given, and passes it to its MetricsService. Tests give a fresh ``CollectorRegistry``, so no count
-leaks from one test into the next.
+given, and passes it to the services that register (MetricsService, Monitor, FeedSubscriber) and
+to the admin endpoint's ``/metrics`` resource that serves it.
+Tests give a fresh ``CollectorRegistry``, so no count leaks from one test into the next, and a
+gateway stopped and built again in one process registers again without "Duplicated timeseries".
 
 The data path's labels are bounded: route names (from the configuration), reason codes (from
 :class:`Reason`, anything else becomes ``other``) and fixed words. Relayed bytes are not counted per
