@@ -15,6 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
+from prometheus_client import CollectorRegistry
 from treq.testing import StubTreq
 from twisted.application.service import IService
 from twisted.internet import defer, task
@@ -100,7 +101,10 @@ def ca(tmp_path: Path) -> CertificateAuthority:
     return CertificateAuthority.init(tmp_path / "ca", "example.org")
 
 
-def make_harness(ca: CertificateAuthority, inline: Inline | None = None, **kwargs: Any) -> Harness:
+def make_harness(
+    ca: CertificateAuthority, inline: Inline | None = None, registry: CollectorRegistry | None = None, **kwargs: Any
+) -> Harness:
+    """A started watcher; the publisher's gauges go to ``registry`` (one of the harness' own when None)."""
     clock = task.Clock()
     clock.advance(datetime.datetime.now(datetime.timezone.utc).timestamp())
     inline = inline or Inline()
@@ -111,7 +115,7 @@ def make_harness(ca: CertificateAuthority, inline: Inline | None = None, **kwarg
         validity=datetime.timedelta(seconds=300),
     )
     publisher = StatusPublisher(ca=ca, responder=responder, clock=clock, in_thread=inline, **kwargs)
-    watcher = StoreWatcher(publisher, clock)
+    watcher = StoreWatcher(publisher, clock, registry=CollectorRegistry() if registry is None else registry)
     watcher.startService()
     return Harness(ca, clock, inline, publisher, watcher, StubTreq(build_root(publisher)))
 

@@ -107,7 +107,7 @@ def status_server(tmp_path: Path) -> CA:
     responder = Responder(issuer=authority.intermediate_cert, signer_cert=authority.ocsp_cert, signer_key=authority.ocsp_key)
     publisher = StatusPublisher(ca=authority, responder=responder, clock=clock, in_thread=inline)
     root = build_root(publisher, feed_hold=HOLD)
-    watcher = StoreWatcher(publisher, clock)
+    watcher = StoreWatcher(publisher, clock, registry=CollectorRegistry())
     watcher.startService()
     yield CA(authority, clock, publisher, watcher, StubTreq(root))
     watcher.stopService()

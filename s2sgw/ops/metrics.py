@@ -16,11 +16,12 @@ unregistered when it stops:
 - *Observed* metrics (gauges computed at scrape time from a running service's state) are a
   collector the service builds over itself in ``startService`` and registers there, and
   unregisters in ``stopService``: the :class:`~s2sgw.ops.health.Monitor`'s health gauges, the
-  :class:`~s2sgw.status.feed.FeedSubscriber`'s freshness gauges.
+  :class:`~s2sgw.status.feed.FeedSubscriber`'s freshness gauges and, in the CA (which imports
+  nothing of the gateway), the ``StoreWatcher``'s publisher gauges.
 
-The registry is injected: ``build_gateway`` takes one, prometheus' default ``REGISTRY`` unless
-given, and passes it to the services that register (MetricsService, Monitor, FeedSubscriber) and
-to the admin endpoint's ``/metrics`` resource that serves it.
+The registry is injected: ``build_gateway`` (and the CA's ``makeService``) take one, prometheus'
+default ``REGISTRY`` unless given, and pass it to the services that register (MetricsService,
+Monitor, FeedSubscriber; StoreWatcher in the CA) and to the ``/metrics`` resource that serves it.
 Tests give a fresh ``CollectorRegistry``, so no count leaks from one test into the next, and a
 gateway stopped and built again in one process registers again without "Duplicated timeseries".
 
