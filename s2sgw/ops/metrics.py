@@ -25,6 +25,10 @@ Monitor, FeedSubscriber; StoreWatcher in the CA) and to the ``/metrics`` resourc
 Tests give a fresh ``CollectorRegistry``, so no count leaks from one test into the next, and a
 gateway stopped and built again in one process registers again without "Duplicated timeseries".
 
+A new metric goes into its part's MetricSet (counted) or its service's collector (observed), never
+into a module-level object: ``tests/test_metrics.py`` checks that importing s2sgw registers nothing
+and that a gateway exposes the same families as before.
+
 The data path's labels are bounded: route names (from the configuration), reason codes (from
 :class:`Reason`, anything else becomes ``other``) and fixed words. Relayed bytes are not counted per
 read: a collector sums the counters of live connections when scraped, so the relay's hot path does
