@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+from prometheus_client import REGISTRY, CollectorRegistry
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -12,15 +13,17 @@ from twisted.logger import Logger
 from s2sgw.routes.authz import Authorizer
 from s2sgw.config import GatewayConfig
 from s2sgw.routes.outbound import OutboundConnector
-from s2sgw.status.crl_refresh import CRLRefreshService, reload_following_crl
-from s2sgw.status.enforce import Enforcer, PushedRevocations
-from s2sgw.status.feed import FeedSubscriber, feed_url, register_metrics
+from s2sgw.status.crl_refresh import CRLRefreshMetrics, CRLRefreshService, reload_following_crl
+from s2sgw.status.enforce import Enforcer, LiveCloseMetrics, PushedRevocations
+from s2sgw.status.feed import FeedSubscriber, feed_url
+from s2sgw.ops.metrics import MetricsService, RouteMetrics
 from s2sgw.ops.operations import Operations
 from s2sgw.routes.inbound import InboundListener
 from s2sgw.routes.gate import GatedRoute
 from s2sgw.reload import ReloadService
-from s2sgw.status.stapling import StapleService, inbound_targets, stapling_enabled
+from s2sgw.status.stapling import StapleMetrics, StapleService, inbound_targets, stapling_enabled
 from s2sgw.status.checker import make_status_checker
+from s2sgw.status.ocsp import StatusMetrics
 from s2sgw.truststore import TrustStore
 
 
@@ -77,37 +80,55 @@ class Gateway:
     stapler: StapleService | None = None
 
 
-def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) -> tuple[MultiService, Gateway]:
-    """Wire the status checker, the authorizer and one service per route."""
-    checker = make_status_checker(config.status, reactor, trust_store.material.ca_certificates)
+def build_gateway(
+    config: GatewayConfig, trust_store: TrustStore, reactor: Any, registry: CollectorRegistry = REGISTRY
+) -> tuple[MultiService, Gateway]:
+    """Wire the status checker, the authorizer and one service per route.
+
+    Metrics go to ``registry`` while the gateway runs (see :mod:`s2sgw.ops.metrics`): the counted
+    ones are built here and handed to the parts that count; services add their own gauges.
+    """
+    route_metrics, status_metrics, staple_metrics = RouteMetrics(), StatusMetrics(), StapleMetrics()
+    crl_metrics, close_metrics = CRLRefreshMetrics(), LiveCloseMetrics()
+    checker = make_status_checker(config.status, reactor, trust_store.material.ca_certificates, status_metrics)
     url = feed_url(config.status)
     # Revocations pushed by the feed are answered by the checker the authorizer asks.
     judging = PushedRevocations(checker, reactor) if url is not None and not hasattr(checker, "revoke") else checker
     authorizer = Authorizer(
-        judging, trust_store.trust_domain or "", fail=config.status.fail, current_route=trust_store.route
+        judging, trust_store.trust_domain or "", fail=config.status.fail, current_route=trust_store.route,
+        metrics=staple_metrics,
     )
     top = MultiService()
+    # First: registered before any part starts, unregistered after every part has stopped.
+    counted = (route_metrics, status_metrics, staple_metrics, crl_metrics, close_metrics)
+    MetricsService(counted, registry).setServiceParent(top)
     routes: dict[str, InboundListener | OutboundConnector] = {}
     for service in config.services:
         for inbound in service.inbound:
-            routes[inbound.name] = InboundListener(inbound, trust_store, authorizer, reactor, config.timeouts)
+            routes[inbound.name] = InboundListener(
+                inbound, trust_store, authorizer, reactor, config.timeouts, metrics=route_metrics
+            )
         for outbound in service.outbound:
-            routes[outbound.name] = OutboundConnector(outbound, trust_store, authorizer, reactor, config.timeouts)
+            routes[outbound.name] = OutboundConnector(
+                outbound, trust_store, authorizer, reactor, config.timeouts, metrics=route_metrics
+            )
     for name, route in routes.items():
         RouteService(route, name, config.timeouts.drain).setServiceParent(top)
     # Every reload (SIGHUP, timer, CRL refresh) also hands a new CRL to the status checker.
     reload = reload_following_crl(trust_store, checker)
-    operations = Operations.build(config, trust_store, checker, routes, reactor)
+    operations = Operations.build(config, trust_store, checker, routes, reactor, registry=registry)
     # Live connections: pushed revocations, re-validation at nextUpdate, peers untrusted by a reload.
     enforcer = Enforcer.for_routes(
-        routes, judging, reactor, fail=config.status.fail, verify_chain=trust_store.verify_chain
+        routes, judging, reactor, fail=config.status.fail, verify_chain=trust_store.verify_chain,
+        metrics=close_metrics,
     )
     enforcer.setServiceParent(top)
     stapler = None
     if stapling_enabled(config) and hasattr(checker, "fetch_staple"):
         # Our own OCSP answers for the inbound listeners to staple (the server contexts read this cache).
         stapler = StapleService(
-            inbound_targets(trust_store), checker, reactor, trust_store.staples, max_age=config.status.max_cache_age
+            inbound_targets(trust_store), checker, reactor, trust_store.staples, max_age=config.status.max_cache_age,
+            metrics=staple_metrics,
         )
         operations.monitor.sections["stapling"] = stapler.status
         stapler.setServiceParent(top)
@@ -124,9 +145,9 @@ def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) 
     feed = None
     if url is not None:
         feed = FeedSubscriber(
-            url, reactor, issuers=lambda: trust_store.material.ca_certificates, on_revocations=enforcer.revoked
+            url, reactor, issuers=lambda: trust_store.material.ca_certificates, on_revocations=enforcer.revoked,
+            registry=registry,
         )
-        register_metrics(feed)
         operations.monitor.sections["revocation_feed"] = feed.status
         feed.setServiceParent(top)
     if config.status.mode == "crl" and config.status.crl_url is not None:
@@ -138,6 +159,7 @@ def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) 
             config.status.crl_refresh,
             timeout=config.status.timeout,
             on_reloaded=reloaded,
+            metrics=crl_metrics,
         )
         operations.monitor.sections["crl_refresh"] = refresher.status
         refresher.setServiceParent(top)

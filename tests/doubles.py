@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from treq.testing import StubTreq
+from prometheus_client import CollectorRegistry
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -130,7 +131,10 @@ class Inline:
         return defer.maybeDeferred(f, *args)
 
 
-def make_harness(ca: CertificateAuthority, inline: Inline | None = None, **kwargs: Any) -> Harness:
+def make_harness(
+    ca: CertificateAuthority, inline: Inline | None = None, registry: CollectorRegistry | None = None, **kwargs: Any
+) -> Harness:
+    """A started watcher; the publisher's gauges go to ``registry`` (one of the harness' own when None)."""
     clock = task.Clock()
     clock.advance(datetime.datetime.now(datetime.timezone.utc).timestamp())
     inline = inline or Inline()
@@ -141,7 +145,7 @@ def make_harness(ca: CertificateAuthority, inline: Inline | None = None, **kwarg
         validity=datetime.timedelta(seconds=300),
     )
     publisher = StatusPublisher(ca=ca, responder=responder, clock=clock, in_thread=inline, **kwargs)
-    watcher = StoreWatcher(publisher, clock)
+    watcher = StoreWatcher(publisher, clock, registry=CollectorRegistry() if registry is None else registry)
     watcher.startService()
     return Harness(ca, clock, inline, publisher, watcher, StubTreq(build_root(publisher)))
 

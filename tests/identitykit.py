@@ -7,6 +7,7 @@ import itertools
 from typing import Any
 
 import attrs
+from prometheus_client import CollectorRegistry
 import pytest
 from cryptography import x509
 from twisted.internet.address import IPv4Address
@@ -28,7 +29,7 @@ from s2sgw.identity.jwt_bearer import (
 )
 from s2sgw.interfaces import Decision, Reason
 from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
-from s2sgw.ops.metrics import Metrics
+from s2sgw.ops.metrics import RouteMetrics
 from s2sgw.routes.inbound import InboundListener
 from s2sgw.transport import TLSFactory
 from tests.tlshelpers import (
@@ -103,6 +104,7 @@ class Rig:
     clock: MemoryReactorClock = attrs.Factory(MemoryReactorClock)
     wires: list[Wire] = attrs.Factory(list)
     audits: list[dict] = attrs.Factory(list)
+    registry: CollectorRegistry = attrs.Factory(CollectorRegistry)
     listener: InboundListener = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -114,10 +116,14 @@ class Rig:
             FakeAuthorizer(Decision(True, Reason.OK, CALLER, serial)),
             self.clock,
             TimeoutsConfig(),
-            metrics=Metrics(__import__("prometheus_client").CollectorRegistry()),
+            metrics=self._registered(RouteMetrics()),
             audit=AuditLog(),
             backend=self.backend,
         )
+
+    def _registered(self, metrics: RouteMetrics) -> RouteMetrics:
+        self.registry.register(metrics)
+        return metrics
 
     def connect(self) -> HalfCloseCollector:
         caller = HalfCloseCollector()

@@ -16,7 +16,7 @@ from treq.testing import StubTreq
 from twisted.web import resource
 
 from s2sgw.ca.authority import CertificateAuthority
-from s2sgw.ca.monitoring import ReadyzResource, metrics_registry, readiness
+from s2sgw.ca.monitoring import ReadyzResource, readiness
 from tests.doubles import Inline, make_harness
 from tests.e2e import Processes, free_port
 
@@ -84,10 +84,9 @@ def test_not_ready_when_the_ocsp_signer_has_expired(ca: CertificateAuthority) ->
 
 
 def test_metrics_add_expiry_and_answer_gauges_to_the_process_metrics(ca: CertificateAuthority) -> None:
-    harness = make_harness(ca)
-    base = CollectorRegistry()
-    Counter("process_wide_example", "A metric of the process.", registry=base).inc()
-    registry = metrics_registry(harness.publisher, base)
+    registry = CollectorRegistry()
+    Counter("process_wide_example", "A metric of the process.", registry=registry).inc()
+    harness = make_harness(ca, registry=registry)  # the watcher adds the publisher's gauges when it starts
     try:
         found = _samples(generate_latest(registry).decode())
         assert found[("process_wide_example_total", ())] == 1
@@ -98,6 +97,19 @@ def test_metrics_add_expiry_and_answer_gauges_to_the_process_metrics(ca: Certifi
         assert ("s2sgw_ca_ocsp_signatures_total", ()) in found
     finally:
         harness.watcher.stopService()
+
+
+def test_the_gauges_are_registered_while_the_store_watcher_runs(ca: CertificateAuthority) -> None:
+    """Started: the publisher's gauges are in the registry; stopped: gone. A second status server built
+    in the same process afterwards registers them again (no "Duplicated timeseries")."""
+    registry = CollectorRegistry()
+    for _ in range(2):
+        harness = make_harness(ca, registry=registry)
+        try:
+            assert ("s2sgw_ca_ready", ()) in _samples(generate_latest(registry).decode())
+        finally:
+            harness.watcher.stopService()
+        assert generate_latest(registry) == b""
 
 
 @pytest.mark.e2e

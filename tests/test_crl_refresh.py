@@ -20,16 +20,16 @@ import attrs
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from prometheus_client import REGISTRY
 from treq.testing import StubTreq
+from prometheus_client import CollectorRegistry
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from s2sgw import pki
 from s2sgw.config import load_config
+from s2sgw.status.crl_refresh import CRLRefreshMetrics, CRLRefreshService, reload_following_crl
 from s2sgw.files import write_atomically
 from s2sgw.status.crl import CRLStatusChecker
-from s2sgw.status.crl_refresh import CRLRefreshService, reload_following_crl
 from s2sgw.truststore import TrustStore
 from tests.doubles import SyncReactor
 from tests.pkifactory import TestCA, new_key, now
@@ -79,6 +79,7 @@ class Rig:
     stub: StubTreq
     refresher: CRLRefreshService
     generations: list[int]
+    registry: CollectorRegistry
 
     @property
     def crl_file(self) -> Path:
@@ -109,18 +110,21 @@ def rig(tmp_path: Path) -> Rig:
     stub = StubTreq(resource)
     reload = reload_following_crl(store, checker)
     generations: list[int] = []
+    registry, metrics = CollectorRegistry(), CRLRefreshMetrics()
+    registry.register(metrics)  # as the gateway's MetricsService does when it starts
     refresher = CRLRefreshService(
-        store, reload, reactor, 60.0, http=stub, timeout=5.0, max_bytes=64 * 1024, on_reloaded=generations.append
+        store, reload, reactor, 60.0, http=stub, timeout=5.0, max_bytes=64 * 1024, on_reloaded=generations.append,
+        metrics=metrics,
     )
-    return Rig(tmp_path, ca, reactor, store, checker, resource, stub, refresher, generations)
+    return Rig(tmp_path, ca, reactor, store, checker, resource, stub, refresher, generations, registry)
 
 
 def _number_on_disk(rig: Rig) -> int | None:
     return pki.crl_number(pki.load_crl(rig.crl_file))
 
 
-def _count(outcome: str) -> float:
-    return REGISTRY.get_sample_value("s2sgw_crl_refreshes_total", {"outcome": outcome}) or 0.0
+def _count(rig: Rig, outcome: str) -> float:
+    return rig.registry.get_sample_value("s2sgw_crl_refreshes_total", {"outcome": outcome}) or 0.0
 
 
 def _status(rig: Rig, leaf: x509.Certificate) -> str:
@@ -134,14 +138,14 @@ def test_newer_crl_is_written_and_used_by_store_and_checker(rig: Rig) -> None:
     peer = rig.ca.issue("users").leaf
     assert _status(rig, peer) == "good"
     rig.serve(rig.ca.crl([peer], number=6))
-    before = _count("updated")
+    before = _count(rig, "updated")
     assert rig.refresh() == "updated"
     assert _number_on_disk(rig) == 6
     assert rig.crl_file.read_bytes().startswith(b"-----BEGIN X509 CRL-----")
     assert rig.store.material.crl_number == 6
     assert rig.store.generation == 2
     assert _status(rig, peer) == "revoked"
-    assert _count("updated") == before + 1
+    assert _count(rig, "updated") == before + 1
     assert rig.generations == [2]
     assert list(rig.directory.glob(".ca.crl.*")) == []  # no temp file left behind
 
@@ -149,7 +153,7 @@ def test_newer_crl_is_written_and_used_by_store_and_checker(rig: Rig) -> None:
 def test_replayed_older_crl_is_refused_and_logged(rig: Rig, caplog_events) -> None:
     """A CRL whose number is lower than the current one never replaces it."""
     rig.serve(rig.ca.crl(number=4))
-    before = _count("refused")
+    before = _count(rig, "refused")
     assert rig.refresh() == "refused"
     assert _number_on_disk(rig) == 5
     assert rig.store.material.crl_number == 5 and rig.store.generation == 1
@@ -157,7 +161,7 @@ def test_replayed_older_crl_is_refused_and_logged(rig: Rig, caplog_events) -> No
     assert rig.refresher.refused == 1
     assert "lower than the current 5" in (rig.refresher.last_error or "")
     assert any("CRL from http://ca.test/crl refused" in text and "lower than" in text for text in caplog_events)
-    assert _count("refused") == before + 1
+    assert _count(rig, "refused") == before + 1
 
 
 @pytest.mark.parametrize(

@@ -27,14 +27,16 @@ from s2sgw.ca.server import build_root
 from s2sgw.config import InboundRoute, OutboundRoute, TimeoutsConfig
 from s2sgw.interfaces import Decision, Reason
 from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
-from s2sgw.ops.metrics import Metrics
 from s2sgw.routes.inbound import InboundListener
 from s2sgw.routes.outbound import OutboundConnector
 from s2sgw.status.enforce import Enforcer, PushedRevocations
+from s2sgw.status.enforce import LiveCloseMetrics
+from s2sgw.wire.ocsp import StatusUnavailable
+from s2sgw.ops.metrics import RouteMetrics
 from s2sgw.status.ocsp import OCSPStatusChecker
 from s2sgw.transport import TLSFactory
 from s2sgw.wire.feed import FeedDocument, FeedEntry
-from s2sgw.wire.ocsp import StatusUnavailable, key_hash
+from s2sgw.wire.ocsp import key_hash
 from tests.doubles import FakeStatusChecker
 from tests.tlshelpers import (
     PKI,
@@ -94,7 +96,9 @@ class Rig:
         store = FakeTrustStore(
             servers={"orders": self.pki.options("orders")}, clients={"orders": self.pki.options("orders")}
         )
-        metrics = Metrics(self.registry)
+        metrics, closes = RouteMetrics(), LiveCloseMetrics()
+        for counted in (metrics, closes):  # as the gateway's MetricsService does when it starts
+            self.registry.register(counted)
         inbound = InboundRoute("orders-in", "orders", "tcp:0", "tcp:127.0.0.1:1", allow=("callers",))
         outbound = OutboundRoute("orders-to-users", "orders", "tcp:0", "tcp:users.example:8443", "users")
         self.listener = InboundListener(
@@ -123,7 +127,7 @@ class Rig:
             self.clock,
             fail=self.fail,
             verify_chain=lambda chain: self.trusted,
-            registry=self.registry,
+            metrics=closes,
         )
 
     def serial(self, name: str) -> int:

@@ -27,7 +27,7 @@ from s2sgw.ca.ocsp import Responder
 from s2sgw.ca.publisher import StatusPublisher, StoreWatcher
 from s2sgw.ca.server import build_root
 from s2sgw.config import StatusConfig
-from s2sgw.status.feed import FeedSubscriber, feed_url, register_metrics
+from s2sgw.status.feed import FeedSubscriber, feed_url
 from s2sgw.wire.feed import (
     FeedDocument,
     FeedEntry,
@@ -113,7 +113,7 @@ def status_server(tmp_path: Path) -> CA:
     responder = Responder(issuer=authority.intermediate_cert, signer_cert=authority.ocsp_cert, signer_key=authority.ocsp_key)
     publisher = StatusPublisher(ca=authority, responder=responder, clock=clock, in_thread=inline)
     root = build_root(publisher, feed_hold=HOLD)
-    watcher = StoreWatcher(publisher, clock)
+    watcher = StoreWatcher(publisher, clock, registry=CollectorRegistry())
     watcher.startService()
     yield CA(authority, clock, publisher, watcher, StubTreq(root))
     watcher.stopService()
@@ -332,7 +332,8 @@ class Following:
     batches: list[FeedDocument]
 
 
-def follow(status_server: CA, http: Any = None) -> Following:
+def follow(status_server: CA, http: Any = None, registry: CollectorRegistry | None = None) -> Following:
+    """A started subscriber; its gauges go to ``registry`` (one of its own when None)."""
     batches: list[FeedDocument] = []
     subscriber = FeedSubscriber(
         f"{BASE}/revocations",
@@ -341,6 +342,7 @@ def follow(status_server: CA, http: Any = None) -> Following:
         on_revocations=batches.append,
         http=http if http is not None else status_server.stub,
         hold=HOLD,
+        registry=CollectorRegistry() if registry is None else registry,
     )
     subscriber.startService()
     return Following(subscriber, batches)
@@ -368,10 +370,9 @@ def test_the_subscriber_hands_on_each_revocation_once_and_resumes_from_the_last_
 
 
 def test_freshness_is_the_age_of_the_newest_verified_answer(status_server: CA) -> None:
-    following = follow(status_server)
-    assert following.subscriber.age() is None
     registry = CollectorRegistry()
-    register_metrics(following.subscriber, registry)
+    following = follow(status_server, registry=registry)
+    assert following.subscriber.age() is None
     settle(status_server)
     assert following.subscriber.age() == 0.0
     status_server.clock.advance(10)

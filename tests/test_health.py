@@ -20,10 +20,10 @@ from twisted.logger import globalLogPublisher
 
 from s2sgw.config import ConfigError, load_config, parse_config
 from s2sgw.ops.health import Monitor
-from s2sgw.ops.metrics import Metrics
+from s2sgw.routes.inbound import InboundListener
+from s2sgw.ops.metrics import RouteMetrics
 from s2sgw.ops.notify import Notifier, NotifyService, format_message, socket_address
 from s2sgw.routes.authz import Authorizer
-from s2sgw.routes.inbound import InboundListener
 from s2sgw.truststore import TrustStore
 from tests.doubles import FakeStatusChecker
 from tests.e2e import Pki, gateway_config, service_block
@@ -64,7 +64,7 @@ def _monitor(world: Pki, tmp_path: Path, *, hours: float = 24.0, extra: str = ""
     checker = FakeStatusChecker(reactor)
     route = InboundListener(
         config.services[0].inbound[0], store, Authorizer(checker, "e2e.s2sgw.test"), reactor,
-        metrics=Metrics(CollectorRegistry()),
+        metrics=RouteMetrics(),
     )
     monitor = Monitor(store, {"users-in": route}, checker, reactor, probe_interval=None, registry=CollectorRegistry())
     return monitor, reactor, route

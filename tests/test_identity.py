@@ -28,8 +28,8 @@ from s2sgw.identity.jwt_bearer import (
     VerifyBearer,
     algorithm_for,
 )
-from s2sgw.identity.proxy_v2 import CallerInfo, encode_v2
 from s2sgw.interfaces import Reason
+from s2sgw.identity.proxy_v2 import CallerInfo, encode_v2
 from tests.doubles import decode_proxy_v2, decode_tlvs
 from tests.identitykit import (  # noqa: F401, F811 (fixtures)
     CALLER,

@@ -218,7 +218,7 @@ def test_trailers_pass_untouched_identity_names_included() -> None:
 
 
 def _connections(rig: Rig, reason: str) -> float:
-    value = rig.listener.metrics.registry.get_sample_value(
+    value = rig.registry.get_sample_value(
         "s2sgw_connections_total", {"route": "orders-in", "outcome": "closed", "reason": reason}
     )
     return value or 0.0

@@ -27,7 +27,6 @@ from zope.interface import implementer
 from s2sgw.config import InboundRoute, TimeoutsConfig
 from s2sgw.interfaces import Decision, Reason
 from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
-from s2sgw.ops.metrics import Metrics
 from s2sgw.routes.inbound import InboundListener
 from s2sgw.transport import (
     EagerClient,
@@ -45,6 +44,7 @@ from tests.tlshelpers import (
     WireEndpoint,
     pump_all,
 )
+from s2sgw.ops.metrics import RouteMetrics
 
 ALLOWED = Decision(True, Reason.OK, "spiffe://example.test/users", 0xABC)
 TIMEOUTS = TimeoutsConfig(handshake=10.0, connect=5.0, idle=300.0, drain=10.0)
@@ -90,11 +90,13 @@ class Rig:
     backend: WireEndpoint = attrs.Factory(WireEndpoint)
     clock: MemoryReactorClock = attrs.Factory(MemoryReactorClock)
     registry: CollectorRegistry = attrs.Factory(CollectorRegistry)
+    metrics: RouteMetrics = attrs.Factory(RouteMetrics)
     max_connections: int = 1024
     listener: InboundListener = attrs.field(init=False)
     wires: list[Wire] = attrs.Factory(list)
 
     def __attrs_post_init__(self) -> None:
+        self.registry.register(self.metrics)  # as the gateway's MetricsService does when it starts
         route = InboundRoute(
             name="orders-in",
             service="orders",
@@ -110,7 +112,7 @@ class Rig:
             self.authorizer,
             self.clock,
             TIMEOUTS,
-            metrics=Metrics(self.registry),
+            metrics=self.metrics,
             audit=AuditLog(),
             backend=self.backend,
         )
@@ -175,7 +177,8 @@ def test_an_allowed_peer_is_relayed_to_the_backend_and_audited(pki: PKI, audit_e
 
 def test_metric_labels_stay_bounded() -> None:
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    metrics = RouteMetrics()
+    registry.register(metrics)
     metrics.handshake("r", False, "some new reason text")
     assert registry.get_sample_value("s2sgw_handshakes_total", {"route": "r", "result": "refused", "reason": "other"}) == 1
 
@@ -466,7 +469,7 @@ async def test_megabytes_cross_real_loopback_sockets_intact(pki: PKI, audit_even
         FakeAuthorizer(ALLOWED),
         reactor,
         TIMEOUTS,
-        metrics=Metrics(CollectorRegistry()),
+        metrics=RouteMetrics(),
     )
     port = await listener.listen()
     assert isinstance(port, EagerPort)

@@ -22,9 +22,9 @@ from zope.interface import implementer
 from s2sgw.config import InboundRoute, OutboundRoute, TimeoutsConfig
 from s2sgw.interfaces import Decision, Reason
 from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
-from s2sgw.ops.metrics import Metrics
 from s2sgw.routes.inbound import InboundListener
 from s2sgw.routes.outbound import OutboundConnector
+from s2sgw.ops.metrics import RouteMetrics
 from s2sgw.transport import TLSFactory, client_endpoint, server_endpoint
 from tests.tlshelpers import (
     PKI,
@@ -79,6 +79,7 @@ class Rig:
     max_connections: int = 1024
     clock: MemoryReactorClock = attrs.Factory(MemoryReactorClock)
     registry: CollectorRegistry = attrs.Factory(CollectorRegistry)
+    metrics: RouteMetrics = attrs.Factory(RouteMetrics)
     services: list[HalfCloseCollector] = attrs.Factory(list)
     wires: list[Wire] = attrs.Factory(list)
     connector: OutboundConnector = attrs.field(init=False)
@@ -86,6 +87,7 @@ class Rig:
     store: FakeTrustStore = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self.registry.register(self.metrics)  # as the gateway's MetricsService does when it starts
         remote_pki = self.remote_pki or self.pki
         server_options = remote_pki.options("users")
 
@@ -110,7 +112,7 @@ class Rig:
             self.authorizer,
             self.clock,
             TIMEOUTS,
-            metrics=Metrics(self.registry),
+            metrics=self.metrics,
             audit=AuditLog(),
             remote=self.remote,
         )
@@ -341,7 +343,7 @@ async def upload_through_both_gateways(pki: PKI, payload: bytes) -> None:
         FakeAuthorizer(Decision(True, Reason.OK, "spiffe://example.test/orders", 1)),
         reactor,
         TIMEOUTS,
-        metrics=Metrics(CollectorRegistry()),
+        metrics=RouteMetrics(),
     )
     inbound_port = await inbound.listen()
     outbound = OutboundConnector(
@@ -356,7 +358,7 @@ async def upload_through_both_gateways(pki: PKI, payload: bytes) -> None:
         FakeAuthorizer(PROVEN),
         reactor,
         TIMEOUTS,
-        metrics=Metrics(CollectorRegistry()),
+        metrics=RouteMetrics(),
     )
     outbound_port = await outbound.listen()
     uploader = PlainUploader(payload)

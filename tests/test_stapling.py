@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
 from treq.testing import StubTreq
+from prometheus_client import CollectorRegistry
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory
@@ -31,18 +32,11 @@ from s2sgw.config import OutboundRoute, load_config
 from s2sgw.interfaces import Reason
 from s2sgw.routes.authz import Authorizer
 from s2sgw.routes.outbound import OutboundConnector
+from s2sgw.wire.ocsp import CertStatus, StatusInvalid
+from s2sgw.status.stapling import Staple, StapleCache, StapleMetrics, StapleService, fingerprint, inbound_targets
 from s2sgw.status.ocsp import OCSPStatusChecker
-from s2sgw.status.stapling import (
-    STAPLES_RECEIVED,
-    Staple,
-    StapleCache,
-    StapleService,
-    fingerprint,
-    inbound_targets,
-)
 from s2sgw.transport import TLSFactory
 from s2sgw.truststore import TrustStore
-from s2sgw.wire.ocsp import CertStatus, StatusInvalid
 from tests.tlshelpers import HalfCloseCollector, Wire, WireEndpoint, connect, pump_all
 
 DOMAIN = "s2s.test"
@@ -456,11 +450,13 @@ def test_an_invalid_staple_is_ignored_with_a_warning_and_the_ca_is_asked(
     ca = CA.of(world, clock)
     wrong = ca.staple_for(world.orders, clock)
     checker = ca.checker(clock)
-    authorizer = Authorizer(checker, DOMAIN)
+    registry, metrics = CollectorRegistry(), StapleMetrics()
+    registry.register(metrics)  # as the gateway's MetricsService does when it starts
+    authorizer = Authorizer(checker, DOMAIN, metrics=metrics)
     route = OutboundRoute(name="r", service="orders", listen="tcp:1", remote="tcp:users:1", peer="users")
-    before = STAPLES_RECEIVED.labels("invalid")._value.get()
+    before = registry.get_sample_value("s2sgw_staples_received_total", {"result": "invalid"}) or 0.0
     assert authorizer.accept_staple(route, world.users.chain, wrong) is None
-    assert STAPLES_RECEIVED.labels("invalid")._value.get() == before + 1
+    assert registry.get_sample_value("s2sgw_staples_received_total", {"result": "invalid"}) == before + 1
     assert any("ignoring the OCSP staple" in e["log_format"] for e in warnings)
     d = authorizer.authorize(route, world.users.chain)
     ca.stub.flush()

@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from prometheus_client import REGISTRY
+from prometheus_client import CollectorRegistry
 from treq.testing import StubTreq
 from twisted.internet import defer, task
 from twisted.web.resource import Resource
@@ -19,18 +19,16 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface.verify import verifyObject
 
 from s2sgw.interfaces import IStatusChecker
+from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
+from s2sgw.status.ocsp import OCSPStatusChecker, StatusMetrics
+from tests.doubles import FakeStatusChecker
 from s2sgw.status.checker import NoStatusChecker
 from s2sgw.status.crl import CRLStatusChecker
-from s2sgw.status.ocsp import OCSPStatusChecker
 from s2sgw.wire.ocsp import (
-    CertStatus,
-    StatusInvalid,
-    StatusUnavailable,
     build_request,
     new_nonce,
     verify_response,
 )
-from tests.doubles import FakeStatusChecker
 from tests.pkifactory import HOUR, NOW, Issued, _hash, _key, make_ca
 
 MINUTE = datetime.timedelta(minutes=1)
@@ -396,6 +394,7 @@ class Harness:
     stub: StubTreq
     clock: task.Clock
     checker: OCSPStatusChecker
+    registry: CollectorRegistry
 
     def check(self, leaf=None):
         d = self.checker.check(leaf or self.pki.leaf.cert, self.pki.ca.cert)
@@ -429,16 +428,26 @@ def harness(pki):
     clock.advance(NOW.timestamp())
     resource = OCSPResource(good)
     stub = StubTreq(resource)
-    checker = OCSPStatusChecker("http://ca.test/ocsp", clock, http=stub, timeout=2.0, max_cache_age=300.0)
-    return Harness(pki, resource, stub, clock, checker)
+    registry, metrics = _counted()
+    checker = OCSPStatusChecker(
+        "http://ca.test/ocsp", clock, http=stub, timeout=2.0, max_cache_age=300.0, metrics=metrics
+    )
+    return Harness(pki, resource, stub, clock, checker, registry)
 
 
 def _now(clock) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC).replace(microsecond=0)
 
 
-def _sample(name, **labels):
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+def _counted() -> tuple[CollectorRegistry, StatusMetrics]:
+    """A checker's metrics, registered on a registry of the test's own (as the gateway's MetricsService does)."""
+    registry, metrics = CollectorRegistry(), StatusMetrics()
+    registry.register(metrics)
+    return registry, metrics
+
+
+def _sample(registry, name, **labels):
+    return registry.get_sample_value(name, labels) or 0.0
 
 
 class TestOCSPStatusChecker:
@@ -466,14 +475,14 @@ class TestOCSPStatusChecker:
 
     def test_good_answer_is_cached_until_next_update(self, harness):
         """Repeated checks within nextUpdate cost no query; after it, the CA is asked again."""
-        hits = _sample("s2sgw_status_cache_lookups_total", result="hit")
+        hits = _sample(harness.registry, "s2sgw_status_cache_lookups_total", result="hit")
         harness.checker.max_cache_age = 3600
         assert _result(harness.check()).state == "good"
         harness.clock.advance(9 * 60)
         assert _result(harness.check()).state == "good"
         assert len(harness.resource.requests) == 1
         assert (harness.checker.hits, harness.checker.misses) == (1, 1)
-        assert _sample("s2sgw_status_cache_lookups_total", result="hit") == hits + 1
+        assert _sample(harness.registry, "s2sgw_status_cache_lookups_total", result="hit") == hits + 1
         harness.clock.advance(61)  # past nextUpdate (10 minutes)
         assert _result(harness.check()).state == "good"
         assert len(harness.resource.requests) == 2
@@ -541,10 +550,11 @@ class TestOCSPStatusChecker:
 
         clock = task.Clock()
         clock.advance(NOW.timestamp())
-        checker = OCSPStatusChecker("http://ca.test/ocsp", clock, http=Refusing())
+        registry, metrics = _counted()
+        checker = OCSPStatusChecker("http://ca.test/ocsp", clock, http=Refusing(), metrics=metrics)
         d = checker.check(pki.leaf.cert, pki.ca.cert)
         _failure(d, StatusUnavailable)
-        assert _sample("s2sgw_status_queries_total", outcome="unavailable") >= 1
+        assert _sample(registry, "s2sgw_status_queries_total", outcome="unavailable") >= 1
 
     def test_endless_body_is_refused_and_connection_dropped(self, harness):
         """A server streaming an endless answer is cut off after 64 KiB; the check fails."""
@@ -590,11 +600,11 @@ class TestOCSPStatusChecker:
         assert len(harness.resource.requests) == 2
 
     def test_outcomes_are_counted(self, harness):
-        before = _sample("s2sgw_status_queries_total", outcome="good")
-        count = _sample("s2sgw_status_query_seconds_count")
+        before = _sample(harness.registry, "s2sgw_status_queries_total", outcome="good")
+        count = _sample(harness.registry, "s2sgw_status_query_seconds_count")
         _result(harness.check())
-        assert _sample("s2sgw_status_queries_total", outcome="good") == before + 1
-        assert _sample("s2sgw_status_query_seconds_count") == count + 1
+        assert _sample(harness.registry, "s2sgw_status_queries_total", outcome="good") == before + 1
+        assert _sample(harness.registry, "s2sgw_status_query_seconds_count") == count + 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,13 @@
 ``/healthz`` (the publisher's own health document) says whether the server keeps up; ``/readyz``
 says whether gateways can rely on its answers now, with the reasons in words when not: loaded,
 the CA store read recently, the published CRL current, and the certificates that sign answers
-(OCSP signer, issuing CA) still valid. The gauges are computed at scrape time from the publisher.
+(OCSP signer, issuing CA) still valid.
+
+The gauges are computed at scrape time from the publisher, by a :class:`PublisherCollector` that
+the ``StoreWatcher`` registers on its injected registry (prometheus' default unless given) when it
+starts and unregisters when it stops: the pattern of :mod:`s2sgw.ops.metrics`, written out here
+because the CA imports nothing of the gateway. ``/metrics`` serves that registry, so the process'
+own metrics come along.
 """
 
 from __future__ import annotations
@@ -70,38 +76,26 @@ class ReadyzResource(resource.Resource):
         return json.dumps({"ready": ready, "reasons": reasons}, sort_keys=True).encode("utf-8") + b"\n"
 
 
-def metrics_registry(publisher: Any, base: CollectorRegistry | None = REGISTRY) -> CollectorRegistry:
-    """A registry serving ``base`` (the process-wide metrics) plus this publisher's gauges.
-
-    Per site rather than global, so building several servers in one process (tests) never
-    registers the same gauges twice.
-    """
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(publisher, base))
-    return registry
-
-
-def add_endpoints(root: resource.Resource, publisher: Any, base: CollectorRegistry | None = REGISTRY) -> None:
-    """Add ``/readyz`` and ``/metrics`` (prometheus_client's Twisted resource) to the site root."""
+def add_endpoints(root: resource.Resource, publisher: Any, registry: CollectorRegistry = REGISTRY) -> None:
+    """Add ``/readyz`` and ``/metrics`` (prometheus_client's Twisted resource over ``registry``)."""
     from prometheus_client.twisted import (
         MetricsResource,  # imports the global reactor: late
     )
 
     root.putChild(b"readyz", ReadyzResource(publisher))
-    root.putChild(b"metrics", MetricsResource(registry=metrics_registry(publisher, base)))
+    root.putChild(b"metrics", MetricsResource(registry=registry))
 
 
-class _Collector:
-    def __init__(self, publisher: Any, base: CollectorRegistry | None = None) -> None:
+class PublisherCollector:
+    """``s2sgw_ca_*``: computed when scraped from the publisher of a running StoreWatcher."""
+
+    def __init__(self, publisher: Any) -> None:
         self.publisher = publisher
-        self.base = base
 
     def describe(self) -> list[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        if self.base is not None:
-            yield from self.base.collect()
         publisher = self.publisher
         now = publisher.now()
         ready, _ = readiness(publisher)

@@ -13,12 +13,14 @@ from typing import Any
 
 import attrs
 from cryptography.hazmat.primitives import serialization
+from prometheus_client import REGISTRY, CollectorRegistry
 from twisted.application.service import Service
 from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from s2sgw.ca.monitoring import PublisherCollector
 from s2sgw.ca.ocsp import TRY_LATER_ANSWER, Answer, Query, Responder, SerialStatus
 from s2sgw.timeutil import utc
 
@@ -285,18 +287,26 @@ def _crl_number(crl: Any) -> int | None:
 
 @attrs.define(eq=False, slots=False)
 class StoreWatcher(Service):
-    """Loads the publisher, then polls the store and refreshes answers on the injected clock."""
+    """Loads the publisher, then polls the store and refreshes answers on the injected clock.
+
+    While it runs, the publisher's gauges are in ``registry`` (what ``/metrics`` serves): the same
+    pattern as the gateway's services, see :mod:`s2sgw.ca.monitoring`.
+    """
 
     publisher: StatusPublisher
     clock: IReactorTime
     poll_interval: float = 0.25
     refresh_interval: float = 1.0
+    registry: CollectorRegistry = REGISTRY
     _loops: list[task.LoopingCall] = attrs.field(factory=list)
+    _collector: PublisherCollector | None = attrs.field(default=None, init=False)
 
     _log = Logger()
 
     def startService(self) -> None:
         Service.startService(self)
+        self._collector = PublisherCollector(self.publisher)
+        self.registry.register(self._collector)
         poll = task.LoopingCall(self.publisher.poll)
         refresh = task.LoopingCall(self.publisher.refresh)
         for loop, interval in ((poll, self.poll_interval), (refresh, self.refresh_interval)):
@@ -311,6 +321,9 @@ class StoreWatcher(Service):
             if loop.running:
                 loop.stop()
         self._loops.clear()
+        collector, self._collector = self._collector, None
+        if collector is not None:
+            self.registry.unregister(collector)
         Service.stopService(self)
 
 

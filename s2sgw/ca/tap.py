@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from prometheus_client import REGISTRY, CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
@@ -66,7 +67,7 @@ class Options(usage.Options):
             raise usage.UsageError(f"--dir {self['dir']} is not a usable CA directory: {error}") from None
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(options: Options, reactor: Any = None, registry: CollectorRegistry = REGISTRY) -> IService:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     ca = options.ca
@@ -84,9 +85,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         crl_hours=options["crl-hours"],
     )
     top = MultiService()
-    StoreWatcher(publisher, reactor, poll_interval=options["poll-interval"]).setServiceParent(top)
+    # The watcher puts the publisher's gauges in ``registry`` while it runs; /metrics serves it.
+    StoreWatcher(publisher, reactor, poll_interval=options["poll-interval"], registry=registry).setServiceParent(top)
     root = build_root(publisher)
-    add_endpoints(root, publisher)  # /readyz and /metrics
+    add_endpoints(root, publisher, registry)  # /readyz and /metrics
     site = StatusSite(root, max_body=options["max-body"], timeout=options["timeout"], reactor=reactor)
     strports.service(options["listen"], site, reactor=reactor).setServiceParent(top)
     return top

@@ -2,8 +2,9 @@
 
 Off unless ``[admin] listen`` is set, and loopback or a unix socket unless ``allow_remote``:
 it shows identities, serials and traffic counters. Answers come from the :class:`Monitor`; the
-metrics are prometheus_client's Twisted resource over the process-wide registry. Requests are not
-access-logged (scrapers would drown the audit trail).
+metrics are prometheus_client's Twisted resource over the gateway's registry (prometheus' default
+unless one is given; see :mod:`s2sgw.ops.metrics`). Requests are not access-logged (scrapers would
+drown the audit trail).
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ class Monitor(Service):
     clock: IReactorTime
     probe_interval: float | None = 5.0  # None: no probes (nothing would read them)
     expiry_interval: float = EXPIRY_CHECK_INTERVAL
-    registry: CollectorRegistry | None = None  # where the gauges go; None: prometheus' default
+    registry: CollectorRegistry = REGISTRY  # where the gauges go while the monitor runs
     on_change: Callable[[Readiness], None] | None = None
     probe: ProbeResult | None = None
     reload_error: str | None = None  # why the latest reload failed; None after a good one
@@ -126,7 +126,7 @@ class Monitor(Service):
     def startService(self) -> None:
         super().startService()
         self._collector = HealthCollector(self)
-        (REGISTRY if self.registry is None else self.registry).register(self._collector)
+        self.registry.register(self._collector)
         self._every(self.expiry_interval, self.check_expiry)
         if self.probe_interval and self.probing_enabled:
             self._every(self.probe_interval, self.probe_status)
@@ -139,7 +139,7 @@ class Monitor(Service):
                 timer.stop()
         self._timers = []
         if self._collector is not None:
-            (REGISTRY if self.registry is None else self.registry).unregister(self._collector)
+            self.registry.unregister(self._collector)
             self._collector = None
         probing, self._probing = self._probing, None
         if probing is not None:

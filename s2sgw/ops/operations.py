@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
+from prometheus_client import REGISTRY, CollectorRegistry
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -50,15 +51,19 @@ class Operations(MultiService):
         routes: Mapping[str, Any],
         reactor: Any,
         environ: Mapping[str, str] | None = None,
+        registry: CollectorRegistry = REGISTRY,
     ) -> Operations:
+        """The monitor's gauges go to ``registry``, which the admin endpoint serves."""
         environ = os.environ if environ is None else environ
         notifier = Notifier.from_environ(environ)
         watched = config.admin is not None or notifier is not None
         interval = config.admin.probe_interval if config.admin is not None else 5.0
-        monitor = Monitor(trust_store, routes, checker, reactor, probe_interval=interval if watched else None)
+        monitor = Monitor(
+            trust_store, routes, checker, reactor, probe_interval=interval if watched else None, registry=registry
+        )
         admin = None
         if config.admin is not None:
-            admin = AdminService(config.admin.listen, monitor, reactor)
+            admin = AdminService(config.admin.listen, monitor, reactor, registry)
         notify = None
         if notifier is not None:
             notify = NotifyService(notifier, monitor.summary)

@@ -37,7 +37,7 @@ from zope.interface import implementer
 
 from s2sgw.config import FailMode
 from s2sgw.interfaces import Decision, IAuthorizer, IStatusChecker, Reason
-from s2sgw.status.stapling import STAPLES_RECEIVED
+from s2sgw.status.stapling import StapleMetrics
 from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
 
 
@@ -109,6 +109,7 @@ class Authorizer:
     trust_domain: str
     fail: FailMode = "closed"
     current_route: Callable[[str], Any] | None = None
+    metrics: StapleMetrics = attrs.field(factory=StapleMetrics)  # counts staples; handed over by build_gateway
 
     _log = Logger()
 
@@ -147,7 +148,7 @@ class Authorizer:
         try:
             status = accept(leaf, issuer, der)
         except (StatusInvalid, StatusUnavailable) as error:
-            STAPLES_RECEIVED.labels("invalid").inc()
+            self.metrics.received.labels("invalid").inc()
             self._log.warn(
                 "route {route}: ignoring the OCSP staple of serial {serial}: {error}",
                 route=getattr(route, "name", "?"),
@@ -157,10 +158,10 @@ class Authorizer:
             return None
         except Exception:
             failure = Failure()
-            STAPLES_RECEIVED.labels("invalid").inc()
+            self.metrics.received.labels("invalid").inc()
             self._unexpected(route, None, leaf.serial_number, failure, "staple check")
             return None
-        STAPLES_RECEIVED.labels("valid").inc()
+        self.metrics.received.labels("valid").inc()
         return status
 
     def _current(self, route):

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from s2sgw.config import InboundRoute, OutboundRoute
 from s2sgw.interfaces import Decision, Reason
 from s2sgw.ops.audit import AuditLog, AuditRecord, Direction
-from s2sgw.ops.metrics import Metrics
+from s2sgw.ops.metrics import RouteMetrics
 from s2sgw.relay import Relay
 from s2sgw.transport import TLSFactory, server_endpoint
 
@@ -95,7 +95,7 @@ class RouteGate:
     route: InboundRoute | OutboundRoute
     direction: Direction
     clock: IReactorTime
-    metrics: Metrics
+    metrics: RouteMetrics
     audit: AuditLog
     live: set[Session] = attrs.Factory(set)
     port: IListeningPort | None = None

@@ -30,7 +30,7 @@ from s2sgw.config import InboundRoute, TimeoutsConfig
 from s2sgw.identity.policy import InboundIdentity
 from s2sgw.interfaces import Decision, IAuthorizer, ITrustStore, Reason
 from s2sgw.ops.audit import AuditLog
-from s2sgw.ops.metrics import INTERNAL_ERROR, Metrics, default_metrics
+from s2sgw.ops.metrics import INTERNAL_ERROR, RouteMetrics
 from s2sgw.relay import RelaySide, splice
 from s2sgw.routes.gate import (
     GatedRoute,
@@ -235,7 +235,7 @@ class InboundListener(GatedRoute):
     authorizer: IAuthorizer
     reactor: Any
     timeouts: TimeoutsConfig = TimeoutsConfig()
-    metrics: Metrics = attrs.field(factory=default_metrics)
+    metrics: RouteMetrics = attrs.field(factory=RouteMetrics)  # the gateway's, handed over by build_gateway
     audit: AuditLog = attrs.field(factory=AuditLog)
     backend: IStreamClientEndpoint = attrs.field(default=None)
     identity: InboundIdentity | None = attrs.field(default=None)  # built when route.identity != "none"

@@ -27,7 +27,7 @@ from s2sgw.config import OutboundRoute, TimeoutsConfig
 from s2sgw.identity.policy import OutboundIdentity
 from s2sgw.interfaces import Decision, IAuthorizer, ITrustStore, Reason
 from s2sgw.ops.audit import AuditLog
-from s2sgw.ops.metrics import INTERNAL_ERROR, Metrics, default_metrics
+from s2sgw.ops.metrics import INTERNAL_ERROR, RouteMetrics
 from s2sgw.relay import RelaySide, splice
 from s2sgw.routes.gate import GatedRoute, RouteGate, Session, RefusedProtocol, dial_error
 from s2sgw.tls import received_staple
@@ -250,7 +250,7 @@ class OutboundConnector(GatedRoute):
     authorizer: IAuthorizer
     reactor: Any
     timeouts: TimeoutsConfig = TimeoutsConfig()
-    metrics: Metrics = attrs.field(factory=default_metrics)
+    metrics: RouteMetrics = attrs.field(factory=RouteMetrics)  # the gateway's, handed over by build_gateway
     audit: AuditLog = attrs.field(factory=AuditLog)
     remote: IStreamClientEndpoint = attrs.field(default=None)
     identity: OutboundIdentity | None = attrs.field(default=None)  # built when route.identity = "jwt"

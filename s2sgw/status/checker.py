@@ -12,7 +12,7 @@ from zope.interface import implementer
 from s2sgw.config import StatusConfig
 from s2sgw.interfaces import IStatusChecker
 from s2sgw.status.crl import CRLStatusChecker
-from s2sgw.status.ocsp import OCSPStatusChecker
+from s2sgw.status.ocsp import OCSPStatusChecker, StatusMetrics
 from s2sgw.timeutil import utc
 from s2sgw.wire.ocsp import CertStatus
 
@@ -30,12 +30,16 @@ class NoStatusChecker:
 
 
 def make_status_checker(
-    config: StatusConfig, reactor, authorities: tuple[x509.Certificate, ...] = ()
+    config: StatusConfig,
+    reactor,
+    authorities: tuple[x509.Certificate, ...] = (),
+    metrics: StatusMetrics | None = None,
 ) -> IStatusChecker:
     """The checker ``config.mode`` asks for (CRL files are read here, at start-up).
 
     ``authorities`` (the trust bundle's roots and our intermediates) verify a root CRL held
-    beside the issuing CA's, in mode ``crl``.
+    beside the issuing CA's, in mode ``crl``. ``metrics`` counts the OCSP checker's queries
+    (the gateway's; a set of its own when None).
     """
     if config.mode == "off":
         return NoStatusChecker(reactor)
@@ -51,5 +55,6 @@ def make_status_checker(
         timeout=config.timeout,
         max_cache_age=config.max_cache_age,
         cache_size=config.cache_size,
+        metrics=StatusMetrics() if metrics is None else metrics,
     )
 

@@ -28,15 +28,24 @@ from twisted.python.failure import Failure
 from s2sgw import pki
 from s2sgw.config import ConfigError
 from s2sgw.files import write_atomically
+from s2sgw.ops.metrics import MetricSet
 from s2sgw.status.crl import CRLStatusChecker
 from s2sgw.wire.http import ResponseTooLarge, read_limited
 
 MAX_CRL_BYTES = 4 * 1024 * 1024
 CRL_ACCEPT = b"application/pkix-crl, application/x-pem-file;q=0.5"
 
-# outcome: updated (new CRL in use), unchanged (304 or same number), refused (failed our
-# checks: forged, stale, replayed), failed (CA unreachable, HTTP error, write or reload failed).
-CRL_REFRESHES = Counter("s2sgw_crl_refreshes", "CRL fetches from the CA, by outcome.", ["outcome"])
+
+class CRLRefreshMetrics(MetricSet):
+    """CRL fetches by outcome (registered by the gateway's MetricsService, in every mode)."""
+
+    def __init__(self) -> None:
+        # outcome: updated (new CRL in use), unchanged (304 or same number), refused (failed our
+        # checks: forged, stale, replayed), failed (CA unreachable, HTTP error, write or reload failed).
+        self.refreshes = Counter(
+            "s2sgw_crl_refreshes", "CRL fetches from the CA, by outcome.", ["outcome"], registry=None
+        )
+        self.members = (self.refreshes,)
 
 
 class CRLFetchError(Exception):
@@ -106,6 +115,7 @@ class CRLRefreshService(Service):
     updates: int = 0
     last_error: str | None = None
     last_success: float | None = None  # clock seconds of the last fetch that ended updated or unchanged
+    metrics: CRLRefreshMetrics = attrs.field(factory=CRLRefreshMetrics)  # handed over by build_gateway
     _log = Logger()
 
     _timer: LoopingCall | None = attrs.field(default=None, init=False)
@@ -193,7 +203,7 @@ class CRLRefreshService(Service):
     def _apply(self, fetched: tuple[bytes, bytes | None] | None, url: str, path: Path) -> Deferred[str] | str:
         if fetched is None:
             self.last_success = self.reactor.seconds()
-            CRL_REFRESHES.labels("unchanged").inc()
+            self.metrics.refreshes.labels("unchanged").inc()
             self._log.debug("CRL at {url} not modified", url=url)
             return "unchanged"
         data, etag = fetched
@@ -203,7 +213,7 @@ class CRLRefreshService(Service):
         if current is not None and number == pki.crl_number(current) and _same(crl, current):
             self._etag = etag
             self.last_success = self.reactor.seconds()
-            CRL_REFRESHES.labels("unchanged").inc()
+            self.metrics.refreshes.labels("unchanged").inc()
             return "unchanged"
         # The file also holds the CRLs of other CAs (the root's): they stay, after the fetched one.
         kept = [held for held in material.crls if held.issuer != crl.issuer]
@@ -229,7 +239,7 @@ class CRLRefreshService(Service):
         self.last_error = None
         self.updates += 1
         self.last_success = self.reactor.seconds()
-        CRL_REFRESHES.labels("updated").inc()
+        self.metrics.refreshes.labels("updated").inc()
         self._log.info(
             "CRL {number} from {url} in use (trust generation {generation})",
             number=number,
@@ -250,11 +260,11 @@ class CRLRefreshService(Service):
         self.last_error = message
         if failure.check(ConfigError):
             self.refused += 1
-            CRL_REFRESHES.labels("refused").inc()
+            self.metrics.refreshes.labels("refused").inc()
             self._log.warn("CRL from {url} refused, keeping the current one: {error}", url=url, error=message)
             return "refused"
         self.failures += 1
-        CRL_REFRESHES.labels("failed").inc()
+        self.metrics.refreshes.labels("failed").inc()
         self._log.warn("CRL refresh from {url} failed, keeping the current one: {error}", url=url, error=message)
         return "failed"
 

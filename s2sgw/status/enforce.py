@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import Counter
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from s2sgw.config import FailMode
 from s2sgw.interfaces import IStatusChecker, Reason
+from s2sgw.ops.metrics import MetricSet
 from s2sgw.timeutil import utc
 from s2sgw.wire.feed import FeedDocument
 from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable, key_hash
@@ -42,21 +43,19 @@ from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable, key_ha
 UTC = datetime.UTC
 _SHA256 = hashes.SHA256()
 
-_closes: dict[int, Counter] = {}
 
+class LiveCloseMetrics(MetricSet):
+    """Live connections the Enforcer closed (registered by the gateway's MetricsService)."""
 
-def _close_counter(registry: CollectorRegistry | None) -> Counter:
-    registry = REGISTRY if registry is None else registry
-    counter = _closes.get(id(registry))
-    if counter is None:
-        counter = _closes[id(registry)] = Counter(
+    def __init__(self) -> None:
+        self.closes = Counter(
             "s2sgw_live_closes",
             "Live connections closed because their peer's status changed, by reason and cause "
             "(feed | revalidation | reload).",
             ["reason", "cause"],
-            registry=registry,
+            registry=None,
         )
-    return counter
+        self.members = (self.closes,)
 
 
 
@@ -120,17 +119,13 @@ class Enforcer(Service):
     verify_chain: Callable[[Sequence[x509.Certificate]], bool] | None = None
     interval: float | None = 1.0
     retry: float = 5.0  # seconds before asking again about a peer the CA could not vouch for (fail open)
-    registry: CollectorRegistry | None = None
+    metrics: LiveCloseMetrics = attrs.field(factory=LiveCloseMetrics)  # handed over by build_gateway
     closed: int = 0
     _loop: LoopingCall | None = attrs.field(default=None, init=False)
     _asking: set[tuple[int, bytes]] = attrs.field(factory=set, init=False)
     _not_before: dict[tuple[int, bytes], float] = attrs.field(factory=dict, init=False)
-    _counter: Counter = attrs.field(init=False)
 
     _log = Logger()
-
-    def __attrs_post_init__(self) -> None:
-        self._counter = _close_counter(self.registry)
 
     @classmethod
     def for_routes(cls, routes: Any, checker: Any, clock: IReactorTime, **kwargs: Any) -> Enforcer:
@@ -180,7 +175,7 @@ class Enforcer(Service):
 
         count = sum(gate.close_peers(pick, reason, detail) for gate in self.gates())
         if count:
-            self._counter.labels(reason, cause).inc(count)
+            self.metrics.closes.labels(reason, cause).inc(count)
             self.closed += count
         return count
 

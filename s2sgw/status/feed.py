@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import urllib.parse
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -141,10 +140,12 @@ class FeedSubscriber(Service):
     last_document: float | None = None  # clock seconds when the newest verified answer arrived
     document_time: datetime.datetime | None = None  # the CA's time in that answer
     newest_revocation: datetime.datetime | None = None
+    registry: CollectorRegistry = REGISTRY  # where the freshness gauges go while following
     _backoff: float = attrs.field(default=0.0, init=False)
     _polling: Deferred[Any] | None = attrs.field(default=None, init=False)
     _next: IDelayedCall | None = attrs.field(default=None, init=False)
     _pool: Any = attrs.field(default=None, init=False)
+    _collector: _FeedCollector | None = attrs.field(default=None, init=False)
 
     _log = Logger()
 
@@ -156,11 +157,16 @@ class FeedSubscriber(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._collector = _FeedCollector(self)
+        self.registry.register(self._collector)
         self._log.info("following the revocation feed at {url}", url=self.url)
         self._schedule(0)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        collector, self._collector = self._collector, None
+        if collector is not None:
+            self.registry.unregister(collector)
         if self._next is not None and self._next.active():
             self._next.cancel()
         self._next = None
@@ -320,10 +326,10 @@ def _retry_after(response: Any) -> float | None:
 
 
 class _FeedCollector:
-    """``s2sgw_revocation_feed_*``: computed when scraped from the subscribers of this process."""
+    """``s2sgw_revocation_feed_*``: computed when scraped from a running subscriber."""
 
-    def __init__(self) -> None:
-        self.sources: weakref.WeakSet[FeedSubscriber] = weakref.WeakSet()
+    def __init__(self, source: FeedSubscriber) -> None:
+        self.source = source
 
     def describe(self) -> list[Metric]:
         return []
@@ -344,26 +350,13 @@ class _FeedCollector:
         events = CounterMetricFamily(
             "s2sgw_revocation_feed_revocations", "Revocations received from the feed.", labels=["url"]
         )
-        for source in list(self.sources):
-            value = source.age()
-            age.add_metric([source.url], float("nan") if value is None else value)
-            seq.add_metric([source.url], source.seq)
-            failures.add_metric([source.url], source.failures)
-            events.add_metric([source.url], source.revocations)
+        source = self.source
+        value = source.age()
+        age.add_metric([source.url], float("nan") if value is None else value)
+        seq.add_metric([source.url], source.seq)
+        failures.add_metric([source.url], source.failures)
+        events.add_metric([source.url], source.revocations)
         yield age
         yield seq
         yield failures
         yield events
-
-
-_collectors: dict[int, _FeedCollector] = {}
-
-
-def register_metrics(subscriber: FeedSubscriber, registry: CollectorRegistry | None = None) -> None:
-    """Expose ``subscriber``'s freshness in ``registry`` (default: prometheus_client's)."""
-    registry = REGISTRY if registry is None else registry
-    collector = _collectors.get(id(registry))
-    if collector is None:
-        collector = _collectors[id(registry)] = _FeedCollector()
-        registry.register(collector)  # type: ignore[arg-type]
-    collector.sources.add(subscriber)

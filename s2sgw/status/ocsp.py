@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from s2sgw.interfaces import IStatusChecker
+from s2sgw.ops.metrics import MetricSet
 from s2sgw.timeutil import utc
 from s2sgw.wire.http import MAX_RESPONSE_BYTES, ResponseTooLarge, read_limited
 from s2sgw.wire.ocsp import (
@@ -40,22 +41,31 @@ from s2sgw.wire.ocsp import (
 # Bounded label values for metrics.
 OUTCOMES = ("good", "revoked", "unknown", "unavailable", "invalid")
 
-QUERY_SECONDS = Histogram(
-    "s2sgw_status_query_seconds",
-    "Duration of OCSP queries to the CA status server.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-)
-QUERY_OUTCOMES = Counter(
-    "s2sgw_status_queries",
-    "OCSP queries to the CA status server, by outcome.",
-    ["outcome"],
-)
-CACHE_LOOKUPS = Counter(
-    "s2sgw_status_cache_lookups",
-    "Status checks by how they were answered: hit (cache), miss (new query), coalesced "
-    "(joined a query already in flight), revoked (revocation pushed to the checker).",
-    ["result"],
-)
+
+class StatusMetrics(MetricSet):
+    """OCSP queries and status cache lookups (registered by the gateway's MetricsService)."""
+
+    def __init__(self) -> None:
+        self.query_seconds = Histogram(
+            "s2sgw_status_query_seconds",
+            "Duration of OCSP queries to the CA status server.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=None,
+        )
+        self.queries = Counter(
+            "s2sgw_status_queries",
+            "OCSP queries to the CA status server, by outcome.",
+            ["outcome"],
+            registry=None,
+        )
+        self.cache_lookups = Counter(
+            "s2sgw_status_cache_lookups",
+            "Status checks by how they were answered: hit (cache), miss (new query), coalesced "
+            "(joined a query already in flight), revoked (revocation pushed to the checker).",
+            ["result"],
+            registry=None,
+        )
+        self.members = (self.query_seconds, self.queries, self.cache_lookups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +152,7 @@ class OCSPStatusChecker:
     hits: int = 0
     misses: int = 0
     queries: int = 0
+    metrics: StatusMetrics = attrs.field(factory=StatusMetrics)  # handed over by build_gateway
     _cache: collections.OrderedDict = attrs.field(init=False, factory=collections.OrderedDict)
     _revoked: collections.OrderedDict = attrs.field(init=False, factory=collections.OrderedDict)
     _inflight: dict = attrs.field(init=False, factory=dict)
@@ -166,13 +177,13 @@ class OCSPStatusChecker:
         serial = leaf.serial_number
         pushed = self._revoked.get(serial)
         if pushed is not None:
-            CACHE_LOOKUPS.labels("revoked").inc()
+            self.metrics.cache_lookups.labels("revoked").inc()
             self.hits += 1
             return defer.succeed(pushed)
         key = (key_hash(issuer), serial)
         cached = self.lookup_key(key)
         if cached is not None:
-            CACHE_LOOKUPS.labels("hit").inc()
+            self.metrics.cache_lookups.labels("hit").inc()
             self.hits += 1
             return defer.succeed(cached)
         self.misses += 1
@@ -181,7 +192,7 @@ class OCSPStatusChecker:
         if start:
             query = build_request(leaf, issuer, nonce=self.nonce_source())
             waiters = self._inflight[key] = []
-        CACHE_LOOKUPS.labels("miss" if start else "coalesced").inc()
+        self.metrics.cache_lookups.labels("miss" if start else "coalesced").inc()
 
         def cancel(d: Deferred) -> None:
             if d in waiters:
@@ -334,18 +345,18 @@ class OCSPStatusChecker:
         return Failure(StatusUnavailable(f"status query failed: {_describe(failure)}"))
 
     def _settle(self, result: CertStatus | Failure, key: tuple[bytes, int], started: float) -> None:
-        QUERY_SECONDS.observe(max(0.0, self.clock.seconds() - started))
+        self.metrics.query_seconds.observe(max(0.0, self.clock.seconds() - started))
         waiters = self._inflight.pop(key, [])
         if isinstance(result, Failure):
             outcome = "unavailable" if result.check(StatusUnavailable) else "invalid"
-            QUERY_OUTCOMES.labels(outcome).inc()
+            self.metrics.queries.labels(outcome).inc()
             self._log.info(
                 "status query for serial {serial} failed: {error}",
                 serial=f"{key[1]:x}",
                 error=result.getErrorMessage(),
             )
         else:
-            QUERY_OUTCOMES.labels(result.state).inc()
+            self.metrics.queries.labels(result.state).inc()
             if result.state in ("good", "revoked"):
                 self._store(key, result)
             pushed = self._revoked.get(key[1])

@@ -24,20 +24,31 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from s2sgw.ops.metrics import MetricSet
 from s2sgw.timeutil import utc
 from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
 
-STAPLE_FETCHES = Counter(
-    "s2sgw_staple_fetches",
-    "OCSP queries for our own certificates' staples, by outcome.",
-    ["outcome"],
-)
-STAPLES_RECEIVED = Counter(
-    "s2sgw_staples_received",
-    "OCSP staples received on outbound handshakes, by result: valid (no query needed) or invalid "
-    "(ignored; the remote was checked as usual).",
-    ["result"],
-)
+
+class StapleMetrics(MetricSet):
+    """Staples fetched for our certificates (StapleService) and received from remotes
+    (Authorizer.accept_staple); registered by the gateway's MetricsService."""
+
+    def __init__(self) -> None:
+        self.fetches = Counter(
+            "s2sgw_staple_fetches",
+            "OCSP queries for our own certificates' staples, by outcome.",
+            ["outcome"],
+            registry=None,
+        )
+        self.received = Counter(
+            "s2sgw_staples_received",
+            "OCSP staples received on outbound handshakes, by result: valid (no query needed) or invalid "
+            "(ignored; the remote was checked as usual).",
+            ["result"],
+            registry=None,
+        )
+        self.members = (self.fetches, self.received)
+
 
 _SHA256 = hashes.SHA256()
 
@@ -136,6 +147,7 @@ class StapleService(Service):
     retry_max: float = 60.0
     min_refresh: float = 1.0
     max_age: float = 300.0  # lifetime of an answer without nextUpdate
+    metrics: StapleMetrics = attrs.field(factory=StapleMetrics)  # handed over by build_gateway
     _targets: dict[bytes, _Target] = attrs.field(factory=dict, init=False)
     _log = Logger()
 
@@ -201,7 +213,7 @@ class StapleService(Service):
     def _fetched(self, answer: tuple[bytes, CertStatus], key: bytes, target: _Target) -> None:
         target.fetching = None
         der, status = answer
-        STAPLE_FETCHES.labels(status.state).inc()
+        self.metrics.fetches.labels(status.state).inc()
         if status.state not in ("good", "revoked"):
             self._failed(Failure(StatusInvalid(f"the CA answered {status.state}")), key, target, counted=True)
             return
@@ -239,7 +251,7 @@ class StapleService(Service):
         if failure.check(defer.CancelledError):
             return
         if not counted:
-            STAPLE_FETCHES.labels("unavailable" if failure.check(StatusUnavailable) else "invalid").inc()
+            self.metrics.fetches.labels("unavailable" if failure.check(StatusUnavailable) else "invalid").inc()
         target.failures += 1
         target.last_error = failure.getErrorMessage()
         if target.failures == 1:
