@@ -29,7 +29,7 @@ from s2sgw import pki
 from s2sgw.config import ConfigError
 from s2sgw.files import write_atomically
 from s2sgw.status.crl import CRLStatusChecker
-from s2sgw.wire.http import ResponseTooLarge, read_limited
+from s2sgw.wire.http import ResponseTooLarge, http_client, read_limited
 
 MAX_CRL_BYTES = 4 * 1024 * 1024
 CRL_ACCEPT = b"application/pkix-crl, application/x-pem-file;q=0.5"
@@ -72,13 +72,6 @@ def _hand_over(material: Any, checker: CRLStatusChecker) -> None:
     checker.replace(material.crl, tuple(material.other_crls), tuple(material.ca_certificates))
 
 
-def _default_http(reactor: Any) -> Any:
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-
-
 @attrs.define(eq=False)
 class CRLRefreshService(Service):
     """Every ``interval`` seconds: GET the CRL at the store's ``status.crl_url``, check, write, reload.
@@ -115,7 +108,7 @@ class CRLRefreshService(Service):
 
     def __attrs_post_init__(self) -> None:
         if self.http is None:
-            self.http = _default_http(self.reactor)
+            self.http, _ = http_client(self.reactor, persistent=False)
 
     def startService(self) -> None:
         super().startService()

@@ -43,7 +43,7 @@ from s2sgw.wire.feed import (
     check_sequence,
     open_document,
 )
-from s2sgw.wire.http import read_limited
+from s2sgw.wire.http import http_client, read_limited
 from s2sgw.wire.ocsp import DEFAULT_LEEWAY, StatusInvalid, StatusUnavailable
 
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
@@ -97,15 +97,6 @@ def feed_url(status: StatusConfig) -> str | None:
 # subscriber
 
 
-def _default_http(reactor: Any, connect_timeout: float) -> tuple[Any, Any]:
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 1
-    return HTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=pool)), pool
-
-
 class _HTTPError(Exception):
     def __init__(self, code: int, retry_after: float | None) -> None:
         super().__init__(f"feed answered HTTP {code}")
@@ -150,7 +141,7 @@ class FeedSubscriber(Service):
 
     def __attrs_post_init__(self) -> None:
         if self.http is None:
-            self.http, self._pool = _default_http(self.clock, self.connect_timeout)
+            self.http, self._pool = http_client(self.clock, max_per_host=1, connect_timeout=self.connect_timeout)
 
     # -- service
 

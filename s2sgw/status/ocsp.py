@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from s2sgw.interfaces import IStatusChecker
 from s2sgw.timeutil import utc
-from s2sgw.wire.http import MAX_RESPONSE_BYTES, ResponseTooLarge, read_limited
+from s2sgw.wire.http import MAX_RESPONSE_BYTES, ResponseTooLarge, http_client, read_limited
 from s2sgw.wire.ocsp import (
     DEFAULT_LEEWAY,
     OCSP_REQUEST_TYPE,
@@ -118,15 +118,6 @@ class _Entry:
 
 
 
-def _default_http(reactor):
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 4
-    return HTTPClient(Agent(reactor, pool=pool)), pool
-
-
 @implementer(IStatusChecker)
 @attrs.define(eq=False)
 class OCSPStatusChecker:
@@ -158,7 +149,7 @@ class OCSPStatusChecker:
 
     def __attrs_post_init__(self) -> None:
         if self.http is None:
-            self.http, self._pool = _default_http(self.clock)
+            self.http, self._pool = http_client(self.clock, max_per_host=4)
 
     def close(self) -> Deferred[None]:
         """Close kept-alive connections to the status server (a service's stopService)."""
