@@ -23,7 +23,6 @@ unreachable CA (a forged or broken answer is no worse than no answer) and admits
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import attrs
 import service_identity
@@ -35,10 +34,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw.config import FailMode
+from s2sgw.config import FailMode, InboundRoute, OutboundRoute
 from s2sgw.interfaces import Decision, IAuthorizer, IStatusChecker, Reason
 from s2sgw.status.stapling import STAPLES_RECEIVED
 from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
+
+
+Route = InboundRoute | OutboundRoute
 
 
 class NoIdentity(ValueError):
@@ -108,7 +110,7 @@ class Authorizer:
     status_checker: IStatusChecker
     trust_domain: str
     fail: FailMode = "closed"
-    current_route: Callable[[str], Any] | None = None
+    current_route: Callable[[str], Route | None] | None = None
 
     _log = Logger()
 
@@ -116,7 +118,7 @@ class Authorizer:
         if self.fail not in ("closed", "open"):
             raise ValueError(f"fail must be 'closed' or 'open', not {self.fail!r}")
 
-    def authorize(self, route, chain: Sequence[x509.Certificate]) -> Deferred[Decision]:
+    def authorize(self, route: Route, chain: Sequence[x509.Certificate]) -> Deferred[Decision]:
         """Fire with a Decision for the peer presenting ``chain`` (leaf first) on ``route``."""
         try:
             route = self._current(route)
@@ -137,7 +139,7 @@ class Authorizer:
         d.addErrback(self._status_bug, route, identity, serial)
         return d
 
-    def accept_staple(self, route, chain: Sequence[x509.Certificate], der: bytes) -> CertStatus | None:
+    def accept_staple(self, route: Route, chain: Sequence[x509.Certificate], der: bytes) -> CertStatus | None:
         """Verify an OCSP answer the remote stapled and, if it holds, let the checker remember it,
         so that ``authorize`` needs no query. Never raises: a bad staple is logged and ignored."""
         accept = getattr(self.status_checker, "accept_staple", None)
@@ -150,7 +152,7 @@ class Authorizer:
             STAPLES_RECEIVED.labels("invalid").inc()
             self._log.warn(
                 "route {route}: ignoring the OCSP staple of serial {serial}: {error}",
-                route=getattr(route, "name", "?"),
+                route=route.name,
                 serial=f"{leaf.serial_number:x}",
                 error=str(error),
             )
@@ -163,15 +165,14 @@ class Authorizer:
         STAPLES_RECEIVED.labels("valid").inc()
         return status
 
-    def _current(self, route):
+    def _current(self, route: Route) -> Route:
         if self.current_route is None:
             return route
-        name = getattr(route, "name", None)
-        current = self.current_route(name) if name is not None else None
+        current = self.current_route(route.name)
         return route if current is None else current
 
     def _identify(
-        self, route, chain: Sequence[x509.Certificate]
+        self, route: Route, chain: Sequence[x509.Certificate]
     ) -> Decision | tuple[x509.Certificate, x509.Certificate, str]:
         if not chain:
             return _refuse(Reason.NO_CLIENT_CERT, "no certificate presented")
@@ -184,18 +185,18 @@ class Authorizer:
         except NoIdentity as e:
             return _refuse(Reason.NO_IDENTITY, str(e), serial=serial)
         name = identity.name
-        peer = getattr(route, "peer", None)
-        if peer is not None:
+        if isinstance(route, OutboundRoute):
+            peer = route.peer
             if not identity_matches(leaf, identity, peer, self.trust_domain):
                 return _refuse(Reason.IDENTITY_MISMATCH, f"expected {peer}", name, serial)
         else:
-            allow = tuple(getattr(route, "allow", ()))
+            allow = tuple(route.allow)
             if not any(identity_matches(leaf, identity, entry, self.trust_domain) for entry in allow):
                 detail = "route allows nobody" if not allow else "not on the allow-list"
                 return _refuse(Reason.IDENTITY_NOT_ALLOWED, detail, name, serial)
         return leaf, chain[1], name
 
-    def _judge_status(self, status: CertStatus, route, identity: str, serial: int) -> Decision:
+    def _judge_status(self, status: CertStatus, route: Route, identity: str, serial: int) -> Decision:
         if status.state == "good":
             return Decision(True, Reason.OK, identity=identity, serial=serial)
         if status.state == "revoked":
@@ -204,7 +205,7 @@ class Authorizer:
             return _refuse(Reason.REVOKED, f"revoked at {when} ({reason})", identity, serial)
         return _refuse(Reason.STATUS_UNKNOWN, "the CA does not know this certificate", identity, serial)
 
-    def _status_failed(self, failure: Failure, route, identity: str, serial: int) -> Decision:
+    def _status_failed(self, failure: Failure, route: Route, identity: str, serial: int) -> Decision:
         failure.trap(StatusUnavailable, StatusInvalid)
         unavailable = failure.check(StatusUnavailable) is not None
         reason = Reason.CA_UNREACHABLE if unavailable else Reason.STATUS_INVALID
@@ -213,7 +214,7 @@ class Authorizer:
             self._log.warn(
                 "route {route} admits {identity} (serial {serial}) without a valid status "
                 "answer ({reason}: {error}) because fail = open",
-                route=getattr(route, "name", "?"),
+                route=route.name,
                 identity=identity,
                 serial=f"{serial:x}",
                 reason=reason,
@@ -224,16 +225,16 @@ class Authorizer:
             )
         return _refuse(reason, error, identity, serial)
 
-    def _status_bug(self, failure: Failure, route, identity: str, serial: int) -> Decision:
+    def _status_bug(self, failure: Failure, route: Route, identity: str, serial: int) -> Decision:
         self._unexpected(route, identity, serial, failure, "status check")
         return _refuse(
             Reason.STATUS_INVALID, f"status check failed: {failure.getErrorMessage()}", identity, serial
         )
 
-    def _unexpected(self, route, identity: str | None, serial: int | None, failure: Failure, what: str) -> None:
+    def _unexpected(self, route: Route, identity: str | None, serial: int | None, failure: Failure, what: str) -> None:
         self._log.warn(
             "route {route}: {what} of {identity} failed unexpectedly, refusing: {error}",
-            route=getattr(route, "name", "?"),
+            route=route.name,
             what=what,
             identity=identity or "?",
             serial=f"{serial:x}" if serial is not None else None,
