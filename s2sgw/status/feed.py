@@ -62,7 +62,7 @@ def feed_url(status: StatusConfig) -> str | None:
     ``feed = true`` (the default) means the same origin as the OCSP responder, path
     ``/revocations``; it needs ``mode = "ocsp"``.
     """
-    feed = getattr(status, "feed", True)
+    feed = status.feed
     if feed is False or status.mode == "off":
         return None
     if isinstance(feed, str):
@@ -297,7 +297,7 @@ class FeedSubscriber(Service):
 
 
 def _retry_after(response: Any) -> float | None:
-    values = response.headers.getRawHeaders(b"retry-after") if getattr(response, "headers", None) else None
+    values = response.headers.getRawHeaders(b"retry-after")
     if not values:
         return None
     try:
