@@ -32,7 +32,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw.interfaces import ITrustStore
+from s2sgw.interfaces import IConnectionCreators
 
 # ---------------------------------------------------------------------------------------------
 # Eager writes
@@ -308,7 +308,7 @@ def _connection_from(creator: Any, tls_protocol: Any, is_client: bool) -> Connec
 class CurrentServerCreator:
     """Asks the trust store for the service's server creator per connection, so reloads apply."""
 
-    store: ITrustStore
+    store: IConnectionCreators
     service: str
 
     def serverConnectionForTLS(self, tls_protocol: Any) -> Connection:
@@ -320,7 +320,7 @@ class CurrentServerCreator:
 class CurrentClientCreator:
     """Asks the trust store for the service's client creator per connection, so reloads apply."""
 
-    store: ITrustStore
+    store: IConnectionCreators
     service: str
     hostname: str
 

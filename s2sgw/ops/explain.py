@@ -101,8 +101,7 @@ def run_explain(args: argparse.Namespace) -> int:
         d.addCallback(verdicts.append)
 
         def close(result: object) -> object:
-            closing = checker.close() if hasattr(checker, "close") else None
-            return closing.addCallback(lambda _: result) if closing is not None else result
+            return checker.close().addCallback(lambda _: result)
 
         return d.addBoth(close)
 

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from s2sgw.config import GatewayConfig
+from s2sgw.interfaces import IStatusCacheStats, IStatusProbe, ITrustStore
 from s2sgw.ops.admin import AdminService
 from s2sgw.ops.health import Monitor
 from s2sgw.ops.notify import Notifier, NotifyService
@@ -45,17 +46,22 @@ class Operations(MultiService):
     def build(
         cls,
         config: GatewayConfig,
-        trust_store: Any,
-        checker: Any,
+        trust_store: ITrustStore,
         routes: Mapping[str, Any],
         reactor: Any,
         environ: Mapping[str, str] | None = None,
+        *,
+        cache_stats: IStatusCacheStats | None = None,
+        prober: IStatusProbe | None = None,
     ) -> Operations:
+        """``cache_stats`` and ``prober``: see :class:`Monitor` (the status checker, when it provides them)."""
         environ = os.environ if environ is None else environ
         notifier = Notifier.from_environ(environ)
         watched = config.admin is not None or notifier is not None
         interval = config.admin.probe_interval if config.admin is not None else 5.0
-        monitor = Monitor(trust_store, routes, checker, reactor, probe_interval=interval if watched else None)
+        monitor = Monitor(
+            trust_store, routes, cache_stats, reactor, probe_interval=interval if watched else None, prober=prober
+        )
         admin = None
         if config.admin is not None:
             admin = AdminService(config.admin.listen, monitor, reactor)

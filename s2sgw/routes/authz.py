@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from s2sgw.config import FailMode, InboundRoute, OutboundRoute
-from s2sgw.interfaces import Decision, IAuthorizer, IStatusChecker, Reason
+from s2sgw.interfaces import Decision, IAuthorizer, IStapleSource, IStatusChecker, Reason
 from s2sgw.status.stapling import STAPLES_RECEIVED
 from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
 
@@ -105,12 +105,15 @@ class Authorizer:
     ``current_route`` (e.g. the trust store's ``route``) maps a route name to its current
     configuration, so allow-lists and expected peers changed by a reload apply to the next
     connection; without it, or for a name it does not know, the route passed in is judged.
+    ``staples`` verifies and remembers OCSP answers remotes staple (the OCSP checker, whose
+    cache then answers ``authorize``); without it stapled answers are not used.
     """
 
     status_checker: IStatusChecker
     trust_domain: str
     fail: FailMode = "closed"
     current_route: Callable[[str], Route | None] | None = None
+    staples: IStapleSource | None = None
 
     _log = Logger()
 
@@ -142,12 +145,11 @@ class Authorizer:
     def accept_staple(self, route: Route, chain: Sequence[x509.Certificate], der: bytes) -> CertStatus | None:
         """Verify an OCSP answer the remote stapled and, if it holds, let the checker remember it,
         so that ``authorize`` needs no query. Never raises: a bad staple is logged and ignored."""
-        accept = getattr(self.status_checker, "accept_staple", None)
-        if accept is None or len(chain) < 2:
+        if self.staples is None or len(chain) < 2:
             return None
         leaf, issuer = chain[0], chain[1]
         try:
-            status = accept(leaf, issuer, der)
+            status = self.staples.accept_staple(leaf, issuer, der)
         except (StatusInvalid, StatusUnavailable) as error:
             STAPLES_RECEIVED.labels("invalid").inc()
             self._log.warn(

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from s2sgw import pki
 from s2sgw.config import ConfigError
 from s2sgw.files import write_atomically
+from s2sgw.interfaces import IStatusChecker, ITrustStore
 from s2sgw.status.crl import CRLStatusChecker
 from s2sgw.wire.http import ResponseTooLarge, http_client, read_limited
 
@@ -43,7 +44,7 @@ class CRLFetchError(Exception):
     """The CRL could not be fetched (HTTP status, timeout) or put in use (write, reload)."""
 
 
-def reload_following_crl(store: Any, checker: Any) -> Callable[[], Deferred[int]]:
+def reload_following_crl(store: ITrustStore, checker: IStatusChecker) -> Callable[[], Deferred[int]]:
     """``store.reload`` that afterwards hands the store's CRL to a CRL status checker.
 
     Every reload path (SIGHUP, timer, CRL refresh) goes through this, so the checker never
@@ -85,7 +86,7 @@ class CRLRefreshService(Service):
     interval is fixed at start. A fetch never fails the timer: every outcome is logged.
     """
 
-    store: Any
+    store: ITrustStore
     reload: Callable[[], Deferred[int]]
     reactor: Any
     interval: float

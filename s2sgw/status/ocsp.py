@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw.interfaces import IStatusChecker
+from s2sgw.interfaces import IStapleSource, IStatusCache, IStatusCacheStats, IStatusChecker, IStatusProbe
 from s2sgw.timeutil import utc
 from s2sgw.wire.http import MAX_RESPONSE_BYTES, ResponseTooLarge, http_client, read_limited
 from s2sgw.wire.ocsp import (
@@ -118,7 +118,7 @@ class _Entry:
 
 
 
-@implementer(IStatusChecker)
+@implementer(IStatusChecker, IStatusCache, IStatusCacheStats, IStapleSource, IStatusProbe)
 @attrs.define(eq=False)
 class OCSPStatusChecker:
     """Asks the CA status server over HTTP, verifies, caches and coalesces.
@@ -192,7 +192,7 @@ class OCSPStatusChecker:
             self._query(key, query, issuer)
         return waiter
 
-    # -- cache access and hooks for a revocation feed
+    # -- IStatusCache: cache access and hooks for a revocation feed
 
     def lookup(self, leaf: x509.Certificate, issuer: x509.Certificate) -> CertStatus | None:
         """The cached, still fresh status of ``leaf``, without asking the CA."""
@@ -233,6 +233,11 @@ class OCSPStatusChecker:
         while len(self._revoked) > self.cache_size:
             self._revoked.popitem(last=False)
 
+    @property
+    def cache_entries(self) -> int:
+        """How many answers the cache holds now (IStatusCacheStats)."""
+        return len(self._cache)
+
     def remember(self, leaf: x509.Certificate, issuer: x509.Certificate, status: CertStatus) -> bool:
         """Cache a status proven without a query of ours (a verified staple); good/revoked only.
 
@@ -247,6 +252,8 @@ class OCSPStatusChecker:
             return False
         self._store(key, status)
         return key in self._cache
+
+    # -- IStapleSource
 
     def accept_staple(self, leaf: x509.Certificate, issuer: x509.Certificate, der: bytes) -> CertStatus:
         """Verify a stapled (nonce-less) answer about ``leaf`` and cache what it proves.
@@ -265,6 +272,8 @@ class OCSPStatusChecker:
         """
         query = build_request(leaf, issuer, nonce=None)
         return self._ask(query, issuer).addErrback(self._classify)
+
+    # -- IStatusProbe
 
     def probe(self, leaf: x509.Certificate, issuer: x509.Certificate) -> Deferred[CertStatus]:
         """Ask about ``leaf`` past the cache, with a fresh nonce; store nothing (readiness probes)."""
