@@ -2,10 +2,14 @@
 
 The data path (listener, connector, relay) only talks to the trust store, the authorizer and
 the status checker through these, so each can be replaced by a fake that passes the same tests.
+An interface declares everything its callers use. What a part offers beyond ``check`` (a cache,
+stapling, a readiness probe) is its own interface, and the wiring (:mod:`s2sgw.service`) hands
+each caller the object providing it, or None: nobody probes a collaborator for a method.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 
 import attrs
@@ -64,17 +68,58 @@ class Decision:
     detail: str = ""  # plain words for the log (never secrets)
 
 
-
-
-
-
-
-
-
-
 class IStatusChecker(Interface):
+    """Whether a peer's certificate is still good: the authorizer and the enforcer ask it."""
+
     def check(leaf: x509.Certificate, issuer: x509.Certificate):  # -> Deferred[CertStatus]
         """Fire with a verified CertStatus, or fail with StatusUnavailable / StatusInvalid."""
+
+    def close():  # -> Deferred[None]
+        """Release what the checker holds open (kept-alive connections to the CA); fire when done."""
+
+
+class IStatusCache(Interface):
+    """Answers a checker holds without asking the CA, and the revocations pushed into it.
+
+    The enforcer re-validates live connections from it and hands it each revocation of the feed.
+    """
+
+    def lookup(leaf: x509.Certificate, issuer: x509.Certificate):  # -> CertStatus | None
+        """The held, still fresh status of ``leaf``, or None; never asks the CA."""
+
+    def revoke(serial: int, revoked_at: datetime.datetime | None = None, reason: str | None = None) -> None:
+        """Answer ``revoked`` for ``serial`` from now on, without asking (a pushed revocation)."""
+
+
+class IStatusCacheStats(Interface):
+    """How a caching checker has answered so far: the ``/status`` document and the metrics read it."""
+
+    hits = Attribute("int: checks answered without a query (cached answer or pushed revocation)")
+    misses = Attribute("int: checks that needed an answer from the CA (joined queries included)")
+    queries = Attribute("int: OCSP queries sent for checks")
+    cache_entries = Attribute("int: answers held in the cache now")
+
+
+class IStapleSource(Interface):
+    """OCSP stapling: answers about our own certificates to staple, and staples peers send us."""
+
+    def fetch_staple(leaf: x509.Certificate, issuer: x509.Certificate):  # -> Deferred[(bytes, CertStatus)]
+        """Ask for a nonce-less answer about our own ``leaf``: fire with (raw DER, verified status)."""
+
+    def accept_staple(leaf: x509.Certificate, issuer: x509.Certificate, der: bytes):  # -> CertStatus
+        """Verify an answer a peer stapled about ``leaf`` and remember what it proves.
+
+        Raises StatusInvalid / StatusUnavailable when it does not verify; nothing is remembered then.
+        """
+
+
+class IStatusProbe(Interface):
+    """Readiness: is the CA status server answering? A real query past any cache."""
+
+    url = Attribute("str: the status server asked (named in the log)")
+
+    def probe(leaf: x509.Certificate, issuer: x509.Certificate):  # -> Deferred[CertStatus]
+        """Ask about ``leaf`` now, past the cache, with a fresh nonce; store nothing."""
 
 
 class IAuthorizer(Interface):
@@ -86,9 +131,16 @@ class IAuthorizer(Interface):
         refusals with a reason.
         """
 
+    def accept_staple(route, chain: Sequence[x509.Certificate], der: bytes):  # -> CertStatus | None
+        """Take an OCSP answer the remote stapled to its handshake, before ``authorize``.
 
-class ITrustStore(Interface):
-    generation = Attribute("int: bumped by every successful reload")
+        A valid one answers the status check without a query. Never raises: returns None when
+        the staple is not used (invalid, or no stapling support).
+        """
+
+
+class IConnectionCreators(Interface):
+    """TLS for a route's connections: creators presenting a service's current certificate."""
 
     def server_creator(service: str):
         """IOpenSSLServerConnectionCreator for ``service``'s inbound listeners (client cert required)."""
@@ -96,8 +148,40 @@ class ITrustStore(Interface):
     def client_creator(service: str, hostname: str):
         """IOpenSSLClientConnectionCreator presenting ``service``'s certificate."""
 
+
+class ITrustStore(IConnectionCreators):
+    """The gateway's trust material: the current snapshot, reloads, and what the parts read from it.
+
+    Routes take connection creators; the monitor, the ``/status`` document, the authorizer's
+    current routes, the enforcer's chain checks, stapling and the CRL refresh read the rest.
+    """
+
+    generation = Attribute("int: bumped by every successful reload")
+    material = Attribute("TrustMaterial: the current snapshot (services, roots, CRLs, config)")
+    config = Attribute("GatewayConfig: the configuration in use")
+    trust_domain = Attribute("str | None: the SPIFFE trust domain of the bundle")
+    crl = Attribute("x509.CertificateRevocationList | None: the CRL in use (mode crl)")
+    staples = Attribute("StapleCache: our own OCSP answers, read by the server contexts")
+    last_reload = Attribute("datetime.datetime | None: when a reload last swapped in new material")
+    reload_failures = Attribute("int: reloads that failed and kept the material in use")
+
     def reload():  # -> Deferred[int]
         """Load and check all material off the reactor, swap atomically, fire the new generation.
 
         On any failure the old material stays and the Deferred fails with ConfigError.
         """
+
+    def status():  # -> dict[str, Any]
+        """The trust store's part of the ``/status`` document: plain JSON types, no secrets."""
+
+    def route(name: str):  # -> InboundRoute | OutboundRoute | None
+        """The current configuration of route ``name`` (allow-lists change on reload), or None."""
+
+    def service(name: str):  # -> ServiceMaterial
+        """The current material of service ``name`` (certificate chain and key); KeyError if none."""
+
+    def verify_chain(chain: Sequence[x509.Certificate]) -> bool:
+        """Whether ``chain`` (leaf first) still verifies against the current roots, now."""
+
+    def check_crl_bytes(data: bytes, source: str = "fetched CRL"):  # -> x509.CertificateRevocationList
+        """Check a CRL before it is written, as a reload would; raise ConfigError if it fails."""

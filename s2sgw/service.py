@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from s2sgw.routes.authz import Authorizer
 from s2sgw.config import GatewayConfig
+from s2sgw.interfaces import IStapleSource, IStatusCache, IStatusCacheStats, IStatusProbe
 from s2sgw.routes.outbound import OutboundConnector
 from s2sgw.status.crl_refresh import CRLRefreshMetrics, CRLRefreshService, reload_following_crl
 from s2sgw.status.enforce import Enforcer, LiveCloseMetrics, PushedRevocations
@@ -87,15 +88,26 @@ def build_gateway(
 
     Metrics go to ``registry`` while the gateway runs (see :mod:`s2sgw.ops.metrics`): the counted
     ones are built here and handed to the parts that count; services add their own gauges.
+    Each part is handed what it uses of the status checker here, or None: its cache (re-validation
+    and pushed revocations), stapling, the readiness probe and the cache counters. Only the OCSP
+    checker offers them; the others only ``check``.
     """
     route_metrics, status_metrics, staple_metrics = RouteMetrics(), StatusMetrics(), StapleMetrics()
     crl_metrics, close_metrics = CRLRefreshMetrics(), LiveCloseMetrics()
     checker = make_status_checker(config.status, reactor, trust_store.material.ca_certificates, status_metrics)
     url = feed_url(config.status)
-    # Revocations pushed by the feed are answered by the checker the authorizer asks.
-    judging = PushedRevocations(checker, reactor) if url is not None and not hasattr(checker, "revoke") else checker
+    staples = IStapleSource(checker, None)
+    # Revocations pushed by the feed are answered by the checker the authorizer asks: one with a
+    # cache keeps them itself, the others get PushedRevocations in front.
+    judging, cache = checker, IStatusCache(checker, None)
+    if cache is None and url is not None:
+        judging = cache = PushedRevocations(checker, reactor)
     authorizer = Authorizer(
-        judging, trust_store.trust_domain or "", fail=config.status.fail, current_route=trust_store.route,
+        judging,
+        trust_store.trust_domain or "",
+        fail=config.status.fail,
+        current_route=trust_store.route,
+        staples=staples,
         metrics=staple_metrics,
     )
     top = MultiService()
@@ -116,18 +128,26 @@ def build_gateway(
         RouteService(route, name, config.timeouts.drain).setServiceParent(top)
     # Every reload (SIGHUP, timer, CRL refresh) also hands a new CRL to the status checker.
     reload = reload_following_crl(trust_store, checker)
-    operations = Operations.build(config, trust_store, checker, routes, reactor, registry=registry)
+    operations = Operations.build(
+        config,
+        trust_store,
+        routes,
+        reactor,
+        registry=registry,
+        cache_stats=IStatusCacheStats(checker, None),
+        prober=IStatusProbe(checker, None),
+    )
     # Live connections: pushed revocations, re-validation at nextUpdate, peers untrusted by a reload.
     enforcer = Enforcer.for_routes(
-        routes, judging, reactor, fail=config.status.fail, verify_chain=trust_store.verify_chain,
+        routes, judging, reactor, fail=config.status.fail, verify_chain=trust_store.verify_chain, cache=cache,
         metrics=close_metrics,
     )
     enforcer.setServiceParent(top)
     stapler = None
-    if stapling_enabled(config) and hasattr(checker, "fetch_staple"):
+    if stapling_enabled(config) and staples is not None:
         # Our own OCSP answers for the inbound listeners to staple (the server contexts read this cache).
         stapler = StapleService(
-            inbound_targets(trust_store), checker, reactor, trust_store.staples, max_age=config.status.max_cache_age,
+            inbound_targets(trust_store), staples, reactor, trust_store.staples, max_age=config.status.max_cache_age,
             metrics=staple_metrics,
         )
         operations.monitor.sections["stapling"] = stapler.status

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
     IProtocolFactory,
+    IReactorTCP,
     IReactorTime,
     IStreamClientEndpoint,
     IStreamServerEndpoint,
@@ -31,7 +32,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw.interfaces import ITrustStore
+from s2sgw.interfaces import IConnectionCreators
 
 # ---------------------------------------------------------------------------------------------
 # Eager writes
@@ -100,12 +101,15 @@ class EagerConnector(tcp.Connector):
         return EagerClient(self.host, self.port, self.bindAddress, self, self.reactor)
 
 
+@implementer(IReactorTCP)
 @attrs.define(eq=False)
 class _EagerTCPReactor:
-    """The real reactor, except that TCP listens and connects use the eager transports.
+    """The real reactor's TCP, with the eager transports for listens and connects.
 
     Handed only to the endpoints this module builds from ``tcp:`` strings, so Twisted's own
     endpoint parsing and options (interface, backlog, timeout, bindAddress) stay in charge.
+    Those endpoints (``TCP4ServerEndpoint``, ``TCP6ServerEndpoint``, ``TCP4ClientEndpoint``)
+    ask their reactor for ``IReactorTCP`` only, so that is all this provides.
     """
 
     _reactor: PosixReactorBase
@@ -126,9 +130,6 @@ class _EagerTCPReactor:
         connector = EagerConnector(host, port, factory, timeout, bindAddress, self._reactor)
         connector.connect()
         return connector
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reactor, name)
 
 
 _TCP_SCHEMES = ("tcp", "tcp6")
@@ -307,7 +308,7 @@ def _connection_from(creator: Any, tls_protocol: Any, is_client: bool) -> Connec
 class CurrentServerCreator:
     """Asks the trust store for the service's server creator per connection, so reloads apply."""
 
-    store: ITrustStore
+    store: IConnectionCreators
     service: str
 
     def serverConnectionForTLS(self, tls_protocol: Any) -> Connection:
@@ -319,7 +320,7 @@ class CurrentServerCreator:
 class CurrentClientCreator:
     """Asks the trust store for the service's client creator per connection, so reloads apply."""
 
-    store: ITrustStore
+    store: IConnectionCreators
     service: str
     hostname: str
 

@@ -57,6 +57,9 @@ class FakeStatusChecker:
             return d
         return self._answer(leaf.serial_number)
 
+    def close(self) -> Deferred[None]:
+        return defer.succeed(None)
+
     def release(self) -> None:
         pending, self._pending = self._pending, []
         for d, serial in pending:

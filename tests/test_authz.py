@@ -22,6 +22,7 @@ from s2sgw.routes.authz import Authorizer, PeerIdentity, peer_identity
 from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
 from tests.doubles import FakeStatusChecker
 from tests.pkifactory import NOW, make_ca
+from tests.tlshelpers import FakeAuthorizer
 
 DOMAIN = "s2s.test"
 HOUR = datetime.timedelta(hours=1)
@@ -105,6 +106,18 @@ def decide(authorizer: Authorizer, route, chain) -> Decision:
 
 def test_provides_interface(checker):
     assert verifyObject(IAuthorizer, Authorizer(checker, DOMAIN))
+
+
+def test_the_fake_authorizer_provides_the_same_interface():
+    assert verifyObject(IAuthorizer, FakeAuthorizer())
+
+
+def test_without_a_staple_source_a_stapled_answer_is_not_used(checker):
+    """The gateway hands the authorizer a staple source only when its status checker staples."""
+    authorizer = Authorizer(checker, DOMAIN)
+    assert authorizer.accept_staple(outbound("users"), [USERS, CA.cert], b"any answer") is None
+    assert decide(authorizer, outbound("users"), [USERS, CA.cert]).allowed
+    assert len(checker.calls) == 1  # the status check asked the checker as usual
 
 
 def test_rejects_unknown_fail_mode(checker):

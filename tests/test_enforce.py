@@ -20,6 +20,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
+from zope.interface import providedBy
+from zope.interface.verify import verifyObject
 
 from s2sgw.ca.ocsp import Responder
 from s2sgw.ca.publisher import StatusPublisher
@@ -31,6 +33,7 @@ from s2sgw.routes.inbound import InboundListener
 from s2sgw.routes.outbound import OutboundConnector
 from s2sgw.status.enforce import Enforcer, PushedRevocations
 from s2sgw.status.enforce import LiveCloseMetrics
+from s2sgw.interfaces import IStatusCache, IStatusChecker
 from s2sgw.wire.ocsp import StatusUnavailable
 from s2sgw.ops.metrics import RouteMetrics
 from s2sgw.status.ocsp import OCSPStatusChecker
@@ -76,6 +79,7 @@ class Rig:
     pki: PKI
     checker: Any
     fail: str = "closed"
+    cache: Any = None  # the checker's status cache, when it keeps one (as the gateway wires it)
     clock: MemoryReactorClock = attrs.Factory(MemoryReactorClock)
     registry: CollectorRegistry = attrs.Factory(CollectorRegistry)
     backend: WireEndpoint = attrs.Factory(WireEndpoint)
@@ -128,6 +132,7 @@ class Rig:
             fail=self.fail,
             verify_chain=lambda chain: self.trusted,
             metrics=closes,
+            cache=self.cache,
         )
 
     def serial(self, name: str) -> int:
@@ -203,6 +208,17 @@ def test_the_same_serial_from_another_issuer_is_left_alone(pki: PKI, tmp_path: A
     assert rig.enforcer.revoked(rig.feed("caller", issuer=other.ca.intermediate_cert)) == 0
     rig.pump()
     assert caller.lost is None
+
+
+def test_pushed_revocations_are_a_checker_with_a_status_cache(pki: PKI) -> None:
+    """What the gateway puts in front of a checker without a cache (CRL, off) when it follows the feed."""
+    clock = MemoryReactorClock()
+    pushed = PushedRevocations(FakeStatusChecker(clock), clock)
+    assert set(providedBy(pushed)) == {IStatusChecker, IStatusCache}
+    assert verifyObject(IStatusChecker, pushed) and verifyObject(IStatusCache, pushed)
+    closed: list[Any] = []
+    pushed.close().addBoth(closed.append)
+    assert closed == [None]
 
 
 def test_pushed_revocations_answer_new_handshakes_for_checkers_without_their_own(pki: PKI) -> None:
@@ -320,7 +336,7 @@ def ocsp_rig(pki: PKI, max_cache_age: float) -> tuple[Rig, OCSPStatusChecker, St
     stub = StubTreq(build_root(publisher))
     publisher.load()
     checker = OCSPStatusChecker("http://ca.test/ocsp", rig_clock, http=stub, max_cache_age=max_cache_age)
-    rig = Rig(pki, checker, clock=rig_clock)
+    rig = Rig(pki, checker, clock=rig_clock, cache=checker)
     return rig, checker, publisher, stub
 
 

@@ -66,7 +66,7 @@ def _monitor(world: Pki, tmp_path: Path, *, hours: float = 24.0, extra: str = ""
         config.services[0].inbound[0], store, Authorizer(checker, "e2e.s2sgw.test"), reactor,
         metrics=RouteMetrics(),
     )
-    monitor = Monitor(store, {"users-in": route}, checker, reactor, probe_interval=None, registry=CollectorRegistry())
+    monitor = Monitor(store, {"users-in": route}, None, reactor, probe_interval=None, registry=CollectorRegistry())
     return monitor, reactor, route
 
 

@@ -31,7 +31,7 @@ from s2sgw.identity.jwt_bearer import (
 from s2sgw.interfaces import Reason
 from s2sgw.identity.proxy_v2 import CallerInfo, encode_v2
 from tests.doubles import decode_proxy_v2, decode_tlvs
-from tests.identitykit import (  # noqa: F401, F811 (fixtures)
+from tests.identitykit import (
     CALLER,
     OURS,
     US,
@@ -39,10 +39,9 @@ from tests.identitykit import (  # noqa: F401, F811 (fixtures)
     Rig,
     Run,
     _verify,
-    audits,
-    pki,
     rewrite,
 )
+from tests.identitykit import audits, pki  # noqa: F401, F811 (fixtures)
 from tests.tlshelpers import (
     PKI,
 )

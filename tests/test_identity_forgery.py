@@ -30,7 +30,7 @@ from s2sgw.identity.jwt_bearer import (
     VerifyBearer,
 )
 from s2sgw.interfaces import Reason
-from tests.identitykit import (  # noqa: F401, F811 (fixtures)
+from tests.identitykit import (
     CALLER,
     FORGED,
     OURS,
@@ -38,10 +38,9 @@ from tests.identitykit import (  # noqa: F401, F811 (fixtures)
     CertForKey,
     Rig,
     _verify,
-    audits,
-    pki,
     rewrite,
 )
+from tests.identitykit import audits, pki  # noqa: F401, F811 (fixtures)
 from tests.tlshelpers import PKI
 
 NOW = 1_000_000

@@ -1,4 +1,5 @@
-"""Reload wiring without sockets: the authorizer follows reloaded routes, the gateway wires CRL refresh."""
+"""Wiring without sockets: the authorizer follows reloaded routes, the gateway wires CRL refresh and
+hands each part what the status checker offers."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ from s2sgw.routes.authz import Authorizer
 from s2sgw.service import build_gateway
 from s2sgw.status.crl import CRLStatusChecker
 from s2sgw.status.crl_refresh import CRLRefreshService
+from tests.doubles import FakeStatusChecker
+from s2sgw.ops.operations import Operations
+from s2sgw.status.enforce import PushedRevocations
+from s2sgw.status.ocsp import OCSPStatusChecker
 from s2sgw.truststore import TrustStore
-from tests.doubles import FakeStatusChecker, SyncReactor
+from tests.doubles import SyncReactor
 from tests.pkifactory import TestCA
 from tests.reloadkit import CRL_REFRESH_CONFIG
 
@@ -65,3 +70,59 @@ def test_gateway_in_mode_crl_with_a_url_runs_a_crl_refresh_and_the_checker_follo
     results: list[Any] = []
     checker.check(peer.leaf, ca.intermediate).addBoth(results.append)
     assert results[0].state == "revoked"
+
+
+STATUS_CONFIG = """
+trust = "bundle.pem"
+[status]
+{status}
+[[service]]
+name = "orders"
+cert = "orders.pem"
+key = "orders.key"
+  [[service.inbound]]
+  listen = "tcp:0:interface=127.0.0.1"
+  backend = "tcp:127.0.0.1:8080"
+  allow = ["users"]
+"""
+
+
+def _wired(tmp_path: Path, status: str) -> tuple[Any, Any, Operations]:
+    ca = TestCA.create()
+    (tmp_path / "bundle.pem").write_bytes(ca.bundle_pem())
+    ca.issue("orders").write(tmp_path, "orders")
+    (tmp_path / "ca.crl").write_bytes(ca.crl(number=5).public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "gateway.toml").write_text(STATUS_CONFIG.format(status=status))
+    reactor = SyncReactor()
+    config = load_config(tmp_path / "gateway.toml")
+    top, gateway = build_gateway(config, TrustStore.load(config, reactor, threadpool=reactor), reactor)
+    (operations,) = [s for s in top if isinstance(s, Operations)]
+    return top, gateway, operations
+
+
+def test_the_ocsp_checker_is_handed_to_the_parts_using_its_cache_stapling_probe_and_counters(tmp_path: Path) -> None:
+    _, gateway, operations = _wired(tmp_path, 'mode = "ocsp"\nurl = "http://127.0.0.1:1/ocsp"')
+    checker = gateway.authorizer.status_checker
+    assert isinstance(checker, OCSPStatusChecker)
+    assert gateway.authorizer.staples is checker
+    assert gateway.enforcer.checker is checker and gateway.enforcer.cache is checker
+    assert gateway.stapler is not None and gateway.stapler.source is checker
+    assert operations.monitor.prober is checker and operations.monitor.cache_stats is checker
+
+
+def test_a_crl_checker_following_the_feed_gets_pushed_revocations_in_front(tmp_path: Path) -> None:
+    status = 'mode = "crl"\ncrl = "ca.crl"\nfeed = "http://127.0.0.1:1/revocations"'
+    _, gateway, operations = _wired(tmp_path, status)
+    judging = gateway.authorizer.status_checker
+    assert isinstance(judging, PushedRevocations) and isinstance(judging.inner, CRLStatusChecker)
+    assert gateway.enforcer.checker is judging and gateway.enforcer.cache is judging
+    assert gateway.authorizer.staples is None and gateway.stapler is None
+    assert operations.monitor.prober is None and operations.monitor.cache_stats is None
+
+
+def test_a_crl_checker_without_the_feed_is_asked_directly_and_keeps_no_cache(tmp_path: Path) -> None:
+    _, gateway, operations = _wired(tmp_path, 'mode = "crl"\ncrl = "ca.crl"')
+    assert isinstance(gateway.authorizer.status_checker, CRLStatusChecker)
+    assert gateway.enforcer.checker is gateway.authorizer.status_checker and gateway.enforcer.cache is None
+    assert gateway.feed is None and gateway.stapler is None
+    assert operations.monitor.prober is None and operations.monitor.cache_stats is None

@@ -324,7 +324,7 @@ def test_a_revoked_staple_refuses_without_a_query(world: World, tmp_path: Path) 
     local.stub = StubTreq(local.resource)
     der = local.staple_for(party, clock)
     checker = local.checker(clock)
-    authorizer = Authorizer(checker, DOMAIN)
+    authorizer = Authorizer(checker, DOMAIN, staples=checker)
     route = OutboundRoute(name="r", service="orders", listen="tcp:1", remote="tcp:users:1", peer="users")
     assert authorizer.accept_staple(route, party.chain, der).state == "revoked"
     decision = _result(authorizer.authorize(route, party.chain))
@@ -452,7 +452,7 @@ def test_an_invalid_staple_is_ignored_with_a_warning_and_the_ca_is_asked(
     checker = ca.checker(clock)
     registry, metrics = CollectorRegistry(), StapleMetrics()
     registry.register(metrics)  # as the gateway's MetricsService does when it starts
-    authorizer = Authorizer(checker, DOMAIN, metrics=metrics)
+    authorizer = Authorizer(checker, DOMAIN, staples=checker, metrics=metrics)
     route = OutboundRoute(name="r", service="orders", listen="tcp:1", remote="tcp:users:1", peer="users")
     before = registry.get_sample_value("s2sgw_staples_received_total", {"result": "invalid"}) or 0.0
     assert authorizer.accept_staple(route, world.users.chain, wrong) is None
@@ -506,7 +506,7 @@ def test_two_gateways_relay_with_no_status_query_on_the_outbound_side_when_stapl
     remote = WireEndpoint(peer_factory=remote_gateway)
     checker = ca.checker(clock)
     route = orders.config.services[0].outbound[0]
-    connector = OutboundConnector(route, orders, Authorizer(checker, DOMAIN), clock, remote=remote)
+    connector = OutboundConnector(route, orders, Authorizer(checker, DOMAIN, staples=checker), clock, remote=remote)
     client = HalfCloseCollector()
     wires = [Wire(client, connector.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000)))]
     client.transport.write(b"PING")

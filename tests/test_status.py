@@ -16,9 +16,10 @@ from treq.testing import StubTreq
 from twisted.internet import defer, task
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import providedBy
 from zope.interface.verify import verifyObject
 
-from s2sgw.interfaces import IStatusChecker
+from s2sgw.interfaces import IStapleSource, IStatusCache, IStatusCacheStats, IStatusChecker, IStatusProbe
 from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
 from s2sgw.status.ocsp import OCSPStatusChecker, StatusMetrics
 from tests.doubles import FakeStatusChecker
@@ -455,6 +456,20 @@ class TestOCSPStatusChecker:
         assert verifyObject(IStatusChecker, harness.checker)
         assert verifyObject(IStatusChecker, NoStatusChecker(harness.clock))
 
+    def test_offers_a_cache_stapling_a_readiness_probe_and_counters(self, harness):
+        """The wiring hands these to the enforcer, the authorizer, the stapler and the monitor."""
+        for interface in (IStatusCache, IStatusCacheStats, IStapleSource, IStatusProbe):
+            assert verifyObject(interface, harness.checker)
+        assert harness.checker.url == "http://ca.test/ocsp"
+        assert harness.checker.cache_entries == 0
+        _result(harness.check())
+        assert (harness.checker.cache_entries, harness.checker.queries) == (1, 1)
+
+    def test_with_checks_off_nothing_but_checking_is_offered(self, harness):
+        checker = NoStatusChecker(harness.clock)
+        assert list(providedBy(checker)) == [IStatusChecker]
+        assert _result(checker.close()) is None
+
     def test_good_answer_is_posted_and_verified(self, harness):
         """The checker POSTs an application/ocsp-request and fires with the verified status."""
         status = _result(harness.check())
@@ -673,6 +688,9 @@ def test_no_status_checker_says_good(pki, clock):
 class StatusCheckerContract:
     """What the gateway relies on from any status checker."""
 
+    # Everything a checker declares besides IStatusChecker is handed on by the wiring.
+    provides: tuple = (IStatusChecker,)
+
     def make(self, pki, clock, revoked: set[int]):
         """Return (checker, settle): ``settle()`` lets pending I/O complete."""
         raise NotImplementedError
@@ -686,6 +704,18 @@ class StatusCheckerContract:
     def test_provides_interface(self, pki, clock):
         checker, _ = self.make(pki, clock, set())
         assert verifyObject(IStatusChecker, checker)
+
+    def test_declares_exactly_the_interfaces_it_provides(self, pki, clock):
+        checker, _ = self.make(pki, clock, set())
+        assert set(providedBy(checker)) == set(self.provides)
+        for interface in self.provides:
+            assert verifyObject(interface, checker)
+
+    def test_close_fires_when_nothing_is_held_open(self, pki, clock):
+        checker, settle = self.make(pki, clock, set())
+        closing = checker.close()
+        settle()
+        assert _result(closing) is None
 
     def test_good_certificate_is_good(self, pki, clock):
         _, status = self._check(pki, clock, pki.leaf.cert)
@@ -707,6 +737,8 @@ class StatusCheckerContract:
 
 
 class TestOCSPContract(StatusCheckerContract):
+    provides = (IStatusChecker, IStatusCache, IStatusCacheStats, IStapleSource, IStatusProbe)
+
     def make(self, pki, clock, revoked):
         def answer(der):
             serial = ocsp.load_der_ocsp_request(der).serial_number

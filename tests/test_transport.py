@@ -9,15 +9,17 @@ from typing import Any
 import pytest
 from twisted.internet import main
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTCP
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import TLSVersion
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import implementer, providedBy
+from zope.interface.verify import verifyObject
 
 from s2sgw.transport import (
     EagerServer,
+    _EagerTCPReactor,
     HalfCloseTLSProtocol,
     TLSFactory,
     client_endpoint,
@@ -246,6 +248,15 @@ def test_endpoint_host_reads_tcp_strings() -> None:
     assert endpoint_host("tcp:host=10.1.2.3:port=8443") == "10.1.2.3"
     assert endpoint_host("tcp6:port=8443:host=\\:\\:1") == "::1"
     assert endpoint_host("unix:/run/x.sock") is None
+
+
+def test_tcp_endpoints_get_the_reactors_tcp_and_nothing_else() -> None:
+    """``tcp:`` endpoints ask their reactor for IReactorTCP only; the eager one provides exactly that."""
+    from twisted.internet import reactor
+
+    eager = _EagerTCPReactor(reactor)
+    assert list(providedBy(eager)) == [IReactorTCP]
+    assert verifyObject(IReactorTCP, eager)
 
 
 def test_endpoints_fall_back_to_twisteds_own_without_a_posix_reactor(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from zope.interface.verify import verifyObject
 
 from s2sgw import pki, tls
 from s2sgw.config import ConfigError, load_config
-from s2sgw.interfaces import ITrustStore, Reason
+from s2sgw.interfaces import IConnectionCreators, ITrustStore, Reason
 from s2sgw.truststore import TrustStore
 from tests.doubles import FakeReactor, FakeThreadPool
 from tests.pkifactory import Identity, TestCA, cert_pem, key_pem, new_key, now
@@ -45,6 +45,7 @@ def served_serial(store: TrustStore, ca: TestCA) -> int:
 def test_store_provides_the_trust_store_interface(setup: Setup) -> None:
     store = setup.store()
     assert verifyObject(ITrustStore, store)
+    assert verifyObject(IConnectionCreators, store)
     assert store.generation == 1
     assert store.trust_domain == "example.org"
     assert store.roots == (setup.ca.root,)
@@ -405,3 +406,10 @@ def test_start_up_load_needs_no_reactor(setup: Setup) -> None:
     store = TrustStore.load(load_config(setup.config_path))
     assert store.generation == 1
     assert store.verify_chain(setup.ca.issue("users").chain)
+
+
+def test_the_fake_trust_store_provides_what_routes_use() -> None:
+    """Routes ask a trust store for connection creators only; the fake in their tests provides that."""
+    from tests.tlshelpers import FakeTrustStore
+
+    assert verifyObject(IConnectionCreators, FakeTrustStore())

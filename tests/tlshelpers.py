@@ -37,7 +37,7 @@ from twisted.test import iosim
 from zope.interface import implementer
 
 from s2sgw.ca.authority import CertificateAuthority, IssuedIdentity
-from s2sgw.interfaces import Decision, IAuthorizer, ITrustStore, Reason
+from s2sgw.interfaces import Decision, IAuthorizer, IConnectionCreators, Reason
 
 # ---------------------------------------------------------------------------------------------
 # PKI and TLS options
@@ -78,7 +78,7 @@ class PKI:
         return CertificateOptions(trustRoot=Certificate.loadPEM(_pem(self.ca.root_cert)))
 
 
-@implementer(ITrustStore)
+@implementer(IConnectionCreators)
 @attrs.define(eq=False)
 class FakeTrustStore:
     """Hands out fixed options per service; records the host names clients asked for."""
@@ -86,7 +86,6 @@ class FakeTrustStore:
     servers: dict[str, Any] = attrs.Factory(dict)
     clients: dict[str, Any] = attrs.Factory(dict)
     hostnames: list[str] = attrs.Factory(list)
-    generation: int = 1
 
     def server_creator(self, service: str) -> Any:
         return self.servers[service]
@@ -95,19 +94,21 @@ class FakeTrustStore:
         self.hostnames.append(hostname)
         return self.clients[service]
 
-    def reload(self) -> Deferred[int]:
-        return defer.succeed(self.generation)
-
 
 @implementer(IAuthorizer)
 @attrs.define(eq=False)
 class FakeAuthorizer:
-    """Answers with ``decision`` (or waits when ``hold``); records the chains it was shown."""
+    """Answers with ``decision`` (or waits when ``hold``); records the chains it was shown.
+
+    Stapled answers are not used (``accept_staple`` records them and returns None), as by an
+    authorizer whose status checker does not staple.
+    """
 
     decision: Decision | None = Decision(True, Reason.OK, "spiffe://example.test/caller", 0xABC)
     hold: bool = False
     calls: list[tuple[Any, list[x509.Certificate]]] = attrs.Factory(list)
     pending: list[Deferred[Decision]] = attrs.Factory(list)
+    staples: list[bytes] = attrs.Factory(list)
 
     def authorize(self, route: Any, chain: Sequence[x509.Certificate]) -> Deferred[Decision]:
         self.calls.append((route, list(chain)))
@@ -117,6 +118,10 @@ class FakeAuthorizer:
             return waiting
         assert self.decision is not None
         return defer.succeed(self.decision)
+
+    def accept_staple(self, route: Any, chain: Sequence[x509.Certificate], der: bytes) -> None:
+        self.staples.append(der)
+        return None
 
     def release(self, decision: Decision) -> None:
         waiting = self.pending.pop(0)

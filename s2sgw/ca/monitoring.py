@@ -27,16 +27,13 @@ UTC = datetime.UTC
 
 
 def _signing_certificates(publisher: Any) -> list[tuple[str, Any]]:
-    """(label, certificate) of what answers and CRLs hang on, as far as the publisher knows."""
-    found = []
-    for label, certificate in (
-        ("root", getattr(publisher.ca, "root_cert", None)),
-        ("intermediate", getattr(publisher.responder, "issuer", None)),
-        ("ocsp_signer", getattr(publisher.responder, "signer_cert", None)),
-    ):
-        if certificate is not None:
-            found.append((label, certificate))
-    return found
+    """(label, certificate) of what answers and CRLs hang on: the CA's root, the responder's
+    issuer (the intermediate) and its signing certificate."""
+    return [
+        ("root", publisher.ca.root_cert),
+        ("intermediate", publisher.responder.issuer),
+        ("ocsp_signer", publisher.responder.signer_cert),
+    ]
 
 
 def readiness(publisher: Any) -> tuple[bool, list[str]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 from cryptography import x509
@@ -21,6 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
 )
 from cryptography.x509 import ocsp
+
+if TYPE_CHECKING:
+    from s2sgw.ca.records import CertRecord
 
 #: CertID hash algorithms a request may use (the ones cryptography can build and parse).
 CERT_ID_HASHES: tuple[type[hashes.HashAlgorithm], ...] = (
@@ -75,7 +78,7 @@ class SerialStatus:
     reason: x509.ReasonFlags | None = None
 
     @classmethod
-    def from_record(cls, record: object | None) -> SerialStatus:
+    def from_record(cls, record: CertRecord | None) -> SerialStatus:
         """Map a CertRecord (or None: not ours) to a status.
 
         An expired but unrevoked certificate stays ``good``: OCSP speaks of revocation, and
@@ -83,10 +86,10 @@ class SerialStatus:
         """
         if record is None:
             return UNKNOWN
-        revoked_at = getattr(record, "revoked_at", None)
+        revoked_at = record.revoked_at
         if revoked_at is None:
             return GOOD
-        reason_text = getattr(record, "reason", None)
+        reason_text = record.reason
         try:
             reason = x509.ReasonFlags(reason_text) if reason_text else None
         except ValueError:

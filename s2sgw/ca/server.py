@@ -261,7 +261,7 @@ class LimitedRequest(server.Request):
     _refused = False
 
     def _limit(self) -> int:
-        return getattr(self.channel.site, "max_body", DEFAULT_MAX_BODY)
+        return self.channel.site.max_body
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self._limit():

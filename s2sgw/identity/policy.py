@@ -29,6 +29,7 @@ from s2sgw.config import InboundRoute, OutboundRoute
 from s2sgw.identity.http_headers import HeadPolicy, IdentityHeaders, Refusal, RequestRewriter, error_response, identity_headers
 from s2sgw.identity.jwt_bearer import AddBearer, ReplayCache, TokenSigner, TokenVerifier, VerifyBearer
 from s2sgw.identity.proxy_v2 import CallerInfo, encode_v2
+from s2sgw.interfaces import ITrustStore
 
 Sink = Callable[[bytes], None]
 
@@ -143,7 +144,7 @@ class OutboundIdentity:
     keys: Callable[[str], Any]
 
     @classmethod
-    def from_trust_store(cls, route: OutboundRoute, clock: IReactorTime, trust_store: Any) -> OutboundIdentity:
+    def from_trust_store(cls, route: OutboundRoute, clock: IReactorTime, trust_store: ITrustStore) -> OutboundIdentity:
         return cls(route, clock, lambda service: trust_store.service(service).key)
 
     def attach(self, local: Any, remote: Any, audience: str) -> Sink:

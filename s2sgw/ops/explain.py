@@ -101,8 +101,7 @@ def run_explain(args: argparse.Namespace) -> int:
         d.addCallback(verdicts.append)
 
         def close(result: object) -> object:
-            closing = checker.close() if hasattr(checker, "close") else None
-            return closing.addCallback(lambda _: result) if closing is not None else result
+            return checker.close().addCallback(lambda _: result)
 
         return d.addBoth(close)
 
@@ -225,12 +224,12 @@ def words_for(decision: Decision, route: InboundRoute | OutboundRoute, leaf: x50
         if detail.startswith("fail open"):
             return f"{how}, but its status could not be confirmed ({detail}); admitted only because fail = open."
         return f"{how}, and its certificate (serial {serial}) is good."
-    if reason == Reason.IDENTITY_NOT_ALLOWED:
-        if not getattr(route, "allow", ()):
+    if reason == Reason.IDENTITY_NOT_ALLOWED and isinstance(route, InboundRoute):
+        if not route.allow:
             return f"route {route.name} allows nobody (its allow-list is empty)."
         return f"{who} is not on the allow-list of route {route.name} (it allows: {', '.join(route.allow)})."
-    if reason == Reason.IDENTITY_MISMATCH:
-        return f"the remote proves {who}, but route {route.name} expects {getattr(route, 'peer', '?')}."
+    if reason == Reason.IDENTITY_MISMATCH and isinstance(route, OutboundRoute):
+        return f"the remote proves {who}, but route {route.name} expects {route.peer}."
     if reason == Reason.NO_IDENTITY:
         return f"the certificate carries no usable identity: {detail}."
     if reason == Reason.REVOKED:

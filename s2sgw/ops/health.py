@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from s2sgw import pki
 from s2sgw.config import GatewayConfig
+from s2sgw.interfaces import IStatusCacheStats, IStatusProbe, ITrustStore
 from s2sgw.ops.health_metrics import HealthCollector
 from s2sgw.ops.status_page import status_document
 from s2sgw.timeutil import utc
@@ -99,12 +100,14 @@ class Monitor(Service):
     """Readiness, the status summary, expiry warnings and the operational metrics of one gateway.
 
     ``trust_store`` is a :class:`s2sgw.truststore.TrustStore`; ``routes`` maps route names to
-    InboundListener / OutboundConnector objects; ``checker`` is the authorizer's status checker.
+    InboundListener / OutboundConnector objects; ``cache_stats`` are the status checker's counters
+    when it keeps a cache (else None); ``prober`` asks the CA status server for readiness (the OCSP
+    checker in mode ``ocsp``, else None: no probes).
     """
 
-    trust_store: Any
+    trust_store: ITrustStore
     routes: Mapping[str, Any]
-    checker: Any
+    cache_stats: IStatusCacheStats | None
     clock: IReactorTime
     probe_interval: float | None = 5.0  # None: no probes (nothing would read them)
     expiry_interval: float = EXPIRY_CHECK_INTERVAL
@@ -114,6 +117,7 @@ class Monitor(Service):
     reload_error: str | None = None  # why the latest reload failed; None after a good one
     # More /status fields from other parts (e.g. "revocation_feed"): name -> () -> JSON value.
     sections: dict[str, Callable[[], Any]] = attrs.field(factory=dict)
+    prober: IStatusProbe | None = None
     _warned: set[tuple[str, str]] = attrs.field(factory=set, init=False)
     _probing: Deferred | None = attrs.field(default=None, init=False)
     _timers: list[LoopingCall] = attrs.field(factory=list, init=False)
@@ -165,8 +169,8 @@ class Monitor(Service):
 
     @property
     def probing_enabled(self) -> bool:
-        """Probes need an OCSP checker with an HTTP client (the real one)."""
-        return self.config.status.mode == "ocsp" and hasattr(self.checker, "http") and hasattr(self.checker, "url")
+        """Probes need a prober, in mode ocsp."""
+        return self.config.status.mode == "ocsp" and self.prober is not None
 
     def expiring(self) -> list[Expiring]:
         """Everything with a lifetime in the current material: leaves, their chains, roots, the CRL."""
@@ -344,7 +348,8 @@ class Monitor(Service):
 
     def probe_status(self) -> Deferred[None]:
         """Ask the CA about each service's own certificate, past the cache; record the outcome."""
-        if self._probing is not None:
+        prober = self.prober
+        if self._probing is not None or prober is None:
             return defer.succeed(None)
         material = self.trust_store.material
         targets = [
@@ -354,20 +359,21 @@ class Monitor(Service):
         ]
         started = self.clock.seconds()
         d = defer.gatherResults(
-            [self.checker.probe(leaf, issuer) for _, leaf, issuer in targets],
+            [prober.probe(leaf, issuer) for _, leaf, issuer in targets],
             consumeErrors=True,
         )
         self._probing = d
 
         def done(statuses: list[CertStatus]) -> None:
-            self._record(ProbeResult(started, True, states={n: s.state for (n, _, _), s in zip(targets, statuses)}))
+            states = {n: s.state for (n, _, _), s in zip(targets, statuses)}
+            self._record(ProbeResult(started, True, states=states), prober.url)
 
         def failed(failure: Failure) -> None:
             error = failure.value.subFailure if isinstance(failure.value, defer.FirstError) else failure
             if error.check(defer.CancelledError):
                 return
             invalid = error.check(StatusInvalid) is not None
-            self._record(ProbeResult(started, False, error=error.getErrorMessage(), invalid=invalid))
+            self._record(ProbeResult(started, False, error=error.getErrorMessage(), invalid=invalid), prober.url)
 
         d.addCallbacks(done, failed)
 
@@ -378,15 +384,15 @@ class Monitor(Service):
         d.addBoth(finished)
         return d
 
-    def _record(self, result: ProbeResult) -> None:
+    def _record(self, result: ProbeResult, url: str) -> None:
         previous, self.probe = self.probe, result
         if previous is None or previous.reachable != result.reachable:
             if result.reachable:
-                self._log.info("CA status server reachable at {url}", url=self.checker.url)
+                self._log.info("CA status server reachable at {url}", url=url)
             else:
                 self._log.warn(
                     "CA status server at {url} fails readiness probes: {error}",
-                    url=self.checker.url,
+                    url=url,
                     error=result.error,
                 )
         self.changed()

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from s2sgw import pki
 from s2sgw.wire.est import fingerprint
-
-
-def cache_entries(checker: Any) -> int | None:
-    """How many answers the status checker holds (the OCSP checker's cache), if it has one."""
-    cache = getattr(checker, "_cache", None)
-    return None if cache is None else len(cache)
 
 
 if TYPE_CHECKING:
@@ -70,7 +64,7 @@ class HealthCollector:
             "s2sgw_reloads", "Trust reloads by result (ok | failed).", labels=["result"]
         )
         reloads.add_metric(["ok"], max(0, store.generation - 1))
-        reloads.add_metric(["failed"], getattr(store, "reload_failures", 0))
+        reloads.add_metric(["failed"], store.reload_failures)
         yield reloads
         yield GaugeMetricFamily(
             "s2sgw_trust_generation", "Generation of the trust material in use (1 at start).", value=store.generation
@@ -78,9 +72,11 @@ class HealthCollector:
         yield GaugeMetricFamily(
             "s2sgw_ready", "1 when /readyz would answer 200, else 0.", value=1 if monitor.readiness().ready else 0
         )
-        entries = cache_entries(monitor.checker)
-        if entries is not None:
-            yield GaugeMetricFamily("s2sgw_status_cache_entries", "Status answers held in the cache.", value=entries)
+        stats = monitor.cache_stats
+        if stats is not None:
+            yield GaugeMetricFamily(
+                "s2sgw_status_cache_entries", "Status answers held in the cache.", value=stats.cache_entries
+            )
         probe = monitor.probe
         if probe is not None:
             yield GaugeMetricFamily(

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from s2sgw.config import GatewayConfig
+from s2sgw.interfaces import IStatusCacheStats, IStatusProbe, ITrustStore
 from s2sgw.ops.admin import AdminService
 from s2sgw.ops.health import Monitor
 from s2sgw.ops.notify import Notifier, NotifyService
@@ -46,20 +47,24 @@ class Operations(MultiService):
     def build(
         cls,
         config: GatewayConfig,
-        trust_store: Any,
-        checker: Any,
+        trust_store: ITrustStore,
         routes: Mapping[str, Any],
         reactor: Any,
         environ: Mapping[str, str] | None = None,
         registry: CollectorRegistry = REGISTRY,
+        *,
+        cache_stats: IStatusCacheStats | None = None,
+        prober: IStatusProbe | None = None,
     ) -> Operations:
-        """The monitor's gauges go to ``registry``, which the admin endpoint serves."""
+        """The monitor's gauges go to ``registry``, which the admin endpoint serves; ``cache_stats``
+        and ``prober``: see :class:`Monitor` (the status checker, when it provides them)."""
         environ = os.environ if environ is None else environ
         notifier = Notifier.from_environ(environ)
         watched = config.admin is not None or notifier is not None
         interval = config.admin.probe_interval if config.admin is not None else 5.0
         monitor = Monitor(
-            trust_store, routes, checker, reactor, probe_interval=interval if watched else None, registry=registry
+            trust_store, routes, cache_stats, reactor, probe_interval=interval if watched else None,
+            prober=prober, registry=registry,
         )
         admin = None
         if config.admin is not None:

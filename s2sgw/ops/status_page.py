@@ -6,7 +6,6 @@ import datetime
 from typing import TYPE_CHECKING, Any
 
 from s2sgw import pki
-from s2sgw.ops.health_metrics import cache_entries
 from s2sgw.wire.est import fingerprint
 
 if TYPE_CHECKING:
@@ -22,7 +21,7 @@ def status_document(monitor: Monitor) -> dict[str, Any]:
     document["ready"] = state.ready
     document["reasons"] = list(state.reasons)
     document["now"] = now.isoformat()
-    document["last_reload"] = _iso(getattr(monitor.trust_store, "last_reload", None))
+    document["last_reload"] = _iso(monitor.trust_store.last_reload)
     document["last_reload_failed"] = monitor.reload_error
     for name, entry in document.get("services", {}).items():
         leaf = material.services[name].leaf
@@ -76,17 +75,18 @@ def status_document(monitor: Monitor) -> dict[str, Any]:
 
 def _checker_status(monitor: Monitor) -> dict[str, Any]:
     status = monitor.config.status
-    hits, misses = getattr(monitor.checker, "hits", None), getattr(monitor.checker, "misses", None)
+    stats = monitor.cache_stats
+    hits, misses = (None, None) if stats is None else (stats.hits, stats.misses)
     lookups = (hits or 0) + (misses or 0)
     probe = monitor.probe
     return {
         "mode": status.mode,
         "url": status.url,
         "fail": status.fail,
-        "cache_entries": cache_entries(monitor.checker),
+        "cache_entries": None if stats is None else stats.cache_entries,
         "hits": hits,
         "misses": misses,
-        "queries": getattr(monitor.checker, "queries", None),
+        "queries": None if stats is None else stats.queries,
         "hit_ratio": round(hits / lookups, 4) if hits is not None and lookups else None,
         "probe": None
         if probe is None

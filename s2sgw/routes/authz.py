@@ -23,7 +23,6 @@ unreachable CA (a forged or broken answer is no worse than no answer) and admits
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import attrs
 import service_identity
@@ -38,7 +37,12 @@ from zope.interface import implementer
 from s2sgw.config import FailMode
 from s2sgw.interfaces import Decision, IAuthorizer, IStatusChecker, Reason
 from s2sgw.status.stapling import StapleMetrics
+from s2sgw.config import InboundRoute, OutboundRoute
+from s2sgw.interfaces import IStapleSource
 from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
+
+
+Route = InboundRoute | OutboundRoute
 
 
 class NoIdentity(ValueError):
@@ -103,12 +107,15 @@ class Authorizer:
     ``current_route`` (e.g. the trust store's ``route``) maps a route name to its current
     configuration, so allow-lists and expected peers changed by a reload apply to the next
     connection; without it, or for a name it does not know, the route passed in is judged.
+    ``staples`` verifies and remembers OCSP answers remotes staple (the OCSP checker, whose
+    cache then answers ``authorize``); without it stapled answers are not used.
     """
 
     status_checker: IStatusChecker
     trust_domain: str
     fail: FailMode = "closed"
-    current_route: Callable[[str], Any] | None = None
+    current_route: Callable[[str], Route | None] | None = None
+    staples: IStapleSource | None = None
     metrics: StapleMetrics = attrs.field(factory=StapleMetrics)  # counts staples; handed over by build_gateway
 
     _log = Logger()
@@ -117,7 +124,7 @@ class Authorizer:
         if self.fail not in ("closed", "open"):
             raise ValueError(f"fail must be 'closed' or 'open', not {self.fail!r}")
 
-    def authorize(self, route, chain: Sequence[x509.Certificate]) -> Deferred[Decision]:
+    def authorize(self, route: Route, chain: Sequence[x509.Certificate]) -> Deferred[Decision]:
         """Fire with a Decision for the peer presenting ``chain`` (leaf first) on ``route``."""
         try:
             route = self._current(route)
@@ -138,20 +145,19 @@ class Authorizer:
         d.addErrback(self._status_bug, route, identity, serial)
         return d
 
-    def accept_staple(self, route, chain: Sequence[x509.Certificate], der: bytes) -> CertStatus | None:
+    def accept_staple(self, route: Route, chain: Sequence[x509.Certificate], der: bytes) -> CertStatus | None:
         """Verify an OCSP answer the remote stapled and, if it holds, let the checker remember it,
         so that ``authorize`` needs no query. Never raises: a bad staple is logged and ignored."""
-        accept = getattr(self.status_checker, "accept_staple", None)
-        if accept is None or len(chain) < 2:
+        if self.staples is None or len(chain) < 2:
             return None
         leaf, issuer = chain[0], chain[1]
         try:
-            status = accept(leaf, issuer, der)
+            status = self.staples.accept_staple(leaf, issuer, der)
         except (StatusInvalid, StatusUnavailable) as error:
             self.metrics.received.labels("invalid").inc()
             self._log.warn(
                 "route {route}: ignoring the OCSP staple of serial {serial}: {error}",
-                route=getattr(route, "name", "?"),
+                route=route.name,
                 serial=f"{leaf.serial_number:x}",
                 error=str(error),
             )
@@ -164,15 +170,14 @@ class Authorizer:
         self.metrics.received.labels("valid").inc()
         return status
 
-    def _current(self, route):
+    def _current(self, route: Route) -> Route:
         if self.current_route is None:
             return route
-        name = getattr(route, "name", None)
-        current = self.current_route(name) if name is not None else None
+        current = self.current_route(route.name)
         return route if current is None else current
 
     def _identify(
-        self, route, chain: Sequence[x509.Certificate]
+        self, route: Route, chain: Sequence[x509.Certificate]
     ) -> Decision | tuple[x509.Certificate, x509.Certificate, str]:
         if not chain:
             return _refuse(Reason.NO_CLIENT_CERT, "no certificate presented")
@@ -185,18 +190,18 @@ class Authorizer:
         except NoIdentity as e:
             return _refuse(Reason.NO_IDENTITY, str(e), serial=serial)
         name = identity.name
-        peer = getattr(route, "peer", None)
-        if peer is not None:
+        if isinstance(route, OutboundRoute):
+            peer = route.peer
             if not identity_matches(leaf, identity, peer, self.trust_domain):
                 return _refuse(Reason.IDENTITY_MISMATCH, f"expected {peer}", name, serial)
         else:
-            allow = tuple(getattr(route, "allow", ()))
+            allow = tuple(route.allow)
             if not any(identity_matches(leaf, identity, entry, self.trust_domain) for entry in allow):
                 detail = "route allows nobody" if not allow else "not on the allow-list"
                 return _refuse(Reason.IDENTITY_NOT_ALLOWED, detail, name, serial)
         return leaf, chain[1], name
 
-    def _judge_status(self, status: CertStatus, route, identity: str, serial: int) -> Decision:
+    def _judge_status(self, status: CertStatus, route: Route, identity: str, serial: int) -> Decision:
         if status.state == "good":
             return Decision(True, Reason.OK, identity=identity, serial=serial)
         if status.state == "revoked":
@@ -205,7 +210,7 @@ class Authorizer:
             return _refuse(Reason.REVOKED, f"revoked at {when} ({reason})", identity, serial)
         return _refuse(Reason.STATUS_UNKNOWN, "the CA does not know this certificate", identity, serial)
 
-    def _status_failed(self, failure: Failure, route, identity: str, serial: int) -> Decision:
+    def _status_failed(self, failure: Failure, route: Route, identity: str, serial: int) -> Decision:
         failure.trap(StatusUnavailable, StatusInvalid)
         unavailable = failure.check(StatusUnavailable) is not None
         reason = Reason.CA_UNREACHABLE if unavailable else Reason.STATUS_INVALID
@@ -214,7 +219,7 @@ class Authorizer:
             self._log.warn(
                 "route {route} admits {identity} (serial {serial}) without a valid status "
                 "answer ({reason}: {error}) because fail = open",
-                route=getattr(route, "name", "?"),
+                route=route.name,
                 identity=identity,
                 serial=f"{serial:x}",
                 reason=reason,
@@ -225,16 +230,16 @@ class Authorizer:
             )
         return _refuse(reason, error, identity, serial)
 
-    def _status_bug(self, failure: Failure, route, identity: str, serial: int) -> Decision:
+    def _status_bug(self, failure: Failure, route: Route, identity: str, serial: int) -> Decision:
         self._unexpected(route, identity, serial, failure, "status check")
         return _refuse(
             Reason.STATUS_INVALID, f"status check failed: {failure.getErrorMessage()}", identity, serial
         )
 
-    def _unexpected(self, route, identity: str | None, serial: int | None, failure: Failure, what: str) -> None:
+    def _unexpected(self, route: Route, identity: str | None, serial: int | None, failure: Failure, what: str) -> None:
         self._log.warn(
             "route {route}: {what} of {identity} failed unexpectedly, refusing: {error}",
-            route=getattr(route, "name", "?"),
+            route=route.name,
             what=what,
             identity=identity or "?",
             serial=f"{serial:x}" if serial is not None else None,

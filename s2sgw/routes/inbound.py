@@ -28,7 +28,7 @@ from zope.interface import implementer
 from s2sgw import tls
 from s2sgw.config import InboundRoute, TimeoutsConfig
 from s2sgw.identity.policy import InboundIdentity
-from s2sgw.interfaces import Decision, IAuthorizer, ITrustStore, Reason
+from s2sgw.interfaces import Decision, IAuthorizer, IConnectionCreators, Reason
 from s2sgw.ops.audit import AuditLog
 from s2sgw.ops.metrics import INTERNAL_ERROR, RouteMetrics
 from s2sgw.relay import RelaySide, splice
@@ -231,7 +231,7 @@ class InboundListener(GatedRoute):
     """
 
     route: InboundRoute
-    trust_store: ITrustStore
+    trust_store: IConnectionCreators
     authorizer: IAuthorizer
     reactor: Any
     timeouts: TimeoutsConfig = TimeoutsConfig()

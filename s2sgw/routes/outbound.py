@@ -152,9 +152,8 @@ class RemoteSide(RelaySide):
             self.local.refuse(INTERNAL_ERROR, "could not read the remote chain")
             return
         staple = received_staple(self.transport)
-        accept_staple = getattr(connector.authorizer, "accept_staple", None)
-        if staple is not None and accept_staple is not None:
-            accept_staple(connector.route, chain, staple)  # a valid one answers the status check below
+        if staple is not None:  # a valid one answers the status check below
+            connector.authorizer.accept_staple(connector.route, chain, staple)
         deciding = defer.maybeDeferred(connector.authorizer.authorize, connector.route, chain)
         deciding.addCallbacks(self._decided, self._decision_failed)
 

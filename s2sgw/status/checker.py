@@ -27,6 +27,8 @@ class NoStatusChecker:
     def check(self, leaf: x509.Certificate, issuer: x509.Certificate) -> Deferred[CertStatus]:
         return defer.succeed(CertStatus("good", utc(self.clock.seconds()), None))
 
+    def close(self) -> Deferred[None]:
+        return defer.succeed(None)
 
 
 def make_status_checker(

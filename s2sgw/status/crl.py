@@ -118,6 +118,10 @@ class CRLStatusChecker:
         except StatusInvalid:
             return defer.fail()
 
+    def close(self) -> Deferred[None]:
+        """Nothing to release: the CRLs are in memory."""
+        return defer.succeed(None)
+
     def _status(self, leaf: x509.Certificate, issuer: x509.Certificate) -> CertStatus:
         now = utc(self.clock.seconds())
         # The intermediate first: if its issuer revoked it, its leaves are revoked, whether or

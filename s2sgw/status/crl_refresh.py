@@ -29,8 +29,9 @@ from s2sgw import pki
 from s2sgw.config import ConfigError
 from s2sgw.files import write_atomically
 from s2sgw.ops.metrics import MetricSet
+from s2sgw.interfaces import IStatusChecker, ITrustStore
 from s2sgw.status.crl import CRLStatusChecker
-from s2sgw.wire.http import ResponseTooLarge, read_limited
+from s2sgw.wire.http import ResponseTooLarge, http_client, read_limited
 
 MAX_CRL_BYTES = 4 * 1024 * 1024
 CRL_ACCEPT = b"application/pkix-crl, application/x-pem-file;q=0.5"
@@ -52,7 +53,7 @@ class CRLFetchError(Exception):
     """The CRL could not be fetched (HTTP status, timeout) or put in use (write, reload)."""
 
 
-def reload_following_crl(store: Any, checker: Any) -> Callable[[], Deferred[int]]:
+def reload_following_crl(store: ITrustStore, checker: IStatusChecker) -> Callable[[], Deferred[int]]:
     """``store.reload`` that afterwards hands the store's CRL to a CRL status checker.
 
     Every reload path (SIGHUP, timer, CRL refresh) goes through this, so the checker never
@@ -81,13 +82,6 @@ def _hand_over(material: Any, checker: CRLStatusChecker) -> None:
     checker.replace(material.crl, tuple(material.other_crls), tuple(material.ca_certificates))
 
 
-def _default_http(reactor: Any) -> Any:
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-
-
 @attrs.define(eq=False)
 class CRLRefreshService(Service):
     """Every ``interval`` seconds: GET the CRL at the store's ``status.crl_url``, check, write, reload.
@@ -101,7 +95,7 @@ class CRLRefreshService(Service):
     interval is fixed at start. A fetch never fails the timer: every outcome is logged.
     """
 
-    store: Any
+    store: ITrustStore
     reload: Callable[[], Deferred[int]]
     reactor: Any
     interval: float
@@ -125,7 +119,7 @@ class CRLRefreshService(Service):
 
     def __attrs_post_init__(self) -> None:
         if self.http is None:
-            self.http = _default_http(self.reactor)
+            self.http, _ = http_client(self.reactor, persistent=False)
 
     def startService(self) -> None:
         super().startService()

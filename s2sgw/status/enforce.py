@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from cryptography import x509
@@ -36,9 +36,13 @@ from zope.interface import implementer
 from s2sgw.config import FailMode
 from s2sgw.interfaces import IStatusChecker, Reason
 from s2sgw.ops.metrics import MetricSet
+from s2sgw.interfaces import IStatusCache
 from s2sgw.timeutil import utc
 from s2sgw.wire.feed import FeedDocument
 from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable, key_hash
+
+if TYPE_CHECKING:
+    from s2sgw.routes.gate import Session
 
 UTC = datetime.UTC
 _SHA256 = hashes.SHA256()
@@ -64,19 +68,25 @@ def _gates_of(routes: Any) -> Callable[[], Iterable[Any]]:
     return lambda: [route.gate for route in routes.values()]
 
 
-@implementer(IStatusChecker)
+@implementer(IStatusChecker, IStatusCache)
 @attrs.define(eq=False)
 class PushedRevocations:
     """A checker that answers ``revoked`` for pushed serials and asks ``inner`` otherwise.
 
-    For checkers without a ``revoke`` of their own (CRL, off), so a revocation from the feed
+    For checkers without a status cache of their own (CRL, off), so a revocation from the feed
     is refused on the next handshake in every mode.
     """
 
-    inner: Any
+    inner: IStatusChecker
     clock: IReactorTime
     max_entries: int = 100_000
     _revoked: dict[int, CertStatus] = attrs.field(factory=dict, init=False)
+    _inner_cache: IStatusCache | None = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._inner_cache = IStatusCache(self.inner, None)
+
+    # -- IStatusChecker
 
     def check(self, leaf: x509.Certificate, issuer: x509.Certificate) -> defer.Deferred[CertStatus]:
         pushed = self._revoked.get(leaf.serial_number)
@@ -84,12 +94,16 @@ class PushedRevocations:
             return defer.succeed(pushed)
         return self.inner.check(leaf, issuer)
 
+    def close(self) -> defer.Deferred[None]:
+        return self.inner.close()
+
+    # -- IStatusCache
+
     def lookup(self, leaf: x509.Certificate, issuer: x509.Certificate) -> CertStatus | None:
         pushed = self._revoked.get(leaf.serial_number)
         if pushed is not None:
             return pushed
-        lookup = getattr(self.inner, "lookup", None)
-        return lookup(leaf, issuer) if lookup is not None else None
+        return self._inner_cache.lookup(leaf, issuer) if self._inner_cache is not None else None
 
     def revoke(self, serial: int, revoked_at: datetime.datetime | None = None, reason: str | None = None) -> None:
         now = utc(self.clock.seconds())
@@ -98,28 +112,26 @@ class PushedRevocations:
             del self._revoked[next(iter(self._revoked))]
         self._revoked[serial] = CertStatus("revoked", now, None, revoked_at=revoked_at or now, revocation_reason=reason)
 
-    def __getattr__(self, name: str) -> Any:  # hits, misses, close(), replace() of the inner checker
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
 
 @attrs.define(eq=False)
 class Enforcer(Service):
     """Closes live connections whose peer is revoked, no longer vouched for, or untrusted.
 
     ``gates()`` returns the RouteGates of this process; sessions carry the peer's verified chain
-    (``Session.chain``) once authorized. ``verify_chain`` is the trust store's.
+    (``Session.chain``) once authorized. ``verify_chain`` is the trust store's. ``cache`` holds
+    the statuses ``checker`` answers from, when it keeps any: re-validation reads it before asking,
+    and pushed revocations go into it (without one, re-validation asks ``checker`` every time).
     """
 
     gates: Callable[[], Iterable[Any]]
-    checker: Any
+    checker: IStatusChecker
     clock: IReactorTime
     fail: FailMode = "closed"
     verify_chain: Callable[[Sequence[x509.Certificate]], bool] | None = None
     interval: float | None = 1.0
     retry: float = 5.0  # seconds before asking again about a peer the CA could not vouch for (fail open)
     metrics: LiveCloseMetrics = attrs.field(factory=LiveCloseMetrics)  # handed over by build_gateway
+    cache: IStatusCache | None = None
     closed: int = 0
     _loop: LoopingCall | None = attrs.field(default=None, init=False)
     _asking: set[tuple[int, bytes]] = attrs.field(factory=set, init=False)
@@ -128,7 +140,7 @@ class Enforcer(Service):
     _log = Logger()
 
     @classmethod
-    def for_routes(cls, routes: Any, checker: Any, clock: IReactorTime, **kwargs: Any) -> Enforcer:
+    def for_routes(cls, routes: Any, checker: IStatusChecker, clock: IReactorTime, **kwargs: Any) -> Enforcer:
         return cls(_gates_of(routes), checker, clock, **kwargs)
 
     # -- service
@@ -150,7 +162,7 @@ class Enforcer(Service):
 
     # -- closing
 
-    def _sessions(self) -> list[Any]:
+    def _sessions(self) -> list[Session]:
         return [s for gate in self.gates() for s in list(gate.live) if not s.ended]
 
     def _close(self, sessions: Iterable[Any], reason: str, detail: str, cause: str) -> int:
@@ -182,13 +194,12 @@ class Enforcer(Service):
     # -- pushed revocations
 
     def revoked(self, document: FeedDocument) -> int:
-        """A feed batch: mark each serial revoked in the checker, close its live connections."""
-        revoke = getattr(self.checker, "revoke", None)
+        """A feed batch: mark each serial revoked in the cache, close its live connections."""
         by_serial = {}
         for entry in document.revocations:
             by_serial[entry.serial] = entry
-            if revoke is not None:
-                revoke(entry.serial, entry.revoked_at, entry.reason)
+            if self.cache is not None:
+                self.cache.revoke(entry.serial, entry.revoked_at, entry.reason)
         if not by_serial:
             return 0
         doomed: dict[str, list[Any]] = {}
@@ -196,7 +207,7 @@ class Enforcer(Service):
             entry = by_serial.get(_serial_of(session))
             if entry is None:
                 continue
-            chain = getattr(session, "chain", ())
+            chain = session.chain
             if len(chain) >= 2 and _issuer_hash(chain[1]) != document.issuer_key_hash:
                 continue  # same number, another issuer
             detail = f"revoked at {entry.revoked_at.isoformat()} ({entry.reason or 'unspecified'}), from the revocation feed"
@@ -211,7 +222,7 @@ class Enforcer(Service):
         moment = utc(now)
         groups: dict[tuple[int, bytes], list[Any]] = {}
         for session in self._sessions():
-            chain = getattr(session, "chain", ())
+            chain = session.chain
             if session.relay is None or len(chain) < 2:
                 continue  # not admitted yet: the authorizer is still deciding
             leaf = chain[0]
@@ -219,13 +230,12 @@ class Enforcer(Service):
                 self._close([session], Reason.EXPIRED, "the peer's certificate expired while connected", "revalidation")
                 continue
             groups.setdefault((leaf.serial_number, _issuer_hash(chain[1])), []).append(session)
-        lookup = getattr(self.checker, "lookup", None)
         for key, sessions in groups.items():
             if key in self._asking or self._not_before.get(key, 0.0) > now:
                 continue
             leaf, issuer = sessions[0].chain[0], sessions[0].chain[1]
-            if lookup is not None:
-                status = lookup(leaf, issuer)
+            if self.cache is not None:
+                status = self.cache.lookup(leaf, issuer)
                 if status is not None:
                     if status.state != "good":
                         self._judged(status, key)
@@ -250,7 +260,7 @@ class Enforcer(Service):
         return [
             s
             for s in self._sessions()
-            if len(getattr(s, "chain", ())) >= 2
+            if len(s.chain) >= 2
             and s.chain[0].serial_number == serial
             and _issuer_hash(s.chain[1]) == issuer_hash
         ]
@@ -294,7 +304,7 @@ class Enforcer(Service):
         verdicts: dict[tuple[bytes, ...], bool] = {}
         doomed = []
         for session in self._sessions():
-            chain = tuple(getattr(session, "chain", ()))
+            chain = tuple(session.chain)
             if not chain:
                 continue
             key = tuple(c.fingerprint(_SHA256) for c in chain)
@@ -330,11 +340,11 @@ def _issuer_hash(certificate: x509.Certificate) -> bytes:
     return digest
 
 
-def _serial_of(session: Any) -> int | None:
-    chain = getattr(session, "chain", ())
+def _serial_of(session: Session) -> int | None:
+    chain = session.chain
     if chain:
         return chain[0].serial_number
-    text = getattr(session, "serial", "-")
+    text = session.serial
     try:
         return int(text, 16)
     except (TypeError, ValueError):

@@ -42,7 +42,7 @@ from s2sgw.wire.feed import (
     check_sequence,
     open_document,
 )
-from s2sgw.wire.http import read_limited
+from s2sgw.wire.http import http_client, read_limited
 from s2sgw.wire.ocsp import DEFAULT_LEEWAY, StatusInvalid, StatusUnavailable
 
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
@@ -61,7 +61,7 @@ def feed_url(status: StatusConfig) -> str | None:
     ``feed = true`` (the default) means the same origin as the OCSP responder, path
     ``/revocations``; it needs ``mode = "ocsp"``.
     """
-    feed = getattr(status, "feed", True)
+    feed = status.feed
     if feed is False or status.mode == "off":
         return None
     if isinstance(feed, str):
@@ -94,15 +94,6 @@ def feed_url(status: StatusConfig) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # subscriber
-
-
-def _default_http(reactor: Any, connect_timeout: float) -> tuple[Any, Any]:
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 1
-    return HTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=pool)), pool
 
 
 class _HTTPError(Exception):
@@ -151,7 +142,7 @@ class FeedSubscriber(Service):
 
     def __attrs_post_init__(self) -> None:
         if self.http is None:
-            self.http, self._pool = _default_http(self.clock, self.connect_timeout)
+            self.http, self._pool = http_client(self.clock, max_per_host=1, connect_timeout=self.connect_timeout)
 
     # -- service
 
@@ -312,7 +303,7 @@ class FeedSubscriber(Service):
 
 
 def _retry_after(response: Any) -> float | None:
-    values = response.headers.getRawHeaders(b"retry-after") if getattr(response, "headers", None) else None
+    values = response.headers.getRawHeaders(b"retry-after")
     if not values:
         return None
     try:

@@ -23,8 +23,9 @@ from zope.interface import implementer
 
 from s2sgw.interfaces import IStatusChecker
 from s2sgw.ops.metrics import MetricSet
+from s2sgw.interfaces import IStapleSource, IStatusCache, IStatusCacheStats, IStatusProbe
 from s2sgw.timeutil import utc
-from s2sgw.wire.http import MAX_RESPONSE_BYTES, ResponseTooLarge, read_limited
+from s2sgw.wire.http import MAX_RESPONSE_BYTES, ResponseTooLarge, http_client, read_limited
 from s2sgw.wire.ocsp import (
     DEFAULT_LEEWAY,
     OCSP_REQUEST_TYPE,
@@ -121,16 +122,7 @@ class _Entry:
 
 
 
-def _default_http(reactor):
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 4
-    return HTTPClient(Agent(reactor, pool=pool)), pool
-
-
-@implementer(IStatusChecker)
+@implementer(IStatusChecker, IStatusCache, IStatusCacheStats, IStapleSource, IStatusProbe)
 @attrs.define(eq=False)
 class OCSPStatusChecker:
     """Asks the CA status server over HTTP, verifies, caches and coalesces.
@@ -162,7 +154,7 @@ class OCSPStatusChecker:
 
     def __attrs_post_init__(self) -> None:
         if self.http is None:
-            self.http, self._pool = _default_http(self.clock)
+            self.http, self._pool = http_client(self.clock, max_per_host=4)
 
     def close(self) -> Deferred[None]:
         """Close kept-alive connections to the status server (a service's stopService)."""
@@ -205,7 +197,7 @@ class OCSPStatusChecker:
             self._query(key, query, issuer)
         return waiter
 
-    # -- cache access and hooks for a revocation feed
+    # -- IStatusCache: cache access and hooks for a revocation feed
 
     def lookup(self, leaf: x509.Certificate, issuer: x509.Certificate) -> CertStatus | None:
         """The cached, still fresh status of ``leaf``, without asking the CA."""
@@ -246,6 +238,11 @@ class OCSPStatusChecker:
         while len(self._revoked) > self.cache_size:
             self._revoked.popitem(last=False)
 
+    @property
+    def cache_entries(self) -> int:
+        """How many answers the cache holds now (IStatusCacheStats)."""
+        return len(self._cache)
+
     def remember(self, leaf: x509.Certificate, issuer: x509.Certificate, status: CertStatus) -> bool:
         """Cache a status proven without a query of ours (a verified staple); good/revoked only.
 
@@ -260,6 +257,8 @@ class OCSPStatusChecker:
             return False
         self._store(key, status)
         return key in self._cache
+
+    # -- IStapleSource
 
     def accept_staple(self, leaf: x509.Certificate, issuer: x509.Certificate, der: bytes) -> CertStatus:
         """Verify a stapled (nonce-less) answer about ``leaf`` and cache what it proves.
@@ -278,6 +277,8 @@ class OCSPStatusChecker:
         """
         query = build_request(leaf, issuer, nonce=None)
         return self._ask(query, issuer).addErrback(self._classify)
+
+    # -- IStatusProbe
 
     def probe(self, leaf: x509.Certificate, issuer: x509.Certificate) -> Deferred[CertStatus]:
         """Ask about ``leaf`` past the cache, with a fresh nonce; store nothing (readiness probes)."""

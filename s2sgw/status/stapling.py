@@ -25,6 +25,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from s2sgw.ops.metrics import MetricSet
+from s2sgw.config import GatewayConfig
+from s2sgw.interfaces import IStapleSource, ITrustStore
 from s2sgw.timeutil import utc
 from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
 
@@ -135,12 +137,12 @@ class StapleService(Service):
     """Keeps ``cache`` holding a fresh OCSP answer for each served certificate.
 
     ``targets`` returns (service name, leaf, issuer) for every certificate a server context may
-    present (the trust store's services with inbound routes); ``checker`` has ``fetch_staple``
+    present (the trust store's services with inbound routes); ``source`` fetches the answers
     (:class:`s2sgw.status.ocsp.OCSPStatusChecker`).
     """
 
     targets: Callable[[], Iterable[tuple[str, x509.Certificate, x509.Certificate]]]
-    checker: Any
+    source: IStapleSource
     clock: IReactorTime
     cache: StapleCache
     retry_min: float = 1.0
@@ -204,7 +206,7 @@ class StapleService(Service):
         if target.timer is not None and target.timer.active():
             target.timer.cancel()
         target.timer = None
-        d = defer.maybeDeferred(self.checker.fetch_staple, target.leaf, target.issuer)
+        d = defer.maybeDeferred(self.source.fetch_staple, target.leaf, target.issuer)
         target.fetching = d
         d.addCallbacks(self._fetched, self._failed, callbackArgs=(key, target), errbackArgs=(key, target))
         d.addErrback(self._bug, target)
@@ -310,7 +312,7 @@ class StapleService(Service):
         return {"services": services, "served": self.cache.served, "missing": self.cache.missing}
 
 
-def inbound_targets(trust_store: Any) -> Callable[[], list[tuple[str, x509.Certificate, x509.Certificate]]]:
+def inbound_targets(trust_store: ITrustStore) -> Callable[[], list[tuple[str, x509.Certificate, x509.Certificate]]]:
     """The certificates ``trust_store``'s server contexts present: services with inbound routes."""
 
     def targets() -> list[tuple[str, x509.Certificate, x509.Certificate]]:
@@ -325,6 +327,6 @@ def inbound_targets(trust_store: Any) -> Callable[[], list[tuple[str, x509.Certi
     return targets
 
 
-def stapling_enabled(config: Any) -> bool:
-    """Whether ``config`` (a GatewayConfig) staples: status mode ocsp with ``status.staple``."""
-    return config.status.mode == "ocsp" and bool(getattr(config.status, "staple", False))
+def stapling_enabled(config: GatewayConfig) -> bool:
+    """Whether ``config`` staples: status mode ocsp with ``status.staple``."""
+    return config.status.mode == "ocsp" and config.status.staple

@@ -64,7 +64,7 @@ class FeedEntry:
     @classmethod
     def from_record(cls, record: Any) -> FeedEntry | None:
         """A CertRecord with a revocation sequence number -> an entry (None otherwise)."""
-        if getattr(record, "revocation_seq", None) is None or record.revoked_at is None:
+        if record.revocation_seq is None or record.revoked_at is None:
             return None
         return cls(record.revocation_seq, record.serial, record.revoked_at, record.reason)
 

@@ -1,6 +1,9 @@
-"""Bounded HTTP bodies: read an answer up to a limit, never more, whoever sent it."""
+"""HTTP towards the CA: a treq client over its own connection pool, and bounded bodies (read an
+answer up to a limit, never more, whoever sent it)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
@@ -61,3 +64,24 @@ def read_limited(response, limit: int = MAX_RESPONSE_BYTES) -> Deferred[bytes]:
     response.deliverBody(protocol)
     return protocol.finished
 
+
+def http_client(
+    reactor: Any,
+    *,
+    persistent: bool = True,
+    max_per_host: int | None = None,
+    connect_timeout: float | None = None,
+) -> tuple[Any, Any]:
+    """A treq ``HTTPClient`` over an ``Agent`` with a pool of its own: (client, pool).
+
+    ``persistent`` keeps connections open for reuse, at most ``max_per_host`` per server (Twisted's
+    default when None); close them with ``pool.closeCachedConnections()``. ``connect_timeout`` is
+    the Agent's (None: its default).
+    """
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    if max_per_host is not None:
+        pool.maxPersistentPerHost = max_per_host
+    return HTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=pool)), pool
