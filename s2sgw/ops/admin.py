@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.web import http, resource, server
 
 from s2sgw.ops.health import Monitor
+from s2sgw.ops.status_page import status_document
 
 JSON = b"application/json"
 
@@ -66,7 +67,7 @@ class StatusResource(resource.Resource):
         self._monitor = monitor
 
     def render_GET(self, request: server.Request) -> bytes:
-        return _json(request, self._monitor.status())
+        return _json(request, status_document(self._monitor))
 
 
 def metrics_resource(registry: CollectorRegistry = REGISTRY) -> resource.Resource:

@@ -32,7 +32,6 @@ from s2sgw import pki
 from s2sgw.config import GatewayConfig
 from s2sgw.interfaces import IStatusCacheStats, IStatusProbe, ITrustStore
 from s2sgw.ops.health_metrics import HealthCollector
-from s2sgw.ops.status_page import status_document
 from s2sgw.timeutil import utc
 from s2sgw.wire.est import fingerprint
 from s2sgw.wire.ocsp import CertStatus, StatusInvalid
@@ -303,9 +302,6 @@ class Monitor(Service):
             f"trust generation {self.trust_store.generation}{reload}"
         )
 
-    def status(self) -> dict[str, Any]:
-        """The ``/status`` document: plain JSON types, no secrets."""
-        return status_document(self)
 
     # -- expiry warnings -------------------------------------------------------------------
 

@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from s2sgw import pki
+from s2sgw.interfaces import IStatusCacheStats, ITrustStore
 from s2sgw.wire.est import fingerprint
 
 
-if TYPE_CHECKING:
-    from s2sgw.ops.health import Monitor
+class MonitorSnapshot(Protocol):
+    """What the gauges read of the readiness monitor (:class:`s2sgw.ops.health.Monitor`)."""
+
+    trust_store: ITrustStore
+    cache_stats: IStatusCacheStats | None
+    probe: Any  # the last ProbeResult, or None
+
+    def now(self) -> datetime.datetime: ...
+
+    def readiness(self) -> Any: ...
 
 
 class HealthCollector:
     """Gauges computed at scrape time from the monitor's current snapshot (label sets are bounded:
     service names, root fingerprints and fixed words)."""
 
-    def __init__(self, monitor: Monitor) -> None:
+    def __init__(self, monitor: MonitorSnapshot) -> None:
         self.monitor = monitor
 
     def describe(self) -> list[Metric]:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from s2sgw import pki
+from s2sgw.ops.health import Monitor
 from s2sgw.wire.est import fingerprint
-
-if TYPE_CHECKING:
-    from s2sgw.ops.health import Monitor
 
 
 def status_document(monitor: Monitor) -> dict[str, Any]:
