@@ -20,8 +20,8 @@ from twisted.internet import defer, task
 from twisted.logger import formatEvent, globalLogPublisher
 
 from s2sgw.ca.authority import CertificateAuthority
-from s2sgw.ca.enroll import Enroller, PeerCertificate, RateLimiter
-from s2sgw.ca.est import EstSite, build_est_root, openssl_serial
+from s2sgw.ca.enroll import Enroller, PeerCertificate, RateLimiter, openssl_serial
+from s2sgw.ca.est import EstSite, build_est_root
 from s2sgw.ca.ocsp import Responder
 from s2sgw.ca.server import StatusPublisher
 from s2sgw.ca.tokens import TokenBook
@@ -453,3 +453,8 @@ def test_unknown_paths_and_methods_are_not_enrollments(h: Harness) -> None:
     assert h.fetch("POST", "cacerts", data=b"", headers=CSR_TYPE)[0].code == 405
     assert h.fetch("GET", "serverkeygen")[0].code == 404
     assert h.rows() == 0
+
+
+def test_serials_are_logged_as_openssl_prints_them() -> None:
+    """Upper-case hex in whole octets, so a log line can be matched with `openssl x509 -serial`."""
+    assert [openssl_serial(s) for s in (0xABC, 0x1F, 0x100)] == ["0ABC", "1F", "0100"]

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from s2sgw.ca.authority import CertificateAuthority, CertRecord
@@ -114,10 +113,10 @@ class RateLimiter:
             del self._slots[identity]
 
 
-def _spki(key: object) -> bytes:
-    return key.public_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+def openssl_serial(serial: int) -> str:
+    """The serial as ``openssl x509 -serial`` prints it: upper-case hex, whole octets."""
+    text = f"{serial:X}"
+    return "0" + text if len(text) % 2 else text
 
 
 def check_csr(body: bytes, name: str, sans: Sequence[x509.GeneralName]) -> x509.CertificateSigningRequest:
@@ -184,7 +183,7 @@ class Enroller:
         if peer is None:
             raise Refusal(FORBIDDEN, "no client certificate")
         presented = peer.certificate
-        serial = f"{presented.serial_number:x}"
+        serial = openssl_serial(presented.serial_number)
         if not peer.chain_ok:
             raise Refusal(FORBIDDEN, f"client certificate {serial} does not chain to this CA: {peer.chain_error}")
         record = self.ca.lookup(presented.serial_number)

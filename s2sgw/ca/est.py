@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
 from s2sgw.ca.authority import CAError, validate_service_name
-from s2sgw.ca.enroll import UNAUTHORIZED, Enroller, Issued, PeerCertificate, Refusal
+from s2sgw.ca.enroll import UNAUTHORIZED, Enroller, Issued, PeerCertificate, Refusal, openssl_serial
 from s2sgw.ca.server import DEFAULT_MAX_BODY, DEFAULT_TIMEOUT, InThread, LimitedRequest, StatusSite
 from s2sgw.wire import est as wire
 
@@ -39,12 +39,6 @@ REFUSED_FORMAT = "EST refused {operation} identity={identity} client={client} st
 PeerLookup = Callable[[server.Request], PeerCertificate | None]
 
 _log = Logger(namespace=NAMESPACE)
-
-
-def openssl_serial(serial: int) -> str:
-    """The serial as ``openssl x509 -serial`` prints it: upper-case hex, whole octets."""
-    text = f"{serial:X}"
-    return "0" + text if len(text) % 2 else text
 
 
 def _printable(text: str, limit: int = 300) -> str:

@@ -21,10 +21,10 @@ from typing import Any
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime, IStreamServerEndpoint
@@ -143,8 +143,6 @@ def server_context(
     context.check_privatekey()
     store = context.get_cert_store()  # empty: no system roots
     assert store is not None
-    from OpenSSL import crypto
-
     for certificate in trusted:
         store.add_cert(crypto.X509.from_cryptography(certificate))
         if certificate.issuer == certificate.subject:
