@@ -403,8 +403,10 @@ def test_renewal_is_refused_with_403_unless_the_certificate_is_current_and_ours(
         (PeerCertificate(foreign, chain_ok=True), "was not issued by this CA"),
         (PeerCertificate(same_serial, chain_ok=True), "was not issued by this CA"),
         (PeerCertificate(revoked, chain_ok=True), "is revoked (keyCompromise)"),
-        (PeerCertificate(expiring, chain_ok=True), "expired: enroll again with a new token"),
-    ]
+        (PeerCertificate(expiring, chain_ok=False, chain_error="verify error 10 at depth 0"),
+         "expired: enroll again with a new token"),
+        (PeerCertificate(good, chain_ok=False, chain_error="verify error 2 at depth 1"), "does not chain to this CA"),
+    ]  # fmt: skip
     for peer, reason in cases:
         h.peer = peer
         response, body = h.reenroll()

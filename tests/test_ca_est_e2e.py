@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import re
 import socket
 import ssl
@@ -262,6 +263,14 @@ def _revoked(est: CA) -> list[str]:
     return ["simplereenroll", str(est.csr("revoked")[0]), "--cert", str(current.chain), "--key", str(current.key)]
 
 
+def _expired_certificate(est: CA) -> list[str]:
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=2)
+    ca = CertificateAuthority.open(est.ca)
+    out = est.path("old")
+    ca.write_identity(ca.issue("old", hours=1, now=past), out)
+    return ["simplereenroll", str(est.csr("old")[0]), "--cert", str(out / "old.pem"), "--key", str(out / "old.key")]
+
+
 def _foreign(est: CA) -> list[str]:
     other = est.path("other")
     s2sgw("ca", "init", "--dir", other, "--trust-domain", DOMAIN)
@@ -308,6 +317,7 @@ REFUSALS = {
         400, "CSR signature does not verify",
     ),
     "renewal with a revoked certificate": (_revoked, 403, "is revoked (keyCompromise)"),
+    "renewal with an expired certificate": (_expired_certificate, 403, "expired: enroll again with a new token"),
     "renewal with another CA's certificate": (_foreign, 403, "does not chain to this CA"),
     "renewal without a client certificate": (
         lambda est: ["simplereenroll", str(est.csr("anonymous")[0])], 403, "no client certificate",
