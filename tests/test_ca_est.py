@@ -248,6 +248,19 @@ def test_a_csr_may_be_silent_or_repeat_exactly_what_the_ca_issues(h: Harness, na
     assert response.code == 200, body
 
 
+def test_csr_attributes_other_than_extension_requests_are_ignored(h: Harness) -> None:
+    """RFC 7030 clients may send a challengePassword; it asks for nothing in the certificate."""
+    from cryptography.x509.oid import AttributeOID
+
+    builder = (
+        x509.CertificateSigningRequestBuilder().subject_name(x509.Name(cn("orders")))
+        .add_attribute(AttributeOID.CHALLENGE_PASSWORD, b"not a token")
+    )  # fmt: skip
+    body = wire.encode_csr(builder.sign(new_key(), hashes.SHA256()))
+    response, _ = h.enroll("orders", h.token("orders"), body)
+    assert response.code == 200
+
+
 def _bad_signature() -> bytes:
     der = bytearray(base64.b64decode(make_csr(subject=cn("orders"))))
     der[-1] ^= 0x01  # the last octet of the signature's s
@@ -339,6 +352,8 @@ def test_no_byte_of_a_token_reaches_the_log(h: Harness) -> None:
 
 def test_past_the_rate_limit_an_identity_gets_429_with_retry_after(tmp_path: Path, est_log: list[str]) -> None:
     h = make_harness(tmp_path, est_log, limit=2)
+    refused = [h.enroll("orders", h.token("orders"), b"garbage")[0].code for _ in range(3)]
+    assert refused == [400, 400, 400]  # refusals take no slot
     assert [h.enroll("orders", h.token("orders"))[0].code for _ in range(2)] == [200, 200]
     h.clock.advance(20)
     token = h.token("orders")

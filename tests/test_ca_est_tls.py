@@ -45,8 +45,12 @@ class FakePort:
 class FakeEndpoint:
     factories: list[Any] = attrs.field(factory=list)
     port: FakePort = attrs.field(factory=FakePort)
+    busy: int = 0  # how many listen() calls fail with "address in use"
 
     def listen(self, factory: Any) -> defer.Deferred:
+        if self.busy > 0:
+            self.busy -= 1
+            return defer.fail(OSError(98, "Address already in use"))
         self.factories.append(factory)
         return defer.succeed(self.port)
 
@@ -166,6 +170,19 @@ def test_a_listener_that_cannot_get_a_first_certificate_does_not_listen_until_it
     assert endpoint.factories == [] and listener.material is None
     clock.advance(5)
     assert len(endpoint.factories) == 1 and listener.material is not None
+
+
+def test_a_port_in_use_is_retried_while_the_certificate_is_kept(ca: CertificateAuthority, logged_errors: Any) -> None:
+    logged_errors.expect("EST listener cannot listen")
+    listener, clock, endpoint, runner = make_listener(ca)
+    endpoint.busy = 2
+    listener.startService()
+    assert listener.material is not None and listener.port is None
+    clock.advance(5)
+    assert listener.port is None
+    clock.advance(10)
+    assert listener.port is endpoint.port and len(endpoint.factories) == 1
+    assert runner.calls == 1  # one certificate all along
 
 
 def test_stopping_closes_the_port_and_cancels_the_renewal(ca: CertificateAuthority) -> None:
