@@ -270,3 +270,46 @@ def test_a_client_without_a_certificate_is_served_without_one(ca: CertificateAut
     server_tls, _ = handshake(listener, None)
     assert server_tls.getHandle().get_protocol_version_name() == "TLSv1.3"  # the handshake went through
     assert peer_of(server_tls) is None
+
+
+# -- twistd options ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--est-name", "not a name"], "--est-name: invalid DNS name"),
+        (["--est-lifetime", "soon"], "--est-lifetime: invalid duration"),
+        (["--est-lifetime", "5s"], "--est-lifetime must be at least 10 seconds"),
+        (["--est-server-lifetime", "1s"], "--est-server-lifetime must be at least 2 seconds"),
+        (["--est-rate-limit", "-1"], "--est-rate-limit must be 0"),
+        (["--est", "nonsense:1"], "is not an endpoint"),
+    ],
+)
+def test_est_options_are_checked_before_starting(ca: CertificateAuthority, args: list[str], message: str) -> None:
+    from twisted.python import usage
+
+    from s2sgw.ca import tap
+
+    with pytest.raises(usage.UsageError, match=message):
+        tap.Options().parseOptions(["--dir", str(ca.directory), "--est", "tcp:0", *args])
+
+
+def test_est_flags_add_the_listener_with_their_values(ca: CertificateAuthority) -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from s2sgw.ca import tap
+
+    options = tap.Options()
+    options.parseOptions(["--dir", str(ca.directory), "--est", "tcp:0:interface=127.0.0.1", "--est-name", "ca.test",
+                          "--est-name", "::1", "--est-lifetime", "60s"])  # fmt: skip
+    assert options["est-lifetime"] == datetime.timedelta(seconds=60)
+    assert options["est-server-lifetime"] == datetime.timedelta(hours=24)
+    assert options["est-rate-limit"] == 10
+    (est,) = [s for s in tap.makeService(options, reactor=MemoryReactorClock()) if isinstance(s, EstListener)]
+    assert est.names == ("ca.test", "::1")
+    enroll = est.site.resource.children[b".well-known"].children[b"est"].children[b"simpleenroll"]
+    assert enroll._enroller.lifetime == datetime.timedelta(seconds=60) and enroll._enroller.limiter.limit == 10
+    defaults = tap.Options()
+    defaults.parseOptions(["--dir", str(ca.directory)])
+    assert defaults["est"] is None and len(list(tap.makeService(defaults, reactor=MemoryReactorClock()))) == 2
