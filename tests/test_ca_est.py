@@ -466,9 +466,15 @@ def test_a_broken_store_answers_500_and_logs_the_failure(h: Harness, logged_erro
 
 
 def test_unknown_paths_and_methods_are_not_enrollments(h: Harness) -> None:
-    assert h.fetch("GET", "simpleenroll")[0].code == 405
+    response, _ = h.fetch("GET", "simpleenroll")
+    assert (response.code, header(response, "Allow")) == (405, "POST")
+    assert h.log[-1] == "EST refused simpleenroll identity=- client=127.0.0.1 status=405 reason=simpleenroll takes a POST"
     assert h.fetch("POST", "cacerts", data=b"", headers=CSR_TYPE)[0].code == 405
-    assert h.fetch("GET", "serverkeygen")[0].code == 404
+    for path in ("serverkeygen", "csrattrs", "", "../../ocsp"):
+        assert h.fetch("GET", path)[0].code == 404
+    d = h.stub.get("https://ca.test/")
+    h.stub.flush()
+    assert result_of(d).code == 404
     assert h.rows() == 0
 
 
