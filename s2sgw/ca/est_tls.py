@@ -213,6 +213,10 @@ class EstListener(Service):
     def startService(self) -> None:
         Service.startService(self)
         self._stopped = False
+        # Issuing writes to the store all day: keep it open (see CAStore.keep_open).
+        self.in_thread(self.ca.store.keep_open).addErrback(
+            lambda failure: self._log.failure("keeping the CA store open failed", failure)
+        )
         self._renew()
 
     def stopService(self) -> Any:
