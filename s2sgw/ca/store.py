@@ -4,7 +4,7 @@ Every operation opens its own connection, so the store is safe to call from seve
 threads (the status server) and several processes (two ``s2sgw ca issue`` at once).
 Writes take the database lock up front (``BEGIN IMMEDIATE``) and commit with
 ``synchronous=FULL``, so a call returns only after its change is on disk. Certificates
-inserted by several threads at once share a transaction (``groupcommit``).
+inserted by several threads at once share a transaction (``batching``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import attrs
 
-from s2sgw.ca.groupcommit import GroupCommit
+from s2sgw.ca.batching import GroupCommit
 from s2sgw.errors import S2sgwError
 
 SCHEMA_VERSION = 2  # 2: certificates.issued_via and enrollment_tokens
