@@ -48,8 +48,6 @@ RETRY_FIRST, RETRY_MAX = 5.0, 300.0
 CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:@SECLEVEL=2"
 CHAIN_STATE = "s2sgw_est_chain"  # attribute on the TLS protocol: what verification found
 
-_log = Logger(namespace="s2sgw.ca.est")
-
 
 def san_for(name: str) -> x509.GeneralName:
     """An IP address becomes an IP SAN, anything else a DNS SAN (validated either way)."""
@@ -208,7 +206,7 @@ class EstListener(Service):
     _binding: bool = False
     _stopped: bool = False
 
-    _log = _log
+    _log = Logger()
 
     def startService(self) -> None:
         Service.startService(self)
