@@ -14,24 +14,24 @@ directory with it is a complete CA.
 from __future__ import annotations
 
 import datetime
+import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
 from s2sgw.ca.building import (
+    CertificatePublicKey,
     PrivateKey,
     cert_pem,
     generate_key,
     hash_for,
     key_pem,
-    key_usage,
+    leaf_builder,
     random_serial,
     subject_key_id,
-    subject_name,
 )
 from s2sgw.ca.cafiles import (
     load_cert,
@@ -65,7 +65,7 @@ from s2sgw.ca.inputs import (
     validate_url,
 )
 from s2sgw.ca.records import CertRecord, IssuedIdentity, row_for, san_strings
-from s2sgw.ca.store import LEAF, CAError, CAStore, SerialInUse
+from s2sgw.ca.store import LEAF, CAError, CAStore, Row, SerialInUse
 
 __all__ = [
     "KEY_TYPES",
@@ -194,6 +194,7 @@ class CertificateAuthority:
         if not database.is_file():
             raise CAError(f"{directory} is not a CA directory (no {DATABASE}; run `s2sgw ca init`)")
         store = CAStore(database)
+        store.migrate()
         meta = store.meta()
         root_cert = load_cert(directory / ROOT_CERT, "root certificate")
         intermediate_cert = load_cert(directory / INTERMEDIATE_CERT, "intermediate certificate")
@@ -234,98 +235,75 @@ class CertificateAuthority:
         now: datetime.datetime | None = None,
     ) -> IssuedIdentity:
         """Sign and record a leaf for service ``name``, valid from ``now`` - 5 min to ``now`` + hours."""
-        validate_service_name(name)
+        sans = self.planned_sans(name, dns=dns, ips=ips)
         hours = validate_hours(hours, "the lifetime")
+        try:
+            lifetime = datetime.timedelta(hours=hours)
+        except OverflowError:
+            raise CAError(f"the lifetime of {hours} hours is too long") from None
+        key = generate_key(self.key_type)
+        record = self.certify(name, key.public_key(), sans, lifetime=lifetime, now=now)
+        return IssuedIdentity(
+            record=record,
+            chain_pem=record.pem + cert_pem(self.intermediate_cert),
+            key_pem=key_pem(key),
+        )
+
+    def planned_sans(self, name: str, *, dns: Sequence[str] = (), ips: Sequence[str] = ()) -> list[x509.GeneralName]:
+        """What a certificate for ``name`` names: its SPIFFE ID, NAME, NAME.TRUSTDOMAIN, ``dns``, ``ips``."""
+        validate_service_name(name)
         dns_names = _unique(
             [name, validate_dns_name(f"{name}.{self.trust_domain}")] + [validate_dns_name(d) for d in dns]
         )
         addresses = _unique([validate_ip(ip) for ip in ips])
-        now = _utc(now)
-        not_before = now - BACKDATE
-        try:
-            not_after = now + datetime.timedelta(hours=hours)
-        except OverflowError:
-            raise CAError(f"the lifetime of {hours} hours is too long") from None
-        if not_after > self.intermediate_cert.not_valid_after_utc:
-            raise CAError(
-                f"a lifetime of {hours:g} hours would outlive the issuing CA "
-                f"(valid until {self.intermediate_cert.not_valid_after_utc:%Y-%m-%d})"
-            )
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(self.spiffe_id(name))]
         sans += [x509.DNSName(d) for d in dns_names]
         sans += [x509.IPAddress(a) for a in addresses]
+        return sans
 
-        key = generate_key(self.key_type)
-        for _attempt in range(8):
-            cert = self._sign_leaf(name, key, sans, self.serial_source(), not_before, not_after)
-            row = row_for(cert, LEAF, name, san_strings(sans))
-            try:
-                self.store.insert(row)
-            except SerialInUse:
-                continue
-            record = CertRecord._from_row(row)
-            return IssuedIdentity(
-                record=record,
-                chain_pem=row.pem + cert_pem(self.intermediate_cert),
-                key_pem=key_pem(key),
-            )
-        raise CAError("could not find an unused serial number")
-
-    def _sign_leaf(
+    def certify(
         self,
         name: str,
-        key: PrivateKey,
-        sans: list[x509.GeneralName],
-        serial: int,
-        not_before: datetime.datetime,
-        not_after: datetime.datetime,
-    ) -> x509.Certificate:
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject_name(name))
-            .issuer_name(self.intermediate_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(serial)
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(key_usage(digital_signature=True), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
+        public_key: CertificatePublicKey,
+        sans: Sequence[x509.GeneralName],
+        *,
+        lifetime: datetime.timedelta,
+        now: datetime.datetime | None = None,
+        issued_via: str = "cli",
+        claim: Callable[[sqlite3.Connection, Row], None] | None = None,
+    ) -> CertRecord:
+        """Sign and record a leaf for ``public_key`` (made elsewhere: by ``issue`` or by the service).
+
+        Valid from ``now`` minus the backdate (5 minutes, or a tenth of ``lifetime`` when that is
+        less, so a 60-second certificate does not start 5 minutes in the past) to ``now`` +
+        ``lifetime``. ``claim`` runs in the transaction that records the certificate (see
+        ``CAStore.insert``).
+        """
+        validate_service_name(name)
+        if lifetime <= datetime.timedelta(0):
+            raise CAError("the lifetime must be positive")
+        now = _utc(now)
+        not_before = now - min(BACKDATE, lifetime / 10)
+        try:
+            not_after = now + lifetime
+        except OverflowError:
+            raise CAError(f"the lifetime of {lifetime} is too long") from None
+        if not_after > self.intermediate_cert.not_valid_after_utc:
+            raise CAError(
+                f"a lifetime of {lifetime.total_seconds() / 3600:g} hours would outlive the issuing CA "
+                f"(valid until {self.intermediate_cert.not_valid_after_utc:%Y-%m-%d})"
             )
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(subject_key_id(self.intermediate_cert)),
-                critical=False,
-            )
-        )
-        if self.url is not None:
-            builder = builder.add_extension(
-                x509.CRLDistributionPoints(
-                    [
-                        x509.DistributionPoint(
-                            full_name=[x509.UniformResourceIdentifier(f"{self.url}/crl")],
-                            relative_name=None,
-                            reasons=None,
-                            crl_issuer=None,
-                        )
-                    ]
-                ),
-                critical=False,
-            ).add_extension(
-                x509.AuthorityInformationAccess(
-                    [
-                        x509.AccessDescription(
-                            AuthorityInformationAccessOID.OCSP,
-                            x509.UniformResourceIdentifier(f"{self.url}/ocsp"),
-                        )
-                    ]
-                ),
-                critical=False,
-            )
-        return builder.sign(self.intermediate_key, self.hash_algorithm)
+        for _attempt in range(8):
+            cert = leaf_builder(
+                name, public_key, list(sans), self.serial_source(), not_before, not_after, self.intermediate_cert, self.url
+            ).sign(self.intermediate_key, self.hash_algorithm)
+            row = row_for(cert, LEAF, name, san_strings(sans), issued_via)
+            try:
+                self.store.insert(row, claim=claim)
+            except SerialInUse:
+                continue
+            return CertRecord._from_row(row)
+        raise CAError("could not find an unused serial number")
 
     def write_identity(self, identity: IssuedIdentity, out_dir: Path | str) -> tuple[Path, Path]:
         """Write ``NAME.pem`` (chain) and ``NAME.key`` (0600) into ``out_dir``, both or neither."""

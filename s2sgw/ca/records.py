@@ -25,6 +25,7 @@ class CertRecord:
     revoked_at: datetime.datetime | None = None
     reason: str | None = None  # an x509.ReasonFlags value, e.g. "keyCompromise"
     revocation_seq: int | None = None  # increases with every revocation, for incremental sync
+    issued_via: str = "cli"  # "cli" (s2sgw ca issue), "token" (EST simpleenroll) or "renewal"
 
     @property
     def serial_hex(self) -> str:
@@ -53,6 +54,7 @@ class CertRecord:
             revoked_at=row.revoked_at,
             reason=row.reason,
             revocation_seq=row.revocation_seq,
+            issued_via=row.issued_via,
         )
 
 
@@ -73,7 +75,9 @@ def san_strings(sans: Sequence[x509.GeneralName]) -> tuple[str, ...]:
 
 
 
-def row_for(cert: x509.Certificate, kind: str, name: str, sans: tuple[str, ...]) -> Row:
+def row_for(
+    cert: x509.Certificate, kind: str, name: str, sans: tuple[str, ...], issued_via: str = "cli"
+) -> Row:
     return Row(
         serial=cert.serial_number,
         kind=kind,
@@ -85,5 +89,6 @@ def row_for(cert: x509.Certificate, kind: str, name: str, sans: tuple[str, ...])
         revoked_at=None,
         reason=None,
         revocation_seq=None,
+        issued_via=issued_via,
     )
 

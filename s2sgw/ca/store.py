@@ -3,7 +3,8 @@
 Every operation opens its own connection, so the store is safe to call from several
 threads (the status server) and several processes (two ``s2sgw ca issue`` at once).
 Writes take the database lock up front (``BEGIN IMMEDIATE``) and commit with
-``synchronous=FULL``, so a call returns only after its change is on disk.
+``synchronous=FULL``, so a call returns only after its change is on disk. Certificates
+inserted by several threads at once share a transaction (``batching``).
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import contextlib
 import datetime
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import attrs
 
+from s2sgw.ca.batching import GroupCommit
 from s2sgw.errors import S2sgwError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: certificates.issued_via and enrollment_tokens
 BUSY_TIMEOUT_MS = 30_000
 
 _SCHEMA = """
@@ -29,7 +31,7 @@ CREATE TABLE meta (
 );
 CREATE TABLE certificates (
     serial TEXT PRIMARY KEY,          -- lowercase hex, no leading zeros
-    kind TEXT NOT NULL,               -- 'leaf' or 'ocsp-signer'
+    kind TEXT NOT NULL,               -- 'leaf', 'ocsp-signer' or 'est-server'
     name TEXT NOT NULL,
     sans TEXT NOT NULL,               -- JSON list of "URI:...", "DNS:...", "IP:..."
     not_before TEXT NOT NULL,         -- ISO 8601, UTC
@@ -37,13 +39,29 @@ CREATE TABLE certificates (
     pem TEXT NOT NULL,
     revoked_at TEXT,
     reason TEXT,
-    revocation_seq INTEGER UNIQUE
+    revocation_seq INTEGER UNIQUE,
+    issued_via TEXT NOT NULL DEFAULT 'cli'  -- 'cli', 'token' or 'renewal'
 );
 CREATE INDEX certificates_name ON certificates (name);
 """
 
+_ISSUED_VIA_COLUMN = "ALTER TABLE certificates ADD COLUMN issued_via TEXT NOT NULL DEFAULT 'cli'"
+_TOKENS_TABLE = """
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    digest TEXT PRIMARY KEY,          -- SHA-256 of the token, hex; the token itself is never stored
+    name TEXT NOT NULL,
+    dns TEXT NOT NULL,                -- JSON list of extra DNS names
+    created_at REAL NOT NULL,         -- Unix seconds
+    expires_at REAL NOT NULL,
+    used_at REAL,
+    serial TEXT                       -- the certificate it was spent on
+);
+"""
+
 LEAF = "leaf"
 OCSP_SIGNER = "ocsp-signer"
+EST_SERVER = "est-server"  # the EST listener's own certificate: serverAuth only, no service identity
+ISSUED_VIA = ("cli", "token", "renewal")
 
 
 class CAError(S2sgwError):
@@ -88,9 +106,10 @@ class Row:
     revoked_at: datetime.datetime | None
     reason: str | None
     revocation_seq: int | None
+    issued_via: str = "cli"
 
 
-_COLUMNS = "serial, kind, name, sans, not_before, not_after, pem, revoked_at, reason, revocation_seq"
+_COLUMNS = "serial, kind, name, sans, not_before, not_after, pem, revoked_at, reason, revocation_seq, issued_via"
 
 
 def _row(values: Sequence) -> Row:
@@ -105,6 +124,7 @@ def _row(values: Sequence) -> Row:
         revoked_at=_parse(values[7]),
         reason=values[8],
         revocation_seq=values[9],
+        issued_via=values[10],
     )
 
 
@@ -113,13 +133,19 @@ class CAStore:
     """The SQLite file ``ca.db`` of one CA directory."""
 
     path: Path
+    _inserts: GroupCommit = attrs.field(factory=GroupCommit, init=False, eq=False, repr=False)
+    _idle: list[sqlite3.Connection] = attrs.field(factory=list, init=False, eq=False, repr=False)
+
+    def _uri(self) -> str:
+        # "mode=rw" refuses to create a missing database: a missing file is an error.
+        return "file:" + str(self.path.absolute()).replace("?", "%3f").replace("#", "%23") + "?mode=rw"
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         try:
-            # "mode=rw" refuses to create a missing database: a missing file is an error.
-            uri = "file:" + str(self.path.absolute()).replace("?", "%3f").replace("#", "%23") + "?mode=rw"
-            connection = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+            connection = sqlite3.connect(
+                self._uri(), uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
+            )
         except sqlite3.Error as error:
             raise StoreError(f"cannot open CA database {self.path}: {error}") from None
         try:
@@ -145,6 +171,54 @@ class CAStore:
                 raise
             connection.execute("COMMIT")
 
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A write transaction, for tables kept beside the certificates (enrollment tokens)."""
+        return self._write()
+
+    def connection(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A connection for reads outside a transaction."""
+        return self._connect()
+
+    def keep_open(self) -> None:
+        """Hold one idle connection for as long as this store lives (a long-running server).
+
+        SQLite checkpoints and deletes the write-ahead log whenever the last connection to a
+        database closes; with a connection per operation that is every operation, and costs each
+        write two more syncs and a new log. An idle connection (no transaction) blocks nothing.
+        """
+        if self._idle:
+            return
+        connection = sqlite3.connect(self._uri(), uri=True, isolation_level=None, check_same_thread=False)
+        try:
+            connection.execute("SELECT COUNT(*) FROM meta").fetchall()  # opens the file and the log index
+        except sqlite3.Error as error:
+            connection.close()
+            raise StoreError(f"cannot open CA database {self.path}: {error}") from None
+        self._idle.append(connection)
+
+    def migrate(self) -> None:
+        """Bring a store made by an earlier version up to this schema (no-op when current)."""
+        with self._connect() as connection:
+            try:
+                found = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            except sqlite3.OperationalError:
+                return  # not ours: meta() says so
+            if found is None or found[0] != 1:
+                return
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                (version,) = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if version == 1:  # another process may have migrated while this one waited
+                    columns = {row[1] for row in connection.execute("PRAGMA table_info(certificates)")}
+                    if "issued_via" not in columns:
+                        connection.execute(_ISSUED_VIA_COLUMN)
+                    connection.execute(_TOKENS_TABLE)
+                    connection.execute("UPDATE meta SET value = 2 WHERE key = 'schema_version'")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+
     @classmethod
     def create(cls, path: Path, meta: dict[str, object]) -> CAStore:
         """Make a fresh database at ``path`` (which must not exist yet)."""
@@ -152,7 +226,7 @@ class CAStore:
         try:
             # A fresh temporary file renamed into place by the caller: no transaction needed.
             connection.execute("PRAGMA journal_mode = WAL")
-            connection.executescript(_SCHEMA)
+            connection.executescript(_SCHEMA + _TOKENS_TABLE)
             values = {
                 "schema_version": SCHEMA_VERSION,
                 "crl_number": 0,
@@ -176,25 +250,53 @@ class CAStore:
             raise StoreError(f"{self.path} is not an s2sgw CA database of a known version")
         return values
 
-    def insert(self, row: Row) -> None:
-        """Record a newly signed certificate; ``SerialInUse`` if its serial was ever issued."""
-        try:
-            with self._write() as connection:
-                connection.execute(
-                    f"INSERT INTO certificates ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL)",
-                    (
-                        serial_hex(row.serial),
-                        row.kind,
-                        row.name,
-                        json.dumps(list(row.sans)),
-                        _iso(row.not_before),
-                        _iso(row.not_after),
-                        row.pem.decode("ascii"),
-                    ),
-                )
+    def insert(self, row: Row, *, claim: Callable[[sqlite3.Connection, Row], None] | None = None) -> None:
+        """Record a newly signed certificate; ``SerialInUse`` if its serial was ever issued.
+
+        ``claim`` runs first in the same transaction (spending an enrollment token): if it
+        raises, nothing is recorded, so a token buys at most one certificate. Returns once the
+        row is on disk, possibly committed together with other threads' rows.
+        """
+        self._inserts.submit((row, claim), self._insert_batch)
+
+    def _insert_batch(self, items: Sequence[tuple[Row, Callable[..., None] | None]]) -> list[BaseException | None]:
+        """One transaction for ``items``, each in a savepoint: one refused claim or taken serial
+        leaves the others recorded. A database failure fails them all."""
+        outcomes: list[BaseException | None] = []
+        with self._write() as connection:
+            for row, claim in items:
+                connection.execute("SAVEPOINT certificate")
+                try:
+                    if claim is not None:
+                        claim(connection, row)
+                    connection.execute(
+                        f"INSERT INTO certificates ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?)",
+                        (
+                            serial_hex(row.serial),
+                            row.kind,
+                            row.name,
+                            json.dumps(list(row.sans)),
+                            _iso(row.not_before),
+                            _iso(row.not_after),
+                            row.pem.decode("ascii"),
+                            row.issued_via,
+                        ),
+                    )
+                except sqlite3.IntegrityError:
+                    outcomes.append(SerialInUse(row.serial))
+                except sqlite3.Error:
+                    raise  # the database itself failed: no row of this batch is recorded
+                except Exception as refused:  # the claim said no
+                    outcomes.append(refused)
+                else:
+                    outcomes.append(None)
+                    connection.execute("RELEASE certificate")
+                    continue
+                connection.execute("ROLLBACK TO certificate")
+                connection.execute("RELEASE certificate")
+            if any(outcome is None for outcome in outcomes):
                 connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'changes'")
-        except sqlite3.IntegrityError:
-            raise SerialInUse(row.serial) from None
+        return outcomes
 
     def get(self, serial: int, kind: str = LEAF) -> Row | None:
         with self._connect() as connection:
