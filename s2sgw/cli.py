@@ -1,4 +1,4 @@
-"""The ``s2sgw`` admin command: ``ca ...``, ``check-config``, ``explain``, ``demo``.
+"""The ``s2sgw`` admin command: ``ca ...``, ``check-config``, ``explain``, ``demo``, ``enroll``.
 
 Each group lives beside the code it drives and registers itself here, so this module only
 parses arguments and turns :class:`S2sgwError` into a one-line message and a non-zero exit.
@@ -16,12 +16,14 @@ from s2sgw.errors import S2sgwError
 def build_parser() -> argparse.ArgumentParser:
     from s2sgw import commands, demo, explain
     from s2sgw.ca import commands as ca_commands
+    from s2sgw.enroll import command as enroll_command
 
     parser = argparse.ArgumentParser(prog="s2sgw", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ca_commands.register(sub)
     commands.register(sub)
     demo.register(sub)
+    enroll_command.register(sub)
     explain.register(sub)
     return parser
 
