@@ -117,9 +117,15 @@ def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) 
         if stapler is not None:
             stapler.trust_reloaded(generation)
 
-    ReloadService(
+    reloader = ReloadService(
         operations.reloading(reload), reactor, interval=config.reload_interval, on_reloaded=reloaded
-    ).setServiceParent(top)
+    )
+    reloader.setServiceParent(top)
+    if config.enrollment is not None:
+        # Renewed certificates and CA roots go in force through the same coalesced reload as SIGHUP.
+        from s2sgw.enroll.renewal import attach_renewal
+
+        attach_renewal(config, trust_store, reloader.reload_now, operations.monitor, reactor).setServiceParent(top)
     feed = None
     if url is not None:
         feed = FeedSubscriber(

@@ -68,7 +68,7 @@ class FakeEST(resource.Resource):
         self.roots: list[x509.Certificate] = [ca.root, *extra_roots]
         self.seen: list[Seen] = []
         self.issued: list[x509.Certificate] = []
-        self.fail_with: list[int] = []  # statuses to answer the next requests with
+        self.fail_with: list[int] = []  # statuses to answer the next enrollment requests with
         self.stub_client: tuple[x509.Certificate, ...] = ()  # StubTreq: the policy's certificate
         self.stub_policy: str | None = None
 
@@ -81,7 +81,7 @@ class FakeEST(resource.Resource):
         )
         if not request.path.decode().startswith(est.WELL_KNOWN + "/"):
             return self._error(request, 404, b"not found")
-        if self.fail_with:
+        if self.fail_with and request.method == b"POST":
             code = self.fail_with.pop(0)
             if code == 429:
                 request.setHeader(b"retry-after", b"7")
