@@ -160,7 +160,7 @@ def test_list_shows_good_revoked_and_expired(tmp_path: Path) -> None:
     s2sgw("ca", "revoke", "--dir", ca_dir, "gone", "--reason", "superseded")
     old = ca.issue("old", hours=1, now=datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2))
     lines = s2sgw("ca", "list", "--dir", ca_dir).stdout.splitlines()
-    assert lines[0].split() == ["SERIAL", "NAME", "NOT", "AFTER", "STATUS"]
+    assert lines[0].split() == ["SERIAL", "NAME", "NOT", "AFTER", "ISSUED", "STATUS"]
     rows = {line.split()[1]: line for line in lines[1:]}
     assert rows["alive"].endswith("good")
     assert rows["gone"].endswith("revoked (superseded)")

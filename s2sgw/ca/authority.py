@@ -177,6 +177,7 @@ class CertRecord:
     revoked_at: datetime.datetime | None = None
     reason: str | None = None  # an x509.ReasonFlags value, e.g. "keyCompromise"
     revocation_seq: int | None = None  # increases with every revocation, for incremental sync
+    issued_via: str = "cli"  # "cli" (s2sgw ca issue), "token" (EST simpleenroll) or "renewal"
 
     @property
     def serial_hex(self) -> str:
@@ -205,6 +206,7 @@ class CertRecord:
             revoked_at=row.revoked_at,
             reason=row.reason,
             revocation_seq=row.revocation_seq,
+            issued_via=row.issued_via,
         )
 
 
@@ -221,6 +223,7 @@ class IssuedIdentity:
 
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+CertificatePublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 
 
 def _generate_key(key_type: str) -> PrivateKey:
@@ -490,6 +493,7 @@ class CertificateAuthority:
         if not database.is_file():
             raise CAError(f"{directory} is not a CA directory (no {DATABASE}; run `s2sgw ca init`)")
         store = CAStore(database)
+        store.migrate()
         meta = store.meta()
         root_cert = _load_cert(directory / ROOT_CERT, "root certificate")
         intermediate_cert = _load_cert(directory / INTERMEDIATE_CERT, "intermediate certificate")
@@ -530,47 +534,78 @@ class CertificateAuthority:
         now: datetime.datetime | None = None,
     ) -> IssuedIdentity:
         """Sign and record a leaf for service ``name``, valid from ``now`` - 5 min to ``now`` + hours."""
-        validate_service_name(name)
+        sans = self.planned_sans(name, dns=dns, ips=ips)
         hours = validate_hours(hours, "the lifetime")
+        try:
+            lifetime = datetime.timedelta(hours=hours)
+        except OverflowError:
+            raise CAError(f"the lifetime of {hours} hours is too long") from None
+        key = _generate_key(self.key_type)
+        record = self.certify(name, key.public_key(), sans, lifetime=lifetime, now=now)
+        return IssuedIdentity(
+            record=record,
+            chain_pem=record.pem + _cert_pem(self.intermediate_cert),
+            key_pem=_key_pem(key),
+        )
+
+    def planned_sans(self, name: str, *, dns: Sequence[str] = (), ips: Sequence[str] = ()) -> list[x509.GeneralName]:
+        """What a certificate for ``name`` names: its SPIFFE ID, NAME, NAME.TRUSTDOMAIN, ``dns``, ``ips``."""
+        validate_service_name(name)
         dns_names = _unique(
             [name, validate_dns_name(f"{name}.{self.trust_domain}")] + [validate_dns_name(d) for d in dns]
         )
         addresses = _unique([validate_ip(ip) for ip in ips])
-        now = _utc(now)
-        not_before = now - BACKDATE
-        try:
-            not_after = now + datetime.timedelta(hours=hours)
-        except OverflowError:
-            raise CAError(f"the lifetime of {hours} hours is too long") from None
-        if not_after > self.intermediate_cert.not_valid_after_utc:
-            raise CAError(
-                f"a lifetime of {hours:g} hours would outlive the issuing CA "
-                f"(valid until {self.intermediate_cert.not_valid_after_utc:%Y-%m-%d})"
-            )
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(self.spiffe_id(name))]
         sans += [x509.DNSName(d) for d in dns_names]
         sans += [x509.IPAddress(a) for a in addresses]
+        return sans
 
-        key = _generate_key(self.key_type)
+    def certify(
+        self,
+        name: str,
+        public_key: CertificatePublicKey,
+        sans: Sequence[x509.GeneralName],
+        *,
+        lifetime: datetime.timedelta,
+        now: datetime.datetime | None = None,
+        issued_via: str = "cli",
+        claim: Callable[[sqlite3.Connection, Row], None] | None = None,
+    ) -> CertRecord:
+        """Sign and record a leaf for ``public_key`` (made elsewhere: by ``issue`` or by the service).
+
+        Valid from ``now`` minus the backdate (5 minutes, or a tenth of ``lifetime`` when that is
+        less, so a 60-second certificate does not start 5 minutes in the past) to ``now`` +
+        ``lifetime``. ``claim`` runs in the transaction that records the certificate (see
+        ``CAStore.insert``).
+        """
+        validate_service_name(name)
+        if lifetime <= datetime.timedelta(0):
+            raise CAError("the lifetime must be positive")
+        now = _utc(now)
+        not_before = now - min(BACKDATE, lifetime / 10)
+        try:
+            not_after = now + lifetime
+        except OverflowError:
+            raise CAError(f"the lifetime of {lifetime} is too long") from None
+        if not_after > self.intermediate_cert.not_valid_after_utc:
+            raise CAError(
+                f"a lifetime of {lifetime.total_seconds() / 3600:g} hours would outlive the issuing CA "
+                f"(valid until {self.intermediate_cert.not_valid_after_utc:%Y-%m-%d})"
+            )
         for _attempt in range(8):
-            cert = self._sign_leaf(name, key, sans, self.serial_source(), not_before, not_after)
-            row = _row_for(cert, LEAF, name, _san_strings(sans))
+            cert = self._sign_leaf(name, public_key, list(sans), self.serial_source(), not_before, not_after)
+            row = _row_for(cert, LEAF, name, _san_strings(sans), issued_via)
             try:
-                self.store.insert(row)
+                self.store.insert(row, claim=claim)
             except SerialInUse:
                 continue
-            record = CertRecord._from_row(row)
-            return IssuedIdentity(
-                record=record,
-                chain_pem=row.pem + _cert_pem(self.intermediate_cert),
-                key_pem=_key_pem(key),
-            )
+            return CertRecord._from_row(row)
         raise CAError("could not find an unused serial number")
 
     def _sign_leaf(
         self,
         name: str,
-        key: PrivateKey,
+        public_key: CertificatePublicKey,
         sans: list[x509.GeneralName],
         serial: int,
         not_before: datetime.datetime,
@@ -580,7 +615,7 @@ class CertificateAuthority:
             x509.CertificateBuilder()
             .subject_name(_name(name))
             .issuer_name(self.intermediate_cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(serial)
             .not_valid_before(not_before)
             .not_valid_after(not_after)
@@ -591,7 +626,7 @@ class CertificateAuthority:
                 critical=False,
             )
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_ski(self.intermediate_cert)),
                 critical=False,
@@ -715,7 +750,9 @@ def _san_strings(sans: Sequence[x509.GeneralName]) -> tuple[str, ...]:
     return tuple(f"{prefix[type(san)]}:{san.value}" for san in sans)
 
 
-def _row_for(cert: x509.Certificate, kind: str, name: str, sans: tuple[str, ...]) -> Row:
+def _row_for(
+    cert: x509.Certificate, kind: str, name: str, sans: tuple[str, ...], issued_via: str = "cli"
+) -> Row:
     return Row(
         serial=cert.serial_number,
         kind=kind,
@@ -727,4 +764,5 @@ def _row_for(cert: x509.Certificate, kind: str, name: str, sans: tuple[str, ...]
         revoked_at=None,
         reason=None,
         revocation_seq=None,
+        issued_via=issued_via,
     )

@@ -1,4 +1,4 @@
-"""``s2sgw ca ...``: init, issue, revoke, crl, list.
+"""``s2sgw ca ...``: init, issue, token, revoke, crl, list.
 
 Thin wrappers over :class:`~s2sgw.ca.authority.CertificateAuthority`: parse, call, report.
 Every failure is a :class:`~s2sgw.ca.authority.CAError`, which ``s2sgw.cli`` prints as one line.
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``ca`` group and its subcommands to the top-level parser."""
     ca = sub.add_parser(
         "ca",
-        help="run the certificate authority: init, issue, revoke, crl, list",
+        help="run the certificate authority: init, issue, token, revoke, crl, list",
         description="Create a CA, issue service identities, revoke them and publish CRLs.",
     )
     commands = ca.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
@@ -68,6 +68,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     issue.add_argument("--ip", action="append", default=[], metavar="A", help="IP address SAN (repeatable)")
     issue.add_argument("--hours", type=float, default=24.0, metavar="H", help="lifetime (default: %(default)g)")
     issue.set_defaults(run=run_issue)
+
+    token = commands.add_parser(
+        "token",
+        help="print a one-time enrollment token for a service",
+        description="Print a single-use token that lets NAME enroll over EST (simpleenroll) once, "
+        "before it expires. Only the token goes to stdout; the CA keeps only its hash.",
+    )
+    _dir_option(token)
+    token.add_argument("name", metavar="NAME", help="service name: a-z, 0-9 and '-'")
+    token.add_argument("--ttl", default="15m", metavar="DURATION", help="time to live, e.g. 60s, 15m, 24h (default: %(default)s)")
+    token.add_argument("--dns", action="append", default=[], metavar="N", help="extra DNS name (repeatable)")
+    token.set_defaults(run=run_token)
 
     revoke = commands.add_parser(
         "revoke",
@@ -152,6 +164,20 @@ def run_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_token(args: argparse.Namespace) -> int:
+    from s2sgw.ca.tokens import TokenBook
+    from s2sgw.durations import parse_duration
+
+    validate_service_name(args.name)
+    try:
+        ttl = datetime.timedelta(seconds=parse_duration(args.ttl))
+    except ValueError as error:
+        raise CAError(f"--ttl: {error}") from None
+    ca = CertificateAuthority.open(args.dir)
+    _out(TokenBook(ca.store).create(args.name, dns=args.dns, ttl=ttl, now=_now()))
+    return 0
+
+
 def run_revoke(args: argparse.Namespace) -> int:
     if (args.name is None) == (args.serial is None):
         raise CAError("revoke needs exactly one of NAME or --serial HEX")
@@ -183,9 +209,9 @@ def status_text(record: CertRecord, now: datetime.datetime) -> str:
 def run_list(args: argparse.Namespace) -> int:
     ca = CertificateAuthority.open(args.dir)
     now = _now()
-    rows = [("SERIAL", "NAME", "NOT AFTER", "STATUS")]
-    rows += [(r.serial_hex, r.name, _time(r.not_after), status_text(r, now)) for r in ca.records()]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    rows = [("SERIAL", "NAME", "NOT AFTER", "ISSUED", "STATUS")]
+    rows += [(r.serial_hex, r.name, _time(r.not_after), r.issued_via, status_text(r, now)) for r in ca.records()]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
-        _out("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+        _out("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
     return 0

@@ -12,14 +12,14 @@ import contextlib
 import datetime
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import attrs
 
 from s2sgw.errors import S2sgwError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: certificates.issued_via and enrollment_tokens
 BUSY_TIMEOUT_MS = 30_000
 
 _SCHEMA = """
@@ -29,7 +29,7 @@ CREATE TABLE meta (
 );
 CREATE TABLE certificates (
     serial TEXT PRIMARY KEY,          -- lowercase hex, no leading zeros
-    kind TEXT NOT NULL,               -- 'leaf' or 'ocsp-signer'
+    kind TEXT NOT NULL,               -- 'leaf', 'ocsp-signer' or 'est-server'
     name TEXT NOT NULL,
     sans TEXT NOT NULL,               -- JSON list of "URI:...", "DNS:...", "IP:..."
     not_before TEXT NOT NULL,         -- ISO 8601, UTC
@@ -37,13 +37,29 @@ CREATE TABLE certificates (
     pem TEXT NOT NULL,
     revoked_at TEXT,
     reason TEXT,
-    revocation_seq INTEGER UNIQUE
+    revocation_seq INTEGER UNIQUE,
+    issued_via TEXT NOT NULL DEFAULT 'cli'  -- 'cli', 'token' or 'renewal'
 );
 CREATE INDEX certificates_name ON certificates (name);
 """
 
+_ISSUED_VIA_COLUMN = "ALTER TABLE certificates ADD COLUMN issued_via TEXT NOT NULL DEFAULT 'cli'"
+_TOKENS_TABLE = """
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    digest TEXT PRIMARY KEY,          -- SHA-256 of the token, hex; the token itself is never stored
+    name TEXT NOT NULL,
+    dns TEXT NOT NULL,                -- JSON list of extra DNS names
+    created_at REAL NOT NULL,         -- Unix seconds
+    expires_at REAL NOT NULL,
+    used_at REAL,
+    serial TEXT                       -- the certificate it was spent on
+);
+"""
+
 LEAF = "leaf"
 OCSP_SIGNER = "ocsp-signer"
+EST_SERVER = "est-server"  # the EST listener's own certificate: serverAuth only, no service identity
+ISSUED_VIA = ("cli", "token", "renewal")
 
 
 class CAError(S2sgwError):
@@ -88,9 +104,10 @@ class Row:
     revoked_at: datetime.datetime | None
     reason: str | None
     revocation_seq: int | None
+    issued_via: str = "cli"
 
 
-_COLUMNS = "serial, kind, name, sans, not_before, not_after, pem, revoked_at, reason, revocation_seq"
+_COLUMNS = "serial, kind, name, sans, not_before, not_after, pem, revoked_at, reason, revocation_seq, issued_via"
 
 
 def _row(values: Sequence) -> Row:
@@ -105,6 +122,7 @@ def _row(values: Sequence) -> Row:
         revoked_at=_parse(values[7]),
         reason=values[8],
         revocation_seq=values[9],
+        issued_via=values[10],
     )
 
 
@@ -145,6 +163,37 @@ class CAStore:
                 raise
             connection.execute("COMMIT")
 
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A write transaction, for tables kept beside the certificates (enrollment tokens)."""
+        return self._write()
+
+    def connection(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A connection for reads outside a transaction."""
+        return self._connect()
+
+    def migrate(self) -> None:
+        """Bring a store made by an earlier version up to this schema (no-op when current)."""
+        with self._connect() as connection:
+            try:
+                found = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            except sqlite3.OperationalError:
+                return  # not ours: meta() says so
+            if found is None or found[0] != 1:
+                return
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                (version,) = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if version == 1:  # another process may have migrated while this one waited
+                    columns = {row[1] for row in connection.execute("PRAGMA table_info(certificates)")}
+                    if "issued_via" not in columns:
+                        connection.execute(_ISSUED_VIA_COLUMN)
+                    connection.execute(_TOKENS_TABLE)
+                    connection.execute("UPDATE meta SET value = 2 WHERE key = 'schema_version'")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+
     @classmethod
     def create(cls, path: Path, meta: dict[str, object]) -> CAStore:
         """Make a fresh database at ``path`` (which must not exist yet)."""
@@ -152,7 +201,7 @@ class CAStore:
         try:
             # A fresh temporary file renamed into place by the caller: no transaction needed.
             connection.execute("PRAGMA journal_mode = WAL")
-            connection.executescript(_SCHEMA)
+            connection.executescript(_SCHEMA + _TOKENS_TABLE)
             values = {
                 "schema_version": SCHEMA_VERSION,
                 "crl_number": 0,
@@ -176,12 +225,18 @@ class CAStore:
             raise StoreError(f"{self.path} is not an s2sgw CA database of a known version")
         return values
 
-    def insert(self, row: Row) -> None:
-        """Record a newly signed certificate; ``SerialInUse`` if its serial was ever issued."""
+    def insert(self, row: Row, *, claim: Callable[[sqlite3.Connection, Row], None] | None = None) -> None:
+        """Record a newly signed certificate; ``SerialInUse`` if its serial was ever issued.
+
+        ``claim`` runs first in the same transaction (spending an enrollment token): if it
+        raises, nothing is recorded, so a token buys at most one certificate.
+        """
         try:
             with self._write() as connection:
+                if claim is not None:
+                    claim(connection, row)
                 connection.execute(
-                    f"INSERT INTO certificates ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL)",
+                    f"INSERT INTO certificates ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?)",
                     (
                         serial_hex(row.serial),
                         row.kind,
@@ -190,6 +245,7 @@ class CAStore:
                         _iso(row.not_before),
                         _iso(row.not_after),
                         row.pem.decode("ascii"),
+                        row.issued_via,
                     ),
                 )
                 connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'changes'")

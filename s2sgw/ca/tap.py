@@ -22,6 +22,18 @@ from s2sgw.ca.server import (
 )
 
 
+def _duration(what: str):
+    def parse(text: str) -> datetime.timedelta:
+        from s2sgw.durations import parse_duration
+
+        try:
+            return datetime.timedelta(seconds=parse_duration(text))
+        except ValueError as error:
+            raise usage.UsageError(f"{what}: {error}") from None
+
+    return parse
+
+
 def _positive(kind: type, what: str):
     def parse(text: str) -> Any:
         try:
@@ -36,12 +48,16 @@ def _positive(kind: type, what: str):
 
 
 class Options(usage.Options):
-    synopsis = "--dir DIR [--listen ENDPOINT] [--validity SECONDS] [--max-body BYTES]"
+    synopsis = (
+        "--dir DIR [--listen ENDPOINT] [--validity SECONDS] [--max-body BYTES] "
+        "[--est ENDPOINT [--est-name NAME ...] [--est-lifetime 24h] [--est-rate-limit N]]"
+    )
     longdesc = (
         "Serve OCSP answers (POST /ocsp, GET /ocsp/BASE64), the CRL (/crl), the trust bundle "
         "(/bundle.pem), health and readiness checks (/healthz, /readyz) and Prometheus metrics "
         "(/metrics) for the CA in DIR. Revocations made with "
-        "`s2sgw ca revoke` show within a second, without a restart."
+        "`s2sgw ca revoke` show within a second, without a restart. With --est, also serve EST "
+        "(RFC 7030) enrollment and renewal over HTTPS."
     )
     optParameters = [
         ["dir", "d", None, "CA directory made by `s2sgw ca init`.", str],
@@ -56,15 +72,52 @@ class Options(usage.Options):
          _positive(float, "--timeout")],
         ["poll-interval", None, 0.25, "Seconds between checks of the CA store for changes.",
          _positive(float, "--poll-interval")],
+        ["est", None, None, "Endpoint of the EST (HTTPS) listener, e.g. tcp:8443:interface=127.0.0.1.", str],
+        ["est-lifetime", None, "24h", "Lifetime of certificates issued over EST (60s, 15m, 24h, 7d).",
+         _duration("--est-lifetime")],
+        ["est-server-lifetime", None, "24h", "Lifetime of the EST listener's own certificate.",
+         _duration("--est-server-lifetime")],
+        ["est-rate-limit", None, 10, "Certificates per identity per minute over EST (0: no limit).",
+         int],
     ]
 
     ca: Any = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["est-name"] = []
+
+    def opt_est_name(self, name: str) -> None:
+        """Name in the EST listener's certificate (repeatable; an IP address or a DNS name).
+        Default: localhost and 127.0.0.1."""
+        from s2sgw.ca.authority import CAError
+        from s2sgw.ca.est_tls import san_for
+
+        try:
+            san_for(name)
+        except CAError as error:
+            raise usage.UsageError(f"--est-name: {error}") from None
+        self["est-name"].append(name)
 
     def postOptions(self) -> None:
         if not self["dir"]:
             raise usage.UsageError("--dir is required")
         if self["validity"] < 10:
             raise usage.UsageError("--validity must be at least 10 seconds")
+        for flag in ("est-lifetime", "est-server-lifetime"):
+            if isinstance(self[flag], str):  # the default, not parsed by usage
+                self[flag] = _duration(f"--{flag}")(self[flag])
+            if self[flag] < datetime.timedelta(seconds=10):
+                raise usage.UsageError(f"--{flag} must be at least 10 seconds")
+        if self["est-rate-limit"] < 0:
+            raise usage.UsageError("--est-rate-limit must be 0 (no limit) or more")
+        if self["est"]:
+            from twisted.internet import endpoints
+
+            try:
+                endpoints.serverFromString(None, self["est"])  # parses only; binds in makeService
+            except (ValueError, KeyError, TypeError) as error:
+                raise usage.UsageError(f"--est {self['est']!r} is not an endpoint: {error}") from None
         from s2sgw.ca.authority import CAError, CertificateAuthority
 
         try:
@@ -96,4 +149,19 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     add_endpoints(root, publisher)  # /readyz and /metrics
     site = StatusSite(root, max_body=options["max-body"], timeout=options["timeout"], reactor=reactor)
     strports.service(options["listen"], site, reactor=reactor).setServiceParent(top)
+    if options["est"]:
+        from s2sgw.ca.est_tls import DEFAULT_NAMES, est_service
+
+        est_service(
+            ca,
+            endpoint=options["est"],
+            names=options["est-name"] or DEFAULT_NAMES,
+            lifetime=options["est-lifetime"],
+            server_lifetime=options["est-server-lifetime"],
+            rate_limit=options["est-rate-limit"],
+            max_body=options["max-body"],
+            timeout=options["timeout"],
+            in_thread=publisher.in_thread,
+            reactor=reactor,
+        ).setServiceParent(top)
     return top

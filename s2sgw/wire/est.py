@@ -46,9 +46,13 @@ def _unbase64(body: bytes) -> bytes:
 
 
 def encode_certs_only(certificates: list[x509.Certificate]) -> bytes:
-    """Base64 of a degenerate (certs-only) PKCS#7 holding ``certificates``, lines of 64."""
+    """Base64 of a degenerate (certs-only) PKCS#7 holding ``certificates``, lines of 76.
+
+    Lines end in LF alone: base64 readers skip line breaks either way, but ``base64 -d``
+    (coreutils) refuses the CR of CRLF.
+    """
     der = pkcs7.serialize_certificates(certificates, serialization.Encoding.DER)
-    return base64.encodebytes(der).replace(b"\n", b"\r\n")
+    return base64.encodebytes(der)
 
 
 def decode_certs_only(body: bytes) -> list[x509.Certificate]:
