@@ -108,14 +108,23 @@ def certs_pem(certificates: Sequence[x509.Certificate]) -> bytes:
 # -- reading answers -------------------------------------------------------------------------------
 
 
+def display_fingerprint(fingerprint: str) -> str:
+    """``AB:CD:...``: a fingerprint the way ``openssl x509 -noout -fingerprint -sha256`` prints it."""
+    return ":".join(fingerprint[i : i + 2] for i in range(0, len(fingerprint), 2)).upper()
+
+
 def pinned_root(certificates: Sequence[x509.Certificate], fingerprint: str) -> x509.Certificate:
     """The root of a ``/cacerts`` answer whose SHA-256 fingerprint is ``fingerprint``; ESTError if none."""
     roots = est.roots_in(list(certificates))
     for root in roots:
         if est.fingerprint(root) == fingerprint:
             return root
-    offered = ", ".join(est.fingerprint(root) for root in roots) or "no root at all"
-    raise ESTError(f"no root in the CA's /cacerts answer has the pinned fingerprint {fingerprint} (offered: {offered})", INVALID)
+    offered = ", ".join(display_fingerprint(est.fingerprint(root)) for root in roots) or "no root at all"
+    raise ESTError(
+        f"no root in the CA's /cacerts answer has the pinned fingerprint {display_fingerprint(fingerprint)} "
+        f"(offered: {offered})",
+        INVALID,
+    )
 
 
 def issued_chain(
