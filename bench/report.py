@@ -90,6 +90,28 @@ def summarize(figures: dict) -> list[Row]:
         f = figures["idle"]
         rows.append(_row("4. idle conns: pair RSS, KiB per conn", f, "kib_per_connection", 1, "<= 1.0x stunnel", lambda r: r <= 1.0))
         rows.append(_row("   idle connections held", f, "connections", 0))
+    if "est" in figures:
+        rows.extend(summarize_est(figures["est"]))
+    return rows
+
+
+def summarize_est(est: dict) -> list[Row]:
+    """Certificates per second through simplereenroll and simpleenroll, the CA's CPU per certificate."""
+    rows: list[Row] = []
+    for place, figures in est.get("figures", {}).items():
+        for scenario, label in (("renewal", "simplereenroll"), ("token", "simpleenroll")):
+            runs = figures.get(scenario, ())
+            per_s, cpu = median(runs, "per_s"), median(runs, "cpu_us_per_certificate")
+            one_core = 1e6 / cpu if cpu else None
+            rows.append(
+                Row(
+                    f"6. EST certs/s, {label}, keep-alive, CA on {place}",
+                    {"s2sgw": per_s}, 0, None, None,
+                    f">= 300/s on one core (its CPU allows {one_core:.0f}/s per core)" if one_core else ">= 300/s on one core",
+                    (per_s >= 300 and one_core >= 300) if per_s and one_core else None,
+                )
+            )  # fmt: skip
+            rows.append(Row(f"   CA CPU, us per certificate ({label}, {place})", {"s2sgw": cpu}, 0))
     return rows
 
 

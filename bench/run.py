@@ -6,7 +6,8 @@ Figures: throughput (iperf3, one stream through the pair), handshakes (new mTLS 
 second against the inbound listener alone, TLS 1.3 and 1.2; s2sgw also with the status check on,
 warm and cold cache), requests (wrk, 10 keep-alive connections, ~100-byte answers), idle (RSS per
 connection with 10,000 idle connections through the pair; fresh proxy processes per run) and
-ocsp (bench/ocsp_bench.py: s2sgw-ca against ``openssl ocsp``). Each figure is measured ``--runs``
+ocsp (bench/ocsp_bench.py: s2sgw-ca against ``openssl ocsp``) and est (bench/est_bench.py:
+certificates issued per second over EST, on disk and on tmpfs). Each figure is measured ``--runs``
 times, the pairs alternating in a rotating order, and the median is reported with the ratios
 s2sgw/stunnel and s2sgw/direct of the same run. Results: bench/results/RUN.json and RUN.rst,
 and latest.json / latest.rst beside them.
@@ -31,7 +32,8 @@ from bench import load, report
 from bench.procs import BenchError, Fleet, raise_nofile
 from bench.proxies import PAIRS, Lab, Pair
 
-FIGURES = ("throughput", "handshakes", "requests", "idle", "ocsp")
+FIGURES = ("throughput", "handshakes", "requests", "idle", "ocsp", "est")
+ALONE = ("ocsp", "est")  # figures with processes of their own, measured after the pairs stop
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -183,6 +185,21 @@ class Bench:
             say(f"  {line}")
         self.figures["ocsp"] = json.loads(lines[-1])
 
+    def est(self) -> None:
+        from bench import est_bench
+
+        seconds = 1.0 if self.args.quick else 3.0
+        rounds = 1 if self.args.quick else 3
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
+            code = est_bench.main(["--seconds", str(seconds), "--rounds", str(rounds), "--json"])
+        lines = captured.getvalue().splitlines()
+        if code != 0 or not lines:
+            raise BenchError(f"est_bench exited with {code}")
+        for line in lines[:-1]:
+            say(f"  {line}")
+        self.figures["est"] = json.loads(lines[-1])
+
 
 def _brief(figures: dict) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items() if k not in ("latencies",))
@@ -205,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         with _terminate_as_exit():
-            pair_figures = [f for f in args.figures if f != "ocsp"]
+            pair_figures = [f for f in args.figures if f not in ALONE]
             if pair_figures:
                 lab = Lab.create(fleet, work)
                 bench = Bench(args, lab)
@@ -225,10 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     say(f"holding the pairs for {args.hold:g} s: {_describe_ports(lab)}")
                     time.sleep(args.hold)
             fleet.stop_all()
-            if "ocsp" in args.figures:
-                bench = bench or Bench(args, None)  # type: ignore[arg-type]
-                say("ocsp:")
-                bench.ocsp()
+            for figure in ALONE:
+                if figure in args.figures:
+                    bench = bench or Bench(args, None)  # type: ignore[arg-type]
+                    say(f"{figure}:")
+                    getattr(bench, figure)()
     except BenchError as error:
         say(f"bench failed: {error}")
         return 1

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import collections
 import datetime
+import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from s2sgw.ca.authority import CertificateAuthority, CertRecord
+from s2sgw.ca.store import Row
 from s2sgw.ca.tokens import TokenBook, TokenRefused
 from s2sgw.wire import est as wire
 
@@ -114,10 +115,10 @@ class RateLimiter:
             del self._slots[identity]
 
 
-def _spki(key: object) -> bytes:
-    return key.public_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+def openssl_serial(serial: int) -> str:
+    """The serial as ``openssl x509 -serial`` prints it: upper-case hex, whole octets."""
+    text = f"{serial:X}"
+    return "0" + text if len(text) % 2 else text
 
 
 def check_csr(body: bytes, name: str, sans: Sequence[x509.GeneralName]) -> x509.CertificateSigningRequest:
@@ -184,11 +185,14 @@ class Enroller:
         if peer is None:
             raise Refusal(FORBIDDEN, "no client certificate")
         presented = peer.certificate
-        serial = f"{presented.serial_number:x}"
-        if not peer.chain_ok:
-            raise Refusal(FORBIDDEN, f"client certificate {serial} does not chain to this CA: {peer.chain_error}")
+        serial = openssl_serial(presented.serial_number)
+        # Only the exact certificate this CA recorded counts (never a look-alike with our serial);
+        # that, with the key proven in the handshake, is the authorization. OpenSSL's chain check
+        # must agree as well (it fails once the issuing CA expires or leaves the bundle).
         record = self.ca.lookup(presented.serial_number)
         if record is None or record.certificate() != presented:
+            if not peer.chain_ok:
+                raise Refusal(FORBIDDEN, f"client certificate {serial} does not chain to this CA: {peer.chain_error}")
             raise Refusal(FORBIDDEN, f"client certificate {serial} was not issued by this CA")
         identity = record.name
         if record.revoked_at is not None:
@@ -199,6 +203,10 @@ class Enroller:
             )
         if now < record.not_before:
             raise Refusal(FORBIDDEN, f"client certificate {serial} is not valid yet", identity=identity)
+        if not peer.chain_ok:
+            raise Refusal(
+                FORBIDDEN, f"client certificate {serial} does not chain to this CA: {peer.chain_error}", identity=identity
+            )
         try:
             sans = list(presented.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
         except x509.ExtensionNotFound:
@@ -206,7 +214,15 @@ class Enroller:
         csr = check_csr(body, identity, sans)
         return self._issue(identity, csr, sans, now, "renewal", None)
 
-    def _issue(self, name, csr, sans, now, via, claim) -> Issued:
+    def _issue(
+        self,
+        name: str,
+        csr: x509.CertificateSigningRequest,
+        sans: Sequence[x509.GeneralName],
+        now: datetime.datetime,
+        via: str,
+        claim: Callable[[sqlite3.Connection, Row], None] | None,
+    ) -> Issued:
         seconds = now.timestamp()
         wait = self.limiter.take(name, seconds)
         if wait is not None:

@@ -23,10 +23,10 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, resource, server
+from twisted.web import http, pages, resource, server
 
 from s2sgw.ca.authority import CAError, validate_service_name
-from s2sgw.ca.enroll import UNAUTHORIZED, Enroller, Issued, PeerCertificate, Refusal
+from s2sgw.ca.enroll import UNAUTHORIZED, Enroller, Issued, PeerCertificate, Refusal, openssl_serial
 from s2sgw.ca.server import DEFAULT_MAX_BODY, DEFAULT_TIMEOUT, InThread, LimitedRequest, StatusSite
 from s2sgw.wire import est as wire
 
@@ -39,12 +39,6 @@ REFUSED_FORMAT = "EST refused {operation} identity={identity} client={client} st
 PeerLookup = Callable[[server.Request], PeerCertificate | None]
 
 _log = Logger(namespace=NAMESPACE)
-
-
-def openssl_serial(serial: int) -> str:
-    """The serial as ``openssl x509 -serial`` prints it: upper-case hex, whole octets."""
-    text = f"{serial:X}"
-    return "0" + text if len(text) % 2 else text
 
 
 def _printable(text: str, limit: int = 300) -> str:
@@ -131,6 +125,10 @@ class CACertsResource(resource.Resource):
         d.addErrback(_internal_error, request, finished, "cacerts")
         return server.NOT_DONE_YET
 
+    def render_POST(self, request: server.Request) -> bytes:
+        request.setHeader(b"Allow", b"GET, HEAD")
+        return _refuse(request, wire.CACERTS, Refusal(http.NOT_ALLOWED, "cacerts is read with GET"))
+
 
 class EnrollResource(resource.Resource):
     """``POST`` simpleenroll (token in HTTP Basic) or simplereenroll (TLS client certificate)."""
@@ -151,6 +149,10 @@ class EnrollResource(resource.Resource):
         self._in_thread = in_thread
         self._clock = clock
         self._peer = peer
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"Allow", b"POST")
+        return _refuse(request, self._operation, Refusal(http.NOT_ALLOWED, f"{self._operation} takes a POST"))
 
     def render_POST(self, request: server.Request) -> bytes | int:
         content_type = (request.getHeader(b"Content-Type") or b"").split(b";")[0].strip().lower()
@@ -231,17 +233,27 @@ def _internal_error(failure: Failure, request: server.Request, finished: list[bo
         request.finish()
 
 
+class _Directory(resource.Resource):
+    """A path level: its children, and a plain 404 for anything else (serverkeygen, csrattrs, ...)."""
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.IResource:
+        return pages.notFound()
+
+    def render(self, request: server.Request) -> bytes:
+        return pages.notFound().render(request)
+
+
 def build_est_root(
     enroller: Enroller, in_thread: InThread, clock: IReactorTime, peer: PeerLookup
 ) -> resource.Resource:
     """``/.well-known/est/...`` and nothing else."""
-    est = resource.Resource()
+    est = _Directory()
     est.putChild(wire.CACERTS.encode("ascii"), CACertsResource(enroller, in_thread))
     for operation in (wire.SIMPLEENROLL, wire.SIMPLEREENROLL):
         est.putChild(operation.encode("ascii"), EnrollResource(operation, enroller, in_thread, clock, peer))
-    well_known = resource.Resource()
+    well_known = _Directory()
     well_known.putChild(b"est", est)
-    root = resource.Resource()
+    root = _Directory()
     root.putChild(b".well-known", well_known)
     return root
 

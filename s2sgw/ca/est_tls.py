@@ -21,10 +21,10 @@ from typing import Any
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime, IStreamServerEndpoint
@@ -143,8 +143,6 @@ def server_context(
     context.check_privatekey()
     store = context.get_cert_store()  # empty: no system roots
     assert store is not None
-    from OpenSSL import crypto
-
     for certificate in trusted:
         store.add_cert(crypto.X509.from_cryptography(certificate))
         if certificate.issuer == certificate.subject:
@@ -205,8 +203,9 @@ class EstListener(Service):
 
     material: Material | None = None
     port: Any = None
-    _call: Any = None
-    _retry: float = RETRY_FIRST
+    _calls: dict[str, Any] = attrs.field(factory=dict)  # "renew" and "listen": pending delayed calls
+    _retry: dict[str, float] = attrs.field(factory=dict)
+    _binding: bool = False
     _stopped: bool = False
 
     _log = _log
@@ -219,60 +218,80 @@ class EstListener(Service):
     def stopService(self) -> Any:
         Service.stopService(self)
         self._stopped = True
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        for call in self._calls.values():
+            if call.active():
+                call.cancel()
+        self._calls.clear()
         port, self.port = self.port, None
         return port.stopListening() if port is not None else None
 
     def _now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
 
-    def _renew(self) -> None:
-        self._call = None
-        d = self.in_thread(build_material, self.ca, self.names, self.lifetime, self._now())
-        d.addCallbacks(self._renewed, self._failed)
-        d.addErrback(lambda failure: self._log.failure("EST listener start failed", failure))
+    def _later(self, what: str, delay: float, f: Any) -> None:
+        self._calls[what] = self.clock.callLater(delay, f)
 
-    def _renewed(self, material: Material) -> Any:
+    def _backoff(self, what: str) -> float:
+        """5 s, then twice as long each time, at most 5 minutes; reset by a success."""
+        delay = self._retry.get(what, RETRY_FIRST)
+        self._retry[what] = min(RETRY_MAX, delay * 2)
+        return delay
+
+    def _renew(self) -> None:
+        self._calls.pop("renew", None)
+        d = self.in_thread(build_material, self.ca, self.names, self.lifetime, self._now())
+        d.addCallbacks(self._renewed, self._renew_failed)
+        d.addErrback(lambda failure: self._log.failure("EST listener renewal step failed", failure))
+
+    def _renewed(self, material: Material) -> None:
         if self._stopped:
-            return None
+            return
         self.material = material
-        self._retry = RETRY_FIRST
+        self._retry.pop("renew", None)
         certificate = material.certificate
         start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
         renew_at = start + (end - start) * RENEW_AT
         delay = max(1.0, (renew_at - self._now()).total_seconds())
-        self._call = self.clock.callLater(delay, self._renew)
+        self._later("renew", delay, self._renew)
         self._log.info(
             "EST server certificate serial {serial} valid until {not_after}, renewed in {delay:.0f}s",
             serial=f"{certificate.serial_number:X}",
             not_after=end.strftime("%Y-%m-%dT%H:%M:%SZ"),
             delay=delay,
         )
-        if self.port is None:
-            return self._listen()
-        return None
+        if self.port is None and not self._binding:
+            self._listen()
 
-    def _listen(self) -> Any:
-        factory = TLSMemoryBIOFactory(_CurrentContext(self), False, self.site)
-        d = self.endpoint.listen(factory)
-
-        def listening(port: Any) -> None:
-            if self._stopped:
-                port.stopListening()
-                return
-            self.port = port
-            self._log.info("EST listening on port {port}", port=port.getHost().port)
-
-        return d.addCallback(listening)
-
-    def _failed(self, failure: Failure) -> None:
+    def _renew_failed(self, failure: Failure) -> None:
         if self._stopped:
             return
-        self._log.failure("EST server certificate not issued; retrying in {retry:g}s", failure, retry=self._retry)
-        self._call = self.clock.callLater(self._retry, self._renew)
-        self._retry = min(RETRY_MAX, self._retry * 2)
+        retry = self._backoff("renew")
+        self._log.failure("EST server certificate not issued; retrying in {retry:g}s", failure, retry=retry)
+        self._later("renew", retry, self._renew)
+
+    def _listen(self) -> None:
+        """Open the port (once there is a certificate); a failure to bind is retried, not fatal."""
+        self._calls.pop("listen", None)
+        self._binding = True
+        d = self.endpoint.listen(TLSMemoryBIOFactory(_CurrentContext(self), False, self.site))
+        d.addCallbacks(self._listening, self._listen_failed)
+
+    def _listening(self, port: Any) -> None:
+        self._binding = False
+        if self._stopped:
+            port.stopListening()
+            return
+        self.port = port
+        self._retry.pop("listen", None)
+        self._log.info("EST listening on port {port}", port=port.getHost().port)
+
+    def _listen_failed(self, failure: Failure) -> None:
+        self._binding = False
+        if self._stopped:
+            return
+        retry = self._backoff("listen")
+        self._log.failure("EST listener cannot listen; retrying in {retry:g}s", failure, retry=retry)
+        self._later("listen", retry, self._listen)
 
 
 def est_service(

@@ -3,7 +3,8 @@
 Every operation opens its own connection, so the store is safe to call from several
 threads (the status server) and several processes (two ``s2sgw ca issue`` at once).
 Writes take the database lock up front (``BEGIN IMMEDIATE``) and commit with
-``synchronous=FULL``, so a call returns only after its change is on disk.
+``synchronous=FULL``, so a call returns only after its change is on disk. Certificates
+inserted by several threads at once share a transaction (``groupcommit``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import attrs
 
+from s2sgw.ca.groupcommit import GroupCommit
 from s2sgw.errors import S2sgwError
 
 SCHEMA_VERSION = 2  # 2: certificates.issued_via and enrollment_tokens
@@ -131,6 +133,7 @@ class CAStore:
     """The SQLite file ``ca.db`` of one CA directory."""
 
     path: Path
+    _inserts: GroupCommit = attrs.field(factory=GroupCommit, init=False, eq=False, repr=False)
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -229,28 +232,49 @@ class CAStore:
         """Record a newly signed certificate; ``SerialInUse`` if its serial was ever issued.
 
         ``claim`` runs first in the same transaction (spending an enrollment token): if it
-        raises, nothing is recorded, so a token buys at most one certificate.
+        raises, nothing is recorded, so a token buys at most one certificate. Returns once the
+        row is on disk, possibly committed together with other threads' rows.
         """
-        try:
-            with self._write() as connection:
-                if claim is not None:
-                    claim(connection, row)
-                connection.execute(
-                    f"INSERT INTO certificates ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?)",
-                    (
-                        serial_hex(row.serial),
-                        row.kind,
-                        row.name,
-                        json.dumps(list(row.sans)),
-                        _iso(row.not_before),
-                        _iso(row.not_after),
-                        row.pem.decode("ascii"),
-                        row.issued_via,
-                    ),
-                )
+        self._inserts.submit((row, claim), self._insert_batch)
+
+    def _insert_batch(self, items: Sequence[tuple[Row, Callable[..., None] | None]]) -> list[BaseException | None]:
+        """One transaction for ``items``, each in a savepoint: one refused claim or taken serial
+        leaves the others recorded. A database failure fails them all."""
+        outcomes: list[BaseException | None] = []
+        with self._write() as connection:
+            for row, claim in items:
+                connection.execute("SAVEPOINT certificate")
+                try:
+                    if claim is not None:
+                        claim(connection, row)
+                    connection.execute(
+                        f"INSERT INTO certificates ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?)",
+                        (
+                            serial_hex(row.serial),
+                            row.kind,
+                            row.name,
+                            json.dumps(list(row.sans)),
+                            _iso(row.not_before),
+                            _iso(row.not_after),
+                            row.pem.decode("ascii"),
+                            row.issued_via,
+                        ),
+                    )
+                except sqlite3.IntegrityError:
+                    outcomes.append(SerialInUse(row.serial))
+                except sqlite3.Error:
+                    raise  # the database itself failed: no row of this batch is recorded
+                except Exception as refused:  # the claim said no
+                    outcomes.append(refused)
+                else:
+                    outcomes.append(None)
+                    connection.execute("RELEASE certificate")
+                    continue
+                connection.execute("ROLLBACK TO certificate")
+                connection.execute("RELEASE certificate")
+            if any(outcome is None for outcome in outcomes):
                 connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'changes'")
-        except sqlite3.IntegrityError:
-            raise SerialInUse(row.serial) from None
+        return outcomes
 
     def get(self, serial: int, kind: str = LEAF) -> Row | None:
         with self._connect() as connection:

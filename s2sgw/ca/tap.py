@@ -104,11 +104,11 @@ class Options(usage.Options):
             raise usage.UsageError("--dir is required")
         if self["validity"] < 10:
             raise usage.UsageError("--validity must be at least 10 seconds")
-        for flag in ("est-lifetime", "est-server-lifetime"):
+        for flag, least in (("est-lifetime", 10), ("est-server-lifetime", 2)):
             if isinstance(self[flag], str):  # the default, not parsed by usage
                 self[flag] = _duration(f"--{flag}")(self[flag])
-            if self[flag] < datetime.timedelta(seconds=10):
-                raise usage.UsageError(f"--{flag} must be at least 10 seconds")
+            if self[flag] < datetime.timedelta(seconds=least):
+                raise usage.UsageError(f"--{flag} must be at least {least} seconds")
         if self["est-rate-limit"] < 0:
             raise usage.UsageError("--est-rate-limit must be 0 (no limit) or more")
         if self["est"]:
