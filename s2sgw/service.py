@@ -111,11 +111,15 @@ def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) 
         operations.monitor.sections["stapling"] = stapler.status
         stapler.setServiceParent(top)
 
+    renewal = None
+
     def reloaded(generation: int) -> None:
         operations.reloaded(generation)
         enforcer.trust_reloaded(generation)
         if stapler is not None:
             stapler.trust_reloaded(generation)
+        if renewal is not None:
+            renewal.trust_reloaded(generation)
 
     reloader = ReloadService(
         operations.reloading(reload), reactor, interval=config.reload_interval, on_reloaded=reloaded
@@ -125,7 +129,8 @@ def build_gateway(config: GatewayConfig, trust_store: TrustStore, reactor: Any) 
         # Renewed certificates and CA roots go in force through the same coalesced reload as SIGHUP.
         from s2sgw.enroll.renewal import attach_renewal
 
-        attach_renewal(config, trust_store, reloader.reload_now, operations.monitor, reactor).setServiceParent(top)
+        renewal = attach_renewal(config, trust_store, reloader.reload_now, operations.monitor, reactor)
+        renewal.setServiceParent(top)
     feed = None
     if url is not None:
         feed = FeedSubscriber(

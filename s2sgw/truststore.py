@@ -36,6 +36,7 @@ from s2sgw.config import (
 )
 from s2sgw.interfaces import ITrustStore
 from s2sgw.stapling import StapleCache, stapling_enabled
+from s2sgw.wire import est
 
 UTC = datetime.UTC
 
@@ -137,6 +138,11 @@ def _load_material(
             raise ConfigError(
                 f"{config.trust}: {root.subject.rfc4514_string()} is not a CA certificate (basicConstraints)"
             )
+    if config.enrollment is not None and config.enrollment.fingerprint not in {est.fingerprint(r) for r in roots}:
+        raise ConfigError(
+            f"{config.path}: enrollment.fingerprint: no root in {config.trust} has this fingerprint; "
+            "renewal would trust nothing"
+        )
     by_name = {service.name: service for service in config.services}
     names = list(wanted) if wanted is not None else list(by_name)
     services: dict[str, ServiceMaterial] = {}

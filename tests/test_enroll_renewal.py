@@ -429,3 +429,36 @@ def test_the_monitor_reports_renewal_in_status_and_readiness(gateway: Gateway) -
         gateway.run_until(attached.state("orders").next_at)
     readiness = monitor.readiness()
     assert not readiness.ready and any("renewal keeps failing" in r for r in readiness.reasons)
+
+
+def test_a_gateway_whose_bundle_lacks_the_pinned_root_does_not_start(tmp_path: Path) -> None:
+    from s2sgw.config import ConfigError
+
+    gw = make_gateway(tmp_path)
+    gw.stop()
+    config = tmp_path / "gateway.toml"
+    config.write_text(config.read_text().replace(est.fingerprint(gw.ca.root), "ab" * 32))
+    with pytest.raises(ConfigError, match=r"enrollment\.fingerprint: no root in .*bundle\.pem has this fingerprint"):
+        TrustStore.load(load_config(config), gw.reactor, threadpool=InlinePool())
+
+
+def test_a_certificate_replaced_from_outside_gets_a_fresh_schedule(gateway: Gateway) -> None:
+    """After an outage: a new token, `s2sgw enroll`, SIGHUP. Renewal starts over from that certificate."""
+    gateway.fake.fail_with = [403] * 3
+    for _ in range(3):
+        gateway.run_until(gateway.state.next_at)
+    assert gateway.state.failures == 3
+    key = new_key()
+    leaf = gateway.fake.issue("orders", key.public_key())
+    (gateway.directory / "orders.pem").write_bytes(est_pem(leaf, gateway.ca.intermediate))
+    (gateway.directory / "orders.key").write_bytes(key_pem(key))
+    generation: list[int] = []
+    gateway.reloader.on_reloaded = gateway.renewal.trust_reloaded
+    gateway.reloader.reload_now().addCallback(generation.append)
+    assert generation and gateway.leaf() == leaf
+    assert gateway.state.failures == 0
+    start, end = seconds(leaf.not_valid_before_utc), seconds(leaf.not_valid_after_utc)
+    assert gateway.state.next_at == pytest.approx(start + (2 / 3) * (end - start), abs=0.01)
+    # Our own renewals do not count as replacements from outside.
+    gateway.run_until(gateway.state.next_at)
+    assert gateway.state.last_result == "ok" and gateway.metric("s2sgw_certificate_renewals_total", result="ok") == 1

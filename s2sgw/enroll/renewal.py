@@ -139,8 +139,9 @@ class RenewalService(Service):
         """Arm the next renewal of ``name``: at its renewal time, or in ``delay`` seconds."""
         state = self._states[name]
         now = self.reactor.seconds()
+        leaf = self.trust_store.leaf(name)
+        state.serial = leaf.serial_number
         if delay is None:
-            leaf = self.trust_store.leaf(name)
             at = renewal_time(
                 _seconds(leaf.not_valid_before_utc),
                 _seconds(leaf.not_valid_after_utc),
@@ -154,6 +155,23 @@ class RenewalService(Service):
         state.next_at = now + delay
         state.timer = self.reactor.callLater(delay, self.renew, name)
         return state.next_at
+
+    def trust_reloaded(self, generation: int) -> None:
+        """After any reload: a certificate replaced from outside (``s2sgw enroll`` and SIGHUP, say,
+        after an outage) gets a fresh schedule and a clean failure count."""
+        for name, state in self._states.items():
+            if self._stopping or state.running is not None:
+                continue  # a renewal of ours is putting its own certificate in force
+            leaf = self.trust_store.leaf(name)
+            if state.serial is not None and leaf.serial_number != state.serial:
+                self._log.info(
+                    "certificate of service {service} replaced by a reload (serial {serial}); renewal rescheduled",
+                    service=name,
+                    serial=pki.serial_hex(leaf),
+                )
+                state.failures, state.warned, state.issued_at = 0, False, None
+                self.schedule(name)
+                self._changed()
 
     def _enrollment(self) -> Any:
         enrollment = self.trust_store.config.enrollment

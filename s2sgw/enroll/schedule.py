@@ -48,6 +48,7 @@ class ServiceRenewal:
     last_error: str | None = None
     failures: int = 0  # in a row
     issued_at: float | None = None  # when this process received the current certificate
+    serial: int | None = None  # of the certificate the timer was armed for
     counts: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(RESULTS, 0))
     warned: bool = False
     timer: IDelayedCall | None = None
