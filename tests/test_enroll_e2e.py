@@ -154,10 +154,13 @@ class KeepAliveBackend(http.server.ThreadingHTTPServer):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(ANSWER)))
-                self.end_headers()
-                self.wfile.write(ANSWER)
+                # One write: head and body in separate segments would meet Nagle and delayed ACKs.
+                close = self.headers.get("Connection", "").lower() == "close"
+                self.close_connection = close
+                self.wfile.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s"
+                    % (len(ANSWER), b"Connection: close\r\n" if close else b"", ANSWER)
+                )
 
             def log_message(self, *args: object) -> None:
                 pass
