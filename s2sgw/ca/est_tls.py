@@ -48,8 +48,6 @@ RETRY_FIRST, RETRY_MAX = 5.0, 300.0
 CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:@SECLEVEL=2"
 CHAIN_STATE = "s2sgw_est_chain"  # attribute on the TLS protocol: what verification found
 
-_log = Logger(namespace="s2sgw.ca.est")
-
 
 def san_for(name: str) -> x509.GeneralName:
     """An IP address becomes an IP SAN, anything else a DNS SAN (validated either way)."""
@@ -208,11 +206,15 @@ class EstListener(Service):
     _binding: bool = False
     _stopped: bool = False
 
-    _log = _log
+    _log = Logger()
 
     def startService(self) -> None:
         Service.startService(self)
         self._stopped = False
+        # Issuing writes to the store all day: keep it open (see CAStore.keep_open).
+        self.in_thread(self.ca.store.keep_open).addErrback(
+            lambda failure: self._log.failure("keeping the CA store open failed", failure)
+        )
         self._renew()
 
     def stopService(self) -> Any:

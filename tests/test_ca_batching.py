@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from s2sgw.ca.authority import CertificateAuthority
-from s2sgw.ca.groupcommit import GroupCommit
+from s2sgw.ca.batching import GroupCommit
 from s2sgw.ca.store import SerialInUse
 
 NOW = datetime.datetime(2026, 3, 1, 12, 0, 0, tzinfo=datetime.timezone.utc)
