@@ -1,4 +1,4 @@
-"""The ``s2sgw`` admin command: ``ca ...``, ``check-config``, ``explain``, ``demo``.
+"""The ``s2sgw`` admin command: ``ca ...``, ``check-config``, ``explain``, ``demo``, ``enroll``.
 
 Each group lives beside the code it drives and registers itself here, so this module only
 parses arguments and turns :class:`S2sgwError` into a one-line message and a non-zero exit.
@@ -18,12 +18,14 @@ def build_parser() -> argparse.ArgumentParser:
     from s2sgw.ops import commands
     from s2sgw.ops import explain
     from s2sgw.ca import commands as ca_commands
+    from s2sgw.enroll import command as enroll_command
 
     parser = argparse.ArgumentParser(prog="s2sgw", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ca_commands.register(sub)
     commands.register(sub)
     demo.register(sub)
+    enroll_command.register(sub)
     explain.register(sub)
     return parser
 

@@ -24,6 +24,9 @@ IdentityMode = Literal["none", "proxy-v2", "http-headers", "jwt"]
 OutboundIdentityMode = Literal["none", "jwt"]
 
 
+DEFAULT_RENEW_AT = 2 / 3  # renew certificates after two thirds of their lifetime, like step-ca
+
+
 class ConfigError(S2sgwError):
     """A configuration file is unreadable or invalid; the message names file and key."""
 
@@ -93,6 +96,16 @@ class ServiceConfig:
     key: Path
     inbound: tuple[InboundRoute, ...] = ()
     outbound: tuple[OutboundRoute, ...] = ()
+    renew: bool = False  # renew cert + key over EST ([enrollment]); default on when it is set
+
+
+@attrs.frozen
+class EnrollmentConfig:
+    """Where the gateway renews its certificates (EST, RFC 7030) and the root it pins there."""
+
+    urls: tuple[str, ...]  # https:// EST servers, tried in order on connection errors and timeouts
+    fingerprint: str  # SHA-256 of the pinned root, lower-case hex (s2sgw.wire.est.normalize_fingerprint)
+    renew_at: float = DEFAULT_RENEW_AT  # fraction of the lifetime after which a certificate is renewed
 
 
 @attrs.frozen
@@ -114,6 +127,7 @@ class GatewayConfig:
     reload_interval: float | None = None
     admin: AdminConfig | None = None
     expiry_warning: float = 0.2  # warn when this fraction of a certificate's lifetime is left
+    enrollment: EnrollmentConfig | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,6 +277,16 @@ class _Parser:
             raise self.fail(key, f"expected an http:// or https:// URL, got {value!r}")
         return value
 
+    def url_list(self, value: Any, key: str) -> tuple[str, ...]:
+        """One URL or a non-empty list of them (servers tried in order), as a tuple."""
+        if isinstance(value, str):
+            return (self.url(value, key),)
+        if not isinstance(value, list):
+            raise self.fail(key, "expected a URL or a list of URLs")
+        if not value:
+            raise self.fail(key, "must list at least one URL")
+        return tuple(self.url(item, f"{key}[{i}]") for i, item in enumerate(value))
+
     def feed(self, value: Any, key: str) -> bool | str:
         if isinstance(value, bool):
             return value
@@ -323,7 +347,9 @@ class _Parser:
 
     def gateway(self, data: dict[str, Any]) -> GatewayConfig:
         self.table(
-            data, "", {"trust", "reload_interval", "expiry_warning", "status", "timeouts", "admin", "service"}
+            data,
+            "",
+            {"trust", "reload_interval", "expiry_warning", "status", "timeouts", "admin", "enrollment", "service"},
         )
         trust = self.required(data, "trust", "", self.existing_file)
         reload_interval = self.optional(data, "reload_interval", "", self.seconds, None)
@@ -331,10 +357,14 @@ class _Parser:
         timeouts = self.timeouts(data.get("timeouts", {}))
         expiry_warning = self.optional(data, "expiry_warning", "", self.fraction, 0.2)
         admin = self.admin(data["admin"]) if "admin" in data else None
+        enrollment = self.enrollment(data["enrollment"]) if "enrollment" in data else None
         services_data = self.required(data, "service", "", self.tables)
         if not services_data:
             raise self.fail("service", "at least one [[service]] is required")
-        services = tuple(self.service(item, f"service[{i}]") for i, item in enumerate(services_data))
+        services = tuple(
+            self.service(item, f"service[{i}]", enrolled=enrollment is not None)
+            for i, item in enumerate(services_data)
+        )
         self.check_unique(
             ((f"service[{i}].name", s.name) for i, s in enumerate(services)), "service name"
         )
@@ -356,6 +386,28 @@ class _Parser:
             reload_interval=reload_interval,
             admin=admin,
             expiry_warning=expiry_warning,
+            enrollment=enrollment,
+        )
+
+    def enrollment(self, value: Any) -> EnrollmentConfig:
+        from s2sgw.wire.est import WireFormatError, normalize_fingerprint
+
+        key = "enrollment"
+        table = self.table(value, key, {"url", "fingerprint", "renew_at"})
+        urls = self.required(table, "url", key, self.url_list)
+        for i, url in enumerate(urls):
+            if not url.lower().startswith("https://"):
+                where = "enrollment.url" if isinstance(table["url"], str) else f"enrollment.url[{i}]"
+                raise self.fail(where, f"EST needs https://, got {url!r}")
+        text = self.required(table, "fingerprint", key, self.string)
+        try:
+            fingerprint = normalize_fingerprint(text)
+        except WireFormatError as error:
+            raise self.fail("enrollment.fingerprint", str(error)) from None
+        return EnrollmentConfig(
+            urls=urls,
+            fingerprint=fingerprint,
+            renew_at=self.optional(table, "renew_at", key, self.fraction, DEFAULT_RENEW_AT),
         )
 
     def admin(self, value: Any) -> AdminConfig:
@@ -441,8 +493,11 @@ class _Parser:
             drain=self.optional(table, "drain", key, self.seconds, d.drain),
         )
 
-    def service(self, value: Any, key: str) -> ServiceConfig:
-        table = self.table(value, key, {"name", "cert", "key", "inbound", "outbound"})
+    def service(self, value: Any, key: str, enrolled: bool = False) -> ServiceConfig:
+        table = self.table(value, key, {"name", "cert", "key", "inbound", "outbound", "renew"})
+        renew = self.optional(table, "renew", key, self.boolean, enrolled)
+        if renew and not enrolled:
+            raise self.fail(f"{key}.renew", "renewal needs an [enrollment] table (url, fingerprint)")
         name = self.required(table, "name", key, self.name)
         cert = self.required(table, "cert", key, self.existing_file)
         private_key = self.required(table, "key", key, self.existing_file)
@@ -455,7 +510,7 @@ class _Parser:
             for i, item in enumerate(self.optional(table, "outbound", key, self.tables, []))
         ]
         return ServiceConfig(
-            name=name, cert=cert, key=private_key, inbound=tuple(inbound), outbound=tuple(outbound)
+            name=name, cert=cert, key=private_key, inbound=tuple(inbound), outbound=tuple(outbound), renew=renew
         )
 
     def inbound(self, value: Any, key: str, service: str, index: int) -> InboundRoute:

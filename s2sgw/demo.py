@@ -2,7 +2,9 @@
 
 A throwaway PKI, the CA status server and the gateways run as real ``twistd`` processes; a sample
 REST "users" service runs in this process behind its gateway, and this process also plays the
-calling services. Every step checks what it shows and the demo exits non-zero when one does not.
+calling services. Each gateway enrolls with a one-time token (its key is made on its side) and
+renews its short-lived certificate on its own. Every step checks what it shows and the demo exits
+non-zero when one does not.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from s2sgw.ca.authority import CertificateAuthority
 from s2sgw.errors import S2sgwError
 
 TRUST_DOMAIN = "demo.s2sgw.test"
+LIFETIME = "20s"  # certificates issued over EST: short, so that renewals show within the demo
+SERVICES = ("users", "orders", "billing")
 USER = {"id": 1, "name": "John Doe", "email": "john.doe@example.com"}
 
 
@@ -142,6 +146,7 @@ class Demo:
     backend_port: Any = None
     users_log: str = "users-gw"  # which log file holds each side's audit lines
     callers_log: str = "callers-gw"
+    fingerprint: str = ""  # of the CA's root, as `openssl x509 -noout -fingerprint -sha256` prints it
 
     # -- orchestration -------------------------------------------------------------------
 
@@ -149,12 +154,14 @@ class Demo:
         say(f"s2sgw demo in {self.workdir}\n")
         await self.step_pki()
         await self.start_ca()
+        await self.step_enroll()
         await self.start_backend()
         await self.start_gateways()
         await self.step_allowed_call()
         await self.step_not_allowed()
         await self.step_rogue_ca()
         await self.step_rotation()
+        await self.step_renewal()
         await self.step_revocation()
 
     def stop_processes(self) -> None:
@@ -172,27 +179,69 @@ class Demo:
     # -- set-up --------------------------------------------------------------------------
 
     async def step_pki(self) -> None:
-        header("1. A throwaway PKI", "A root CA, an issuing CA and an OCSP signer; one identity per service.")
-        self.ports = {name: free_port() for name in ("ca", "users_gw", "users_backend", "orders_local", "billing_local")}
+        header(
+            "1. A throwaway PKI, and each service enrolls with a one-time token",
+            "A root CA, an issuing CA and an OCSP signer. Each service's key is made on its own host by\n"
+            "   `s2sgw enroll`, which pins the CA by its root's fingerprint before it sends the token.",
+        )
+        self.ports = {
+            name: free_port() for name in ("ca", "est", "users_gw", "users_backend", "orders_local", "billing_local")
+        }
 
         def make() -> None:
-            ca = CertificateAuthority.init(
-                self.workdir / "ca", TRUST_DOMAIN, url=f"http://127.0.0.1:{self.ports['ca']}"
-            )
-            for name in ("users", "orders", "billing"):
-                ca.write_identity(ca.issue(name), self.workdir / "certs")
+            CertificateAuthority.init(self.workdir / "ca", TRUST_DOMAIN, url=f"http://127.0.0.1:{self.ports['ca']}")
             rogue = CertificateAuthority.init(self.workdir / "rogue-ca", TRUST_DOMAIN)
             rogue.write_identity(rogue.issue("orders"), self.workdir / "rogue")
 
         await deferToThread(make)
-        for name in ("users", "orders", "billing"):
-            say(f"   issued spiffe://{TRUST_DOMAIN}/{name}  ->  certs/{name}.pem")
         say("   a rogue CA issued its own 'orders' certificate  ->  rogue/orders.pem")
 
     async def start_ca(self) -> None:
-        self.spawn_twistd("ca", ["s2sgw-ca", "--dir", str(self.workdir / "ca"), "--listen", f"tcp:{self.ports['ca']}:interface=127.0.0.1"])
+        self.spawn_twistd(
+            "ca",
+            [
+                "s2sgw-ca", "--dir", str(self.workdir / "ca"), "--listen", f"tcp:{self.ports['ca']}:interface=127.0.0.1",
+                "--est", f"tcp:{self.ports['est']}:interface=127.0.0.1", "--est-lifetime", LIFETIME,
+            ],
+        )
         await self.wait_for_port(self.ports["ca"], "CA status server")
-        say(f"\n   CA status server (OCSP) on http://127.0.0.1:{self.ports['ca']}/ocsp")
+        await self.wait_for_port(self.ports["est"], "CA EST server")
+        say(f"   CA status server (OCSP) on http://127.0.0.1:{self.ports['ca']}/ocsp")
+        say(f"   CA enrollment (EST) on https://127.0.0.1:{self.ports['est']}, certificates valid {LIFETIME}")
+
+    @property
+    def est_url(self) -> str:
+        return f"https://127.0.0.1:{self.ports['est']}"
+
+    async def step_enroll(self) -> None:
+        self.fingerprint = await deferToThread(root_fingerprint, self.workdir / "ca" / "bundle.pem")
+        say(f"   the root's fingerprint, handed to each host with its token: {self.fingerprint[:23]}...")
+        for name in SERVICES:
+            line = await self.enroll(name)
+            identity, serial = line.split(": serial ", 1)
+            say(f"   $ s2sgw ca token {name}; s2sgw enroll --name {name} ...  ->  {identity}, serial {serial[:8]}..")
+
+    async def enroll(self, name: str) -> str:
+        """``s2sgw ca token NAME`` on the CA's side, ``s2sgw enroll`` on the service's; its output line."""
+        token = (await self.command("ca", "token", "--dir", str(self.workdir / "ca"), name)).strip()
+        out = await self.command(
+            "enroll", "--ca", self.est_url, "--fingerprint", self.fingerprint, "--token", token,
+            "--name", name, "--out", str(self.workdir / "certs"),
+        )
+        return out.splitlines()[0]
+
+    async def command(self, *args: str) -> str:
+        """Run ``s2sgw ARGS`` in a thread; its stdout, or DemoFailed with its stderr."""
+
+        def run() -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "s2sgw.cli", *args], cwd=self.workdir, capture_output=True, text=True, timeout=60
+            )
+
+        result = await deferToThread(run)
+        if result.returncode != 0:
+            raise DemoFailed(f"s2sgw {args[0]} failed: {result.stderr.strip()}")
+        return result.stdout
 
     async def start_backend(self) -> None:
         endpoint = endpoints.TCP4ServerEndpoint(self.reactor, self.ports["users_backend"], interface="127.0.0.1")
@@ -250,13 +299,16 @@ class Demo:
         head = textwrap.dedent(
             f"""\
             # written by s2sgw demo
-            trust = "ca/bundle.pem"
+            trust = "certs/bundle.pem"
             [status]
             mode = "ocsp"
             url = "http://127.0.0.1:{self.ports['ca']}/ocsp"
             fail = "closed"
             [timeouts]
             drain = 2.0
+            [enrollment]
+            url = "{self.est_url}"
+            fingerprint = "{self.fingerprint}"
             """
         )
         (self.workdir / f"{name}.toml").write_text(head + services)
@@ -367,19 +419,13 @@ class Demo:
 
     async def step_rotation(self) -> None:
         header(
-            "5. users' certificate is rotated",
-            "A new certificate and key are written, and the gateway is told with SIGHUP (what `systemctl\n"
-            "   reload` does). orders keeps calling the whole time; no request may fail.",
+            "5. users' certificate is rotated by hand",
+            "users enrolls again with a new token (a new key, made on its host) and the gateway is told\n"
+            "   with SIGHUP (what `systemctl reload` does). orders keeps calling the whole time; no request may fail.",
         )
         old_serial = await self.peer_serial_seen()
-
-        def reissue() -> int:
-            ca = CertificateAuthority.open(self.workdir / "ca")
-            identity = ca.issue("users")
-            ca.write_identity(identity, self.workdir / "certs")
-            return identity.record.serial
-
-        new_serial = await deferToThread(reissue)
+        line = await self.enroll("users")
+        new_serial = line.split("serial ", 1)[1].split(",", 1)[0]
         failures = 0
         calls = 0
         os.kill(self.process(self.users_log).pid, signal.SIGHUP)
@@ -387,13 +433,69 @@ class Demo:
             code, _ = await self.call("orders_local")
             calls += 1
             failures += code != 200
-            if await self.peer_serial_seen() == f"{new_serial:x}":
+            seen = await self.peer_serial_seen()
+            # Automatic renewal may already have replaced the rotated certificate by a newer one.
+            if seen == new_serial or (seen != old_serial and await self.issued_after("users", new_serial, seen)):
                 break
         else:
             raise DemoFailed("the users gateway did not present its new certificate after SIGHUP")
-        say(f"   users' serial {old_serial} -> {new_serial:x}; {calls} calls during the reload, {failures} failed")
+        say(f"   users' serial {old_serial} -> {new_serial}; {calls} calls during the reload, {failures} failed")
         if failures:
             raise DemoFailed(f"{failures} calls failed during the rotation")
+
+    async def issued_after(self, name: str, serial: str, other: str | None) -> bool:
+        """Whether the CA issued ``other`` to ``name`` after ``serial`` (both hex)."""
+
+        def check() -> bool:
+            records = {r.serial_hex: r for r in CertificateAuthority.open(self.workdir / "ca").records() if r.name == name}
+            first, second = records.get(serial), records.get(other or "")
+            return first is not None and second is not None and second.not_before >= first.not_before
+
+        return await deferToThread(check)
+
+    async def step_renewal(self) -> None:
+        header(
+            "6. Certificates renew themselves",
+            f"Every certificate lives {LIFETIME}. Each gateway renews its own at two thirds of the lifetime,\n"
+            "   authenticated by the certificate it replaces, with a new key each time, and reloads.\n"
+            "   orders keeps calling the whole time; no request may fail.",
+        )
+        logs = sorted({self.users_log, self.callers_log})
+        seen = {log: len(await self.renewal_lines(log)) for log in logs}
+        calls = failures = 0
+        shown: list[str] = []
+        deadline = self.reactor.seconds() + 60
+        while self.reactor.seconds() < deadline:
+            code, _ = await self.call("orders_local")
+            calls += 1
+            failures += code != 200
+            for log in logs:
+                lines = await self.renewal_lines(log)
+                for line in lines[seen[log] :]:
+                    shown.append(line)
+                    say(f"   {line}")
+                seen[log] = len(lines)
+            if all(sum(line.startswith(f"{name}:") for line in shown) >= 2 for name in ("users", "orders")):
+                break
+            await deferLater(self.reactor, 0.2, lambda: None)
+        else:
+            raise DemoFailed("users and orders did not both renew twice within 60 s; see the gateway logs")
+        say(f"   {len(shown)} renewals; {calls} calls meanwhile, {failures} failed")
+        if failures:
+            raise DemoFailed(f"{failures} calls failed during renewals")
+
+    async def renewal_lines(self, log: str) -> list[str]:
+        """'SERVICE: serial OLD.. -> NEW.., valid until HH:MM:SS' for each renewal in a gateway's log so far."""
+        path = self.workdir / f"{log}.log"
+        text = await deferToThread(path.read_text, errors="replace")
+        lines = []
+        for line in text.splitlines():
+            if "renewed: serial" in line:
+                service = line.split("certificate of service ", 1)[1].split(" ", 1)[0]
+                serials, until = line.split("renewed: serial ", 1)[1].split(", valid until ", 1)
+                old, new = serials.split(" -> ")
+                lines.append(f"{service}: serial {old[:8]}.. -> {new[:8]}.., valid until {until[11:19]}")
+        return lines
 
     async def peer_serial_seen(self) -> str | None:
         line = await self.audit_line(self.callers_log, "orders-to-users", "outcome=closed")
@@ -404,7 +506,7 @@ class Demo:
 
     async def step_revocation(self) -> None:
         header(
-            "6. orders is revoked at the CA, while it holds a live connection",
+            "7. orders is revoked at the CA, while it holds a live connection",
             "`s2sgw ca revoke orders --reason keyCompromise`. The CA pushes the revocation to every\n"
             "   gateway through its signed feed: orders' open keep-alive connection is closed, and\n"
             "   its new connections are refused.",
@@ -434,6 +536,15 @@ class Demo:
             raise DemoFailed(f"orders was still admitted after its revocation (HTTP {code})")
         say("   a new call from orders is refused")
         say("   users gateway:  " + await self.audit_line(self.users_log, "users-in", "outcome=refused reason=revoked "))
+
+def root_fingerprint(bundle: Path) -> str:
+    """The SHA-256 fingerprint of the first certificate in ``bundle``, as openssl prints it."""
+    from s2sgw import pki
+    from s2sgw.enroll.client import display_fingerprint
+    from s2sgw.wire import est
+
+    return display_fingerprint(est.fingerprint(pki.load_certificates(bundle)[0]))
+
 
 def header(title: str, explanation: str) -> None:
     say(f"\n{title}\n   {explanation}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,11 +20,18 @@ def fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
-def _write_temp(path: Path, data: bytes, mode: int) -> Path:
-    """Write ``data`` to a new hidden file beside ``path``, created with ``mode`` (never wider)."""
+def _write_temp(path: Path, data: bytes, mode: int, keep: os.stat_result | None = None) -> Path:
+    """Write ``data`` to a new hidden file beside ``path``, created with ``mode`` (never wider).
+
+    With ``keep`` (the stat of the file being replaced) the new file takes its owner, group and
+    mode instead, set before any byte is written.
+    """
     temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
     try:
+        if keep is not None:
+            os.fchown(fd, keep.st_uid, keep.st_gid)  # a no-op unless root, or a group we are in
+            mode = stat.S_IMODE(keep.st_mode)
         os.fchmod(fd, mode)  # the umask may have narrowed it; the caller asked for this mode
         view = memoryview(data)
         while view:
@@ -37,16 +45,19 @@ def _write_temp(path: Path, data: bytes, mode: int) -> Path:
     return temp
 
 
-def write_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
+def write_files(files: Sequence[tuple[Path, bytes, int]], *, keep_owner: bool = False) -> None:
     """Write every ``(path, data, mode)`` or none: all to temporaries first, then rename each.
 
-    Raises OSError naming the file in ``error.filename`` when one cannot be written.
+    With ``keep_owner`` a file that already exists is replaced by one with its owner, group and
+    mode (``mode`` applies to new files only): renewed keys stay readable by whoever could read
+    them. Raises OSError naming the file in ``error.filename`` when one cannot be written.
     """
     temps: list[tuple[Path, Path]] = []
     current = files[0][0]
     try:
         for current, data, mode in files:
-            temps.append((_write_temp(current, data, mode), current))
+            keep = _existing(current) if keep_owner else None
+            temps.append((_write_temp(current, data, mode, keep), current))
         for temp, current in temps:
             os.replace(temp, current)
     except OSError as error:
@@ -56,6 +67,13 @@ def write_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
         raise
     for directory in {path.parent for path, _, _ in files}:
         fsync_directory(directory)
+
+
+def _existing(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
 
 
 def write_atomically(path: Path | str, data: bytes, mode: int = 0o644) -> Path:

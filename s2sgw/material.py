@@ -21,6 +21,7 @@ from s2sgw.config import (
     GatewayConfig,
     ServiceConfig,
 )
+from s2sgw.wire import est
 from s2sgw.status.stapling import StapleCache, stapling_enabled
 
 _SHA256 = hashes.SHA256()
@@ -123,6 +124,11 @@ def _load_material(
             raise ConfigError(
                 f"{config.trust}: {root.subject.rfc4514_string()} is not a CA certificate (basicConstraints)"
             )
+    if config.enrollment is not None and config.enrollment.fingerprint not in {est.fingerprint(r) for r in roots}:
+        raise ConfigError(
+            f"{config.path}: enrollment.fingerprint: no root in {config.trust} has this fingerprint; "
+            "renewal would trust nothing"
+        )
     by_name = {service.name: service for service in config.services}
     names = list(wanted) if wanted is not None else list(by_name)
     services: dict[str, ServiceMaterial] = {}

@@ -12,9 +12,15 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from s2sgw.errors import S2sgwError
+
+
+class ReloadRefused(S2sgwError):
+    """A reload was asked for while the gateway shuts down."""
 from twisted.python.failure import Failure
 
 
@@ -57,6 +63,8 @@ class Coalesced:
             next_waiters, self._next = self._next, []
             self._start(next_waiters)
         for waiter in waiters:
+            if waiter.called:  # cancelled meanwhile
+                continue
             if isinstance(outcome, Failure):
                 waiter.errback(outcome)
             else:
@@ -73,6 +81,7 @@ class ReloadService(Service):
 
     ``reload`` is the store's ``reload`` (-> Deferred[int]). Reloads requested while one runs
     coalesce into one more run after it; requests after stopService are ignored.
+    ``reload_now`` is the same request for code that must know when its files are in force.
     """
 
     reload: Callable[[], Deferred]
@@ -120,16 +129,26 @@ class ReloadService(Service):
             return
         self._runs().addErrback(lambda _: None)  # each run logs its own outcome
 
+    def reload_now(self) -> Deferred[int]:
+        """Request a reload like SIGHUP does; fire with the generation of the first reload that
+        starts after this call (so it reads files written before it), or its failure."""
+        if self._draining:
+            self._log.info("reload ignored: shutting down")
+            return fail(ReloadRefused("the gateway is shutting down"))
+        return self._runs()
+
     def _run_once(self) -> Deferred:
         self._log.info("reloading trust material")
         run = self.reload()
         return run.addCallbacks(self._reloaded, self._failed)
 
-    def _reloaded(self, generation: int) -> None:
+    def _reloaded(self, generation: int) -> int:
         self._log.info("reload done: trust generation {generation}", generation=generation)
         if self.on_reloaded is not None:
             self.on_reloaded(generation)
+        return generation
 
-    def _failed(self, failure) -> None:
+    def _failed(self, failure: Failure) -> Failure:
         # The store kept its old material; this is an operator's problem, not a crash.
         self._log.warn("reload failed, keeping the old trust material: {error}", error=failure.getErrorMessage())
+        return failure

@@ -153,15 +153,26 @@ def build_gateway(
         operations.monitor.sections["stapling"] = stapler.status
         stapler.setServiceParent(top)
 
+    renewal = None
+
     def reloaded(generation: int) -> None:
         operations.reloaded(generation)
         enforcer.trust_reloaded(generation)
         if stapler is not None:
             stapler.trust_reloaded(generation)
+        if renewal is not None:
+            renewal.trust_reloaded(generation)
 
-    ReloadService(
+    reloader = ReloadService(
         operations.reloading(reload), reactor, interval=config.reload_interval, on_reloaded=reloaded
-    ).setServiceParent(top)
+    )
+    reloader.setServiceParent(top)
+    if config.enrollment is not None:
+        # Renewed certificates and CA roots go in force through the same coalesced reload as SIGHUP.
+        from s2sgw.enroll.renewal import attach_renewal
+
+        renewal = attach_renewal(config, trust_store, reloader.reload_now, operations.monitor, reactor, registry)
+        renewal.setServiceParent(top)
     feed = None
     if url is not None:
         feed = FeedSubscriber(

@@ -27,6 +27,9 @@ def test_demo_runs_every_step_and_cleans_up(tmp_path: Path, layout: list[str]) -
         "reason=untrusted_chain",
         "0 failed",
         "reason=revoked",
+        "enrolled spiffe://demo.s2sgw.test/users",
+        "enrolled spiffe://demo.s2sgw.test/orders",
+        " renewals; ",
         "All steps behaved as shown.",
     ):
         assert shown in result.stdout

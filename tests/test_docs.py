@@ -25,6 +25,7 @@ def accepted_keys(tmp_path: Path) -> set[str]:
             "status": {"mode": "off"},
             "timeouts": {},
             "admin": {"listen": "tcp:5:interface=127.0.0.1"},
+            "enrollment": {"url": "https://127.0.0.1:6", "fingerprint": "ab" * 32},
             "service": [{"name": "a", "cert": "a.pem", "key": "a.key", "inbound": [dict(route_in)], "outbound": [dict(route_out)]}],
         }
 
@@ -33,6 +34,7 @@ def accepted_keys(tmp_path: Path) -> set[str]:
         "status": lambda c: c["status"],
         "timeouts": lambda c: c["timeouts"],
         "admin": lambda c: c["admin"],
+        "enrollment": lambda c: c["enrollment"],
         "service": lambda c: c["service"][0],
         "service.inbound": lambda c: c["service"][0]["inbound"][0],
         "service.outbound": lambda c: c["service"][0]["outbound"][0],

@@ -37,7 +37,6 @@ from tests.identitykit import (
     US,
     CertForKey,
     Rig,
-    Run,
     _verify,
     rewrite,
 )

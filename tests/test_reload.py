@@ -135,3 +135,58 @@ def test_coalesced_calls_during_a_run_share_exactly_one_more_run() -> None:
     runs[1].callback(2)
     assert [d.result for d in later] == [2, 2, 2]
     assert idle.called and coalesced.idle().called
+
+
+def test_reload_now_waits_for_a_reload_that_starts_after_the_request() -> None:
+    """Files written before reload_now are read by the reload it fires for, not by one already running."""
+    reactor, store = ReactorDouble(), StoreDouble()
+    service = ReloadService(store.reload, reactor, install_signal=False)
+    service.startService()
+    service.request_reload()  # already running when the caller wrote its files
+    outcome: list = []
+    service.reload_now().addBoth(outcome.append)
+    store.pending[0].callback(2)
+    assert outcome == [] and len(store.pending) == 2
+    store.pending[1].callback(3)
+    assert outcome == [3]
+    service.stopService()
+
+
+def test_reload_now_shares_one_run_and_reports_its_failure() -> None:
+    reactor, store = ReactorDouble(), StoreDouble()
+    service = ReloadService(store.reload, reactor, install_signal=False)
+    service.startService()
+    first: list = []
+    second: list = []
+    service.reload_now().addBoth(first.append)
+    service.reload_now().addBoth(second.append)
+    store.pending[0].errback(ConfigError("orders.key: key does not match"))
+    assert len(store.pending) == 2  # the second request was made while the first ran
+    assert first[0].check(ConfigError)
+    store.pending[1].callback(2)
+    assert second == [2]
+    service.stopService()
+
+
+def test_reload_now_during_shutdown_fails_at_once() -> None:
+    reactor, store = ReactorDouble(), StoreDouble()
+    service = ReloadService(store.reload, reactor, install_signal=False)
+    service.startService()
+    service.stopService()
+    outcome: list = []
+    service.reload_now().addBoth(outcome.append)
+    assert store.pending == [] and "shutting down" in outcome[0].getErrorMessage()
+
+
+def test_a_cancelled_reload_now_does_not_break_the_reload() -> None:
+    reactor, store = ReactorDouble(), StoreDouble()
+    service = ReloadService(store.reload, reactor, install_signal=False)
+    service.startService()
+    waiting = service.reload_now()
+    waiting.addErrback(lambda failure: None)
+    waiting.cancel()
+    store.pending[0].callback(2)
+    service.reload_now()
+    assert len(store.pending) == 2
+    store.pending[1].callback(3)
+    service.stopService()

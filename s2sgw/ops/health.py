@@ -116,6 +116,10 @@ class Monitor(Service):
     reload_error: str | None = None  # why the latest reload failed; None after a good one
     # More /status fields from other parts (e.g. "revocation_feed"): name -> () -> JSON value.
     sections: dict[str, Callable[[], Any]] = attrs.field(factory=dict)
+    # More fields per service (e.g. "renewal"): name -> (service name) -> JSON value or None.
+    service_sections: dict[str, Callable[[str], Any]] = attrs.field(factory=dict)
+    # More readiness checks from other parts: () -> reasons not to be ready, in words.
+    checks: list[Callable[[], list[str]]] = attrs.field(factory=list)
     prober: IStatusProbe | None = None
     _warned: set[tuple[str, str]] = attrs.field(factory=set, init=False)
     _probing: Deferred | None = attrs.field(default=None, init=False)
@@ -288,6 +292,8 @@ class Monitor(Service):
                         reasons.append(f"certificate of service {name} is revoked at the CA: peers refuse it")
                     elif state == "unknown":
                         reasons.append(f"certificate of service {name} is unknown to the CA: peers refuse it")
+        for check in self.checks:
+            reasons.extend(check())
         return Readiness(not reasons, tuple(reasons))
 
     def summary(self) -> str:

@@ -32,6 +32,10 @@ def status_document(monitor: Monitor) -> dict[str, Any]:
         ]
         if monitor.probe is not None:
             entry["ca_status"] = monitor.probe.states.get(name)
+        for field, section in monitor.service_sections.items():
+            value = section(name)
+            if value is not None:
+                entry[field] = value
         document["services"][name] = entry
     document["trust"] = [
         {

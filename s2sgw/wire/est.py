@@ -13,6 +13,7 @@ import hashlib
 import re
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
@@ -109,3 +110,54 @@ def normalize_fingerprint(text: str) -> str:
     if match is None:
         raise WireFormatError("a SHA-256 fingerprint is 64 hex digits (colons allowed)")
     return match.group(1).replace(":", "")
+
+
+# -- reading a certs-only answer ----------------------------------------------------------------
+# PKCS#7 keeps no order: the leaf is found by its key, roots by being self-signed.
+
+
+def _spki(public_key: object) -> bytes:
+    return public_key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if certificate.issuer != issuer.subject:
+        return False
+    try:
+        certificate.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def is_self_signed(certificate: x509.Certificate) -> bool:
+    """Whether ``certificate`` is a root: its own issuer, with a signature its own key verifies."""
+    return _issued_by(certificate, certificate)
+
+
+def roots_in(certificates: list[x509.Certificate]) -> list[x509.Certificate]:
+    """The self-signed certificates of an answer, in the answer's order."""
+    return [certificate for certificate in certificates if is_self_signed(certificate)]
+
+
+def certificate_for_key(certificates: list[x509.Certificate], public_key: object) -> x509.Certificate | None:
+    """The certificate in ``certificates`` that certifies ``public_key`` (the new leaf), if any."""
+    wanted = _spki(public_key)
+    for certificate in certificates:
+        if not is_self_signed(certificate) and _spki(certificate.public_key()) == wanted:
+            return certificate
+    return None
+
+
+def chain_for(leaf: x509.Certificate, certificates: list[x509.Certificate]) -> list[x509.Certificate]:
+    """``leaf`` and then each issuer found in ``certificates``, up to but not including a root."""
+    chain = [leaf]
+    candidates = [c for c in certificates if c is not leaf and not is_self_signed(c)]
+    while len(chain) <= len(certificates):
+        issuer = next((c for c in candidates if c not in chain and _issued_by(chain[-1], c)), None)
+        if issuer is None:
+            break
+        chain.append(issuer)
+    return chain
