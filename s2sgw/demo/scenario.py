@@ -1,23 +1,11 @@
-"""``s2sgw demo``: the whole architecture, running, in one command.
-
-A throwaway PKI, the CA status server and the gateways run as real ``twistd`` processes; a sample
-REST "users" service runs in this process behind its gateway, and this process also plays the
-calling services. Each gateway enrolls with a one-time token (its key is made on its side) and
-renews its short-lived certificate on its own. Every step checks what it shows and the demo exits
-non-zero when one does not.
-"""
+"""The demo's scenario: each step sets something up or shows one behaviour, and checks it."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -25,73 +13,26 @@ from typing import Any
 import attrs
 import treq
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
-from twisted.internet.task import deferLater, react
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.web import resource, server
+from twisted.web import server
 
 from s2sgw.ca.authority import CertificateAuthority
-from s2sgw.errors import S2sgwError
+from s2sgw.demo.children import Children, DemoFailed
+from s2sgw.demo.samples import USER, Collect, UserResource, free_port, root_fingerprint
 
 TRUST_DOMAIN = "demo.s2sgw.test"
+
+
 LIFETIME = "20s"  # certificates issued over EST: short, so that renewals show within the demo
+
+
 SERVICES = ("users", "orders", "billing")
-USER = {"id": 1, "name": "John Doe", "email": "john.doe@example.com"}
 
 
-class DemoFailed(S2sgwError):
-    """A step did not behave as the demo says it should."""
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("demo", help="run the quickstart demo", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--one-process",
-        action="store_true",
-        help="host every gateway in one twistd process instead of one process per side",
-    )
-    parser.add_argument("--workdir", help="keep the PKI, configs and logs here instead of a temporary directory")
-    parser.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="s2sgw-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    demo = Demo(workdir=workdir.resolve(), one_process=args.one_process)
-    outcome: list[BaseException] = []
-    completed: list[bool] = []
-
-    async def main(reactor: Any) -> None:
-        demo.reactor = reactor
-        try:
-            await demo.run()
-            completed.append(True)
-        except BaseException as error:  # reported after the reactor stops
-            outcome.append(error)
-        finally:
-            demo.stop_processes()
-
-    try:
-        react(lambda reactor: ensureDeferred(main(reactor)))
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            outcome.append(DemoFailed(f"reactor exited with {exit_.code}"))
-    finally:
-        demo.stop_processes()
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-    if outcome:
-        error = outcome[0]
-        if isinstance(error, S2sgwError):
-            raise error
-        raise DemoFailed(f"{type(error).__name__}: {error}") from error
-    if not completed:  # Ctrl-C stopped the reactor before the last step
-        say("\nInterrupted; every process the demo started was stopped.")
-        return 130
-    say("\nAll steps behaved as shown.")
-    return 0
 
 
 def say(text: str = "") -> None:
@@ -99,41 +40,10 @@ def say(text: str = "") -> None:
     sys.stdout.flush()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-class UserResource(resource.Resource):
-    """The sample REST service: GET /api/users/1."""
-
-    isLeaf = True
-
-    def render_GET(self, request: server.Request) -> bytes:
-        if request.path == b"/api/users/1":
-            request.setHeader(b"content-type", b"application/json")
-            return json.dumps(USER).encode()
-        request.setResponseCode(404)
-        return b'{"error": "not found"}'
 
 
-class Collect(Protocol):
-    """Send a request, collect whatever comes back until the connection ends."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.received = b""
-        self.done: Deferred[bytes] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: object) -> None:
-        self.done.callback(self.received)
 
 
 @attrs.define(eq=False)
@@ -141,7 +51,7 @@ class Demo:
     workdir: Path
     one_process: bool = False
     reactor: Any = None
-    processes: list[subprocess.Popen] = attrs.Factory(list)
+    children: Children | None = None
     ports: dict[str, int] = attrs.Factory(dict)
     backend_port: Any = None
     users_log: str = "users-gw"  # which log file holds each side's audit lines
@@ -163,18 +73,6 @@ class Demo:
         await self.step_rotation()
         await self.step_renewal()
         await self.step_revocation()
-
-    def stop_processes(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.processes.clear()
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -231,17 +129,7 @@ class Demo:
         return out.splitlines()[0]
 
     async def command(self, *args: str) -> str:
-        """Run ``s2sgw ARGS`` in a thread; its stdout, or DemoFailed with its stderr."""
-
-        def run() -> subprocess.CompletedProcess:
-            return subprocess.run(
-                [sys.executable, "-m", "s2sgw.cli", *args], cwd=self.workdir, capture_output=True, text=True, timeout=60
-            )
-
-        result = await deferToThread(run)
-        if result.returncode != 0:
-            raise DemoFailed(f"s2sgw {args[0]} failed: {result.stderr.strip()}")
-        return result.stdout
+        return await self.children.command(*args)
 
     async def start_backend(self) -> None:
         endpoint = endpoints.TCP4ServerEndpoint(self.reactor, self.ports["users_backend"], interface="127.0.0.1")
@@ -273,12 +161,12 @@ class Demo:
             for name in ("orders", "billing")
         )
         if self.one_process:
-            self.write_config("gateways", users + callers)
+            await self.write_config("gateways", users + callers)
             self.spawn_twistd("gateways", ["s2sgw", "--config", str(self.workdir / "gateways.toml")])
             self.users_log = self.callers_log = "gateways"
         else:
-            self.write_config("users-gw", users)
-            self.write_config("callers-gw", callers)
+            await self.write_config("users-gw", users)
+            await self.write_config("callers-gw", callers)
             self.spawn_twistd("users-gw", ["s2sgw", "--config", str(self.workdir / "users-gw.toml")])
             self.spawn_twistd("callers-gw", ["s2sgw", "--config", str(self.workdir / "callers-gw.toml")])
             self.users_log, self.callers_log = "users-gw", "callers-gw"
@@ -295,7 +183,7 @@ class Demo:
             + textwrap.dedent(routes)
         )
 
-    def write_config(self, name: str, services: str) -> None:
+    def write_config(self, name: str, services: str) -> Deferred[int]:
         head = textwrap.dedent(
             f"""\
             # written by s2sgw demo
@@ -311,38 +199,24 @@ class Demo:
             fingerprint = "{self.fingerprint}"
             """
         )
-        (self.workdir / f"{name}.toml").write_text(head + services)
+        return deferToThread((self.workdir / f"{name}.toml").write_text, head + services)
 
     def spawn_twistd(self, name: str, plugin_args: list[str]) -> None:
-        twistd = Path(sys.executable).parent / "twistd"
-        log = self.workdir / f"{name}.log"
-        command = [str(twistd), "--nodaemon", "--pidfile=", f"--logfile={log}", *plugin_args]
-        process = subprocess.Popen(command, cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        process.s2sgw_name = name  # type: ignore[attr-defined]
-        self.processes.append(process)
-
-    def process(self, name: str) -> subprocess.Popen:
-        return next(p for p in self.processes if p.s2sgw_name == name)  # type: ignore[attr-defined]
+        self.children.spawn_twistd(name, plugin_args)
 
     async def wait_for_log(self, log: str, text: str, timeout: float = 20.0) -> None:
         """Wait for a line in a twistd log (a connection probe would show up in the audit trail)."""
         path = self.workdir / f"{log}.log"
         for _ in range(int(timeout / 0.1)):
-            self.check_processes()
+            self.children.check()
             if path.exists() and text in await deferToThread(path.read_text, errors="replace"):
                 return
             await deferLater(self.reactor, 0.1, lambda: None)
         raise DemoFailed(f"{log} did not log {text!r} within {timeout:.0f} s; see {path}")
 
-    def check_processes(self) -> None:
-        for process in self.processes:
-            if process.poll() is not None:
-                name = process.s2sgw_name  # type: ignore[attr-defined]
-                raise DemoFailed(f"{name} exited with status {process.returncode}; see {self.workdir / name}.log")
-
     async def wait_for_port(self, port: int, what: str, timeout: float = 20.0) -> None:
         for _ in range(int(timeout / 0.1)):
-            self.check_processes()
+            self.children.check()
             endpoint = endpoints.TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, timeout=1)
             try:
                 protocol = await endpoint.connect(Factory.forProtocol(Protocol))
@@ -402,8 +276,11 @@ class Demo:
             "It presents a certificate naming itself orders, issued by a CA the gateways do not trust.",
         )
         rogue = self.workdir / "rogue"
-        client_cert = PrivateCertificate.loadPEM((rogue / "orders.key").read_text() + (rogue / "orders.pem").read_text())
-        trust = Certificate.loadPEM((self.workdir / "ca" / "bundle.pem").read_bytes())
+        key, chain, bundle = await deferToThread(
+            lambda: ((rogue / "orders.key").read_text(), (rogue / "orders.pem").read_text(), (self.workdir / "ca" / "bundle.pem").read_bytes())
+        )
+        client_cert = PrivateCertificate.loadPEM(key + chain)
+        trust = Certificate.loadPEM(bundle)
         creator = optionsForClientTLS("users", trustRoot=trust, clientCertificate=client_cert)
         endpoint = endpoints.wrapClientTLS(creator, endpoints.TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.ports["users_gw"], timeout=5))
         protocol = Collect(b"GET /api/users/1 HTTP/1.0\r\n\r\n")
@@ -428,7 +305,7 @@ class Demo:
         new_serial = line.split("serial ", 1)[1].split(",", 1)[0]
         failures = 0
         calls = 0
-        os.kill(self.process(self.users_log).pid, signal.SIGHUP)
+        os.kill(self.children.pid(self.users_log), signal.SIGHUP)
         for _ in range(60):
             code, _ = await self.call("orders_local")
             calls += 1
@@ -537,15 +414,8 @@ class Demo:
         say("   a new call from orders is refused")
         say("   users gateway:  " + await self.audit_line(self.users_log, "users-in", "outcome=refused reason=revoked "))
 
-def root_fingerprint(bundle: Path) -> str:
-    """The SHA-256 fingerprint of the first certificate in ``bundle``, as openssl prints it."""
-    from s2sgw import pki
-    from s2sgw.enroll.client import display_fingerprint
-    from s2sgw.wire import est
 
-    return display_fingerprint(est.fingerprint(pki.load_certificates(bundle)[0]))
 
 
 def header(title: str, explanation: str) -> None:
     say(f"\n{title}\n   {explanation}")
-
