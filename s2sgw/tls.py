@@ -417,17 +417,26 @@ def handshake_failure(tls_protocol: Any, reason: Failure | None) -> tuple[str, s
     return Reason.TLS_ERROR, text
 
 
+class NoVerifiedChain(ValueError):
+    """A completed handshake left no verified chain: nothing may be judged or admitted."""
+
+
 def peer_chain(tls_protocol: Any) -> list[x509.Certificate]:
-    """The peer's chain as OpenSSL verified it, leaf first (empty if there is none)."""
+    """The peer's chain as OpenSSL verified it (and our verify callback accepted), leaf first.
+
+    It is the one chain the gateway judges a peer by. The chain the peer sent is never a
+    substitute: without a verified chain this raises :class:`NoVerifiedChain`.
+    """
     connection: SSL.Connection = tls_protocol.getHandle()
+    # OpenSSL keeps whatever chain it built even when verification failed (possible only for
+    # a context that does not verify): the chain counts only with a successful result.
+    result = _ssl_lib.SSL_get_verify_result(connection._ssl)  # no public accessor in pyOpenSSL
+    if result != 0:
+        raise NoVerifiedChain(f"the peer's chain did not verify: {reason_for_verify_error(result)[1]}")
     chain = connection.get_verified_chain(as_cryptography=True)
-    if chain:
-        return list(chain)
-    leaf = connection.get_peer_certificate(as_cryptography=True)
-    if leaf is None:
-        return []
-    rest = connection.get_peer_cert_chain(as_cryptography=True) or []
-    return [leaf] + [cert for cert in rest if cert != leaf]
+    if not chain:
+        raise NoVerifiedChain("the handshake left no verified certificate chain")
+    return list(chain)
 
 
 def negotiated(tls_protocol: Any) -> tuple[str, str]:

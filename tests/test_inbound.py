@@ -495,3 +495,21 @@ def deferLater(reactor: Any, seconds: float) -> defer.Deferred[None]:
     from twisted.internet.task import deferLater as later
 
     return later(reactor, seconds, lambda: None)
+
+
+def test_a_handshake_that_verified_no_chain_is_refused_and_nothing_is_authorized(
+    pki: PKI, audit_events: list[dict]
+) -> None:
+    """A server context that asks for no certificate leaves no verified chain: the peer is refused
+    as untrusted, and no chain the peer might have sent stands in for it."""
+    rig = Rig(pki)
+    rig.listener.trust_store.servers["orders"] = pki.options("orders", trust=False)  # type: ignore[attr-defined]
+    caller, _ = rig.connect()
+    caller.transport.write(b"hello")
+    rig.pump()
+    assert caller.lost is not None
+    assert rig.authorizer.calls == [] and rig.backend.attempts == 0
+    event = only(audit_events)
+    assert (event["outcome"], event["reason"]) == ("refused", Reason.UNTRUSTED_CHAIN)
+    assert event["detail"] == "the handshake left no verified certificate chain"
+

@@ -252,3 +252,19 @@ def test_reason_for_unknown_verify_error_is_untrusted_chain() -> None:
     assert tls.reason_for_verify_error(10)[0] == Reason.EXPIRED
 
 
+
+
+def test_peer_chain_is_the_verified_chain_or_nothing(ca, orders, users) -> None:
+    """A client that verifies nothing completes its handshake, yet peer_chain never answers with
+    the chain the server merely sent."""
+    careless = SSL.Context(SSL.TLS_METHOD)
+    careless.set_verify(SSL.VERIFY_NONE)
+    careless.use_certificate(users.chain[0])
+    careless.add_extra_chain_cert(users.chain[1])
+    careless.use_privatekey(users.key)
+    pair = connect(server_side(orders, ca), tls.ClientConnectionCreator(lambda: careless, "orders"))
+    assert pair.server.completed and pair.client.completed
+    assert len(pair.client_tls.getHandle().get_peer_cert_chain()) == 2  # sent, never verified
+    with pytest.raises(tls.NoVerifiedChain, match="did not verify: unable to get local issuer certificate"):
+        tls.peer_chain(pair.client_tls)
+    assert [c.serial_number for c in tls.peer_chain(pair.server_tls)][0] == users.leaf.serial_number

@@ -103,6 +103,10 @@ class InboundSide(RelaySide):
             self.session.tls_version, self.session.cipher = tls.negotiated(self.transport)
             chain = tls.peer_chain(self.transport)
             self.session.chain = tuple(chain)
+        except tls.NoVerifiedChain as error:
+            self._count(False, Reason.UNTRUSTED_CHAIN)
+            self._refuse(Reason.UNTRUSTED_CHAIN, str(error))
+            return
         except Exception:
             self._log.failure("reading the peer chain on route {route}", route=listener.route.name)
             self._refuse(INTERNAL_ERROR, "could not read the peer chain")

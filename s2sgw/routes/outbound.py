@@ -146,6 +146,10 @@ class RemoteSide(RelaySide):
             session.tls_version, session.cipher = tls.negotiated(self.transport)
             chain = tls.peer_chain(self.transport)
             session.chain = tuple(chain)
+        except tls.NoVerifiedChain as error:
+            self._count(False, Reason.UNTRUSTED_CHAIN)
+            self.local.refuse(Reason.UNTRUSTED_CHAIN, str(error))
+            return
         except Exception:
             self._log.failure("reading the remote chain on route {route}", route=connector.route.name)
             self._count(False, INTERNAL_ERROR)
