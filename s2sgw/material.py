@@ -105,7 +105,7 @@ def load_material(
     except pki.PKIError as error:
         raise ConfigError(str(error)) from None
     except SSL.Error as error:
-        raise ConfigError(f"{config.path}: cannot build a TLS context: {tls._ssl_error_text(error)}") from None
+        raise ConfigError(f"{config.path}: cannot build a TLS context: {tls.ssl_error_text(error)}") from None
 
 
 

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from s2sgw.interfaces import Reason
+from s2sgw.tls import failure_words
 
 
 @implementer(IPushProducer)
@@ -112,6 +113,7 @@ class Relay:
     started: float = 0.0
     last_activity: float = 0.0
     reason: str | None = None  # why it closed: a Reason code
+    detail: str = ""  # words for the audit line (a TLS error says what OpenSSL said)
     closed_by: str | None = None  # "a" | "b" | None (timeout, shutdown)
     finished: bool = False
     close_grace: float = 10.0  # after one side is gone, how long the other may take to flush
@@ -170,6 +172,8 @@ class Relay:
             # an ordinary close.
             failed_tls = side.lost_reason is not None and side.lost_reason.check(SSL.Error)
             self.reason = Reason.TLS_ERROR if failed_tls else Reason.PEER_CLOSED
+            if failed_tls:
+                self.detail = failure_words(side.lost_reason)
             self.closed_by = "a" if side is self.a else "b"
         other = self._other(side)
         if _connected(other):

@@ -440,6 +440,31 @@ def chain_error(tls_protocol: Any) -> tuple[str, str] | None:
     return code, str(getattr(tls_protocol, CHAIN_ERROR_DETAIL, "") or code)
 
 
+def ssl_error_text(error: BaseException) -> str:
+    """OpenSSL's reasons in an ``SSL.Error`` as words, never empty (so an audit line says why)."""
+    reasons: list[str] = []
+    for arg in getattr(error, "args", ()):
+        if isinstance(arg, list):
+            for entry in arg:
+                if isinstance(entry, tuple) and entry:
+                    reasons.append(str(entry[-1]))
+                elif entry:
+                    reasons.append(str(entry))
+        elif arg not in (None, "", -1):
+            reasons.append(str(arg))
+    text = "; ".join(reason for reason in reasons if reason)
+    return text or f"{type(error).__name__} without details from OpenSSL"
+
+
+def failure_words(reason: Failure | None) -> str:
+    """Words for how a TLS connection failed, never empty."""
+    if reason is None:
+        return "the connection failed without a reason"
+    if reason.check(SSL.Error):
+        return ssl_error_text(reason.value)
+    return str(reason.value) or reason.type.__name__
+
+
 def handshake_failure(tls_protocol: Any, reason: Failure | None) -> tuple[str, str]:
     """Classify a connection that ended before its handshake completed as (Reason code, detail).
 
@@ -451,8 +476,8 @@ def handshake_failure(tls_protocol: Any, reason: Failure | None) -> tuple[str, s
         return recorded
     if reason is None or reason.check(ConnectionDone):
         return Reason.TLS_ERROR, "connection closed before the TLS handshake completed"
-    text = str(reason.value)
-    lowered = text.lower()
+    text = failure_words(reason)
+    lowered = str(reason.value).lower() + " " + text.lower()
     if "peer did not return a certificate" in lowered or "alert certificate required" in lowered:
         return Reason.NO_CLIENT_CERT, "the client sent no certificate"
     if "certificate verify failed" in lowered:

@@ -1,5 +1,5 @@
 """The TLS policy is pinned in our contexts, not inherited from OpenSSL: key exchange groups,
-signature algorithms, no resumption.
+signature algorithms, no resumption; and a TLS failure always says what failed.
 
 Peers are bare pyOpenSSL contexts narrowed to one offer through the same OpenSSL binding our
 contexts use, joined to ours in memory.
@@ -13,6 +13,7 @@ import pytest
 from OpenSSL import SSL, crypto
 from OpenSSL._util import lib as ssl_lib
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from s2sgw import tls
@@ -164,3 +165,12 @@ def test_tls13_sends_no_session_tickets() -> None:
         pytest.skip("this pyOpenSSL has no set_num_tickets: TLS 1.3 still sends two unusable tickets")
     assert _tickets_received() == 0
 
+
+def test_ssl_error_words_are_never_empty() -> None:
+    assert tls.ssl_error_text(SSL.Error([("SSL routines", "", "no shared cipher")])) == "no shared cipher"
+    assert tls.ssl_error_text(SSL.Error([])) == "Error without details from OpenSSL"
+    assert tls.ssl_error_text(SSL.SysCallError(-1, "Unexpected EOF")) == "Unexpected EOF"
+    assert tls.failure_words(Failure(SSL.Error([]))) == "Error without details from OpenSSL"
+    assert tls.failure_words(None)
+    reason, detail = tls.handshake_failure(object(), Failure(SSL.Error([])))
+    assert (reason, detail) == (Reason.TLS_ERROR, "Error without details from OpenSSL")

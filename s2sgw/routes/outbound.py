@@ -222,7 +222,7 @@ class RemoteSide(RelaySide):
                 code, detail = Reason.PEER_CLOSED, "the remote gateway closed before the relay started"
                 text = reason.getErrorMessage()
                 if "alert" in text.lower():
-                    code, detail = Reason.TLS_ERROR, text
+                    code, detail = Reason.TLS_ERROR, tls.failure_words(reason)
             self._count(False, code)
             local.refuse(code, detail)
         if local.lost:
