@@ -186,6 +186,10 @@ def make_ca(cn: str = "Test CA", kind: str = "ec") -> Issued:
         .not_valid_before(NOW - HOUR)
         .not_valid_after(NOW + 24 * HOUR)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, _hash(key))
     )
     return Issued(cert, key)
