@@ -23,6 +23,7 @@ verifier itself once per second of the clock, since certificate times have one-s
 from __future__ import annotations
 
 import datetime
+import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -77,8 +78,12 @@ def _server_purpose_policies() -> tuple[ExtensionPolicy, ExtensionPolicy]:
 _SERVER_PURPOSE = _server_purpose_policies()
 
 
+_CERTIFICATE_REPR = re.compile(r"<Certificate\(subject=<Name\((.*?)\)>, \.\.\.\)>")
+
+
 def _words(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
+    """cryptography's message, with certificates named by subject rather than by repr."""
+    text = _CERTIFICATE_REPR.sub(r"\1", str(error)) or type(error).__name__
     return text if len(text) <= _MAX_WORDS else text[: _MAX_WORDS - 3] + "..."
 
 
