@@ -203,3 +203,37 @@ def test_the_verify_callback_accepts_the_whole_path_and_forgets_it() -> None:
         assert verifier(connection, _Certificate(certificate), 0, depth, 1)  # type: ignore[arg-type]
     assert getattr(connection.target, tls.CHAIN_ERROR, None) is None
     assert connection not in verifier._paths
+
+
+def test_an_accepted_path_is_remembered_while_every_certificate_is_valid(monkeypatch) -> None:
+    path = kit.standard()
+    now = [datetime.datetime.now(datetime.UTC).timestamp()]
+    verifier = StrictVerifier([path.root], CLIENT_AUTH, 6, clock=lambda: now[0])
+    asked: list[int] = []
+    real = StrictVerifier.second_opinion
+    monkeypatch.setattr(StrictVerifier, "second_opinion", lambda self, p: asked.append(1) or real(self, p))
+    assert verifier.check(path.full) is None and verifier.check(path.full) is None
+    assert len(asked) == 1  # the second time, the remembered verdict answered
+    fresh = [x509.load_der_x509_certificate(c.public_bytes(serialization.Encoding.DER)) for c in path.full]
+    assert verifier.check(fresh) is None and len(asked) == 1  # the same bytes, other objects
+    assert verifier.check(path.full[:1] + path.full[1:]) is None
+    now[0] = min(c.not_valid_after_utc for c in path.full).timestamp() + 1
+    assert verifier.check(path.full) is not None and len(asked) == 2  # past a notAfter: judged again
+
+
+def test_refusals_are_never_remembered_and_memory_is_bounded(monkeypatch) -> None:
+    from s2sgw.verify import strict
+
+    bad = kit.build(kit.root(), kit.intermediate(usage=None), kit.leaf())
+    verifier = StrictVerifier([bad.root], CLIENT_AUTH, 6)
+    assert verifier.check(bad.full) is not None and verifier.check(bad.full) is not None
+    assert verifier._accepted == {}
+    monkeypatch.setattr(strict, "REMEMBERED", 2)
+    root = kit.build(kit.root(), kit.intermediate(), kit.leaf())
+    verifier = StrictVerifier([root.root], CLIENT_AUTH, 6)
+    keys = []
+    for n in range(3):  # chainkit reuses keys per level: these leaves chain to ``root`` too
+        same_root = [kit.build(kit.root(), kit.intermediate(), kit.leaf(f"svc{n}")).chain[0], root.chain[1], root.root]
+        assert verifier.check(same_root) is None
+        keys.append(strict._path_key(same_root))
+    assert list(verifier._accepted) == keys[1:]  # the oldest was forgotten

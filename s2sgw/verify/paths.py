@@ -22,8 +22,7 @@ from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.x509.oid import ExtendedKeyUsageOID, SignatureAlgorithmOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, PublicKeyAlgorithmOID, SignatureAlgorithmOID
 
 from s2sgw.verify import der
 
@@ -45,7 +44,7 @@ _PSS_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
 def needs_own_validation(path: Sequence[x509.Certificate]) -> bool:
     """Whether ``path`` holds an Ed25519 key or signature (which cryptography's profile refuses)."""
     return any(
-        isinstance(certificate.public_key(), ed25519.Ed25519PublicKey)
+        certificate.public_key_algorithm_oid == PublicKeyAlgorithmOID.ED25519
         or certificate.signature_algorithm_oid == SignatureAlgorithmOID.ED25519
         for certificate in path
     )

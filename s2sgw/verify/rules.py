@@ -43,6 +43,8 @@ class Place:
     depth: int
     last: int
     anchored: bool = True  # False when the top of the path is not a trust anchor (explain)
+    public_key: object = None  # read once for the key rules; an exception if it cannot be read
+    extensions: object = None  # {OID: Extension}, read once; an exception if they cannot be read
 
     @property
     def leaf(self) -> bool:
@@ -51,6 +53,20 @@ class Place:
     @property
     def anchor(self) -> bool:
         return self.anchored and self.depth == self.last
+
+    def extension(self, certificate: x509.Certificate, kind: type) -> x509.Extension | None:
+        """The certificate's extension of ``kind`` (raises what reading the extensions raised)."""
+        if isinstance(self.extensions, Exception):
+            raise self.extensions
+        if self.extensions is None:
+            return _extension(certificate, kind)
+        return self.extensions.get(kind.oid)  # type: ignore[attr-defined]
+
+    def key(self, certificate: x509.Certificate) -> object:
+        """The certificate's public key (raises what reading it raised)."""
+        if isinstance(self.public_key, Exception):
+            raise self.public_key
+        return self.public_key if self.public_key is not None else certificate.public_key()
 
 
 @attrs.frozen
@@ -81,8 +97,8 @@ def _extension(certificate: x509.Certificate, kind: type) -> x509.Extension | No
         return None
 
 
-def _is_ca(certificate: x509.Certificate) -> bool:
-    constraints = _extension(certificate, x509.BasicConstraints)
+def _is_ca(certificate: x509.Certificate, place: Place) -> bool:
+    constraints = place.extension(certificate, x509.BasicConstraints)
     return constraints is not None and constraints.value.ca
 
 
@@ -93,7 +109,7 @@ def leaf_key_usage(certificate: x509.Certificate, place: Place) -> str | None:
     """A leaf must not be able to sign certificates or CRLs."""
     if not place.leaf:
         return None
-    usage = _extension(certificate, x509.KeyUsage)
+    usage = place.extension(certificate, x509.KeyUsage)
     if usage is None:
         return None
     asserted = [name for name, on in (("keyCertSign", usage.value.key_cert_sign), ("cRLSign", usage.value.crl_sign)) if on]
@@ -102,7 +118,7 @@ def leaf_key_usage(certificate: x509.Certificate, place: Place) -> str | None:
 
 def leaf_ca(certificate: x509.Certificate, place: Place) -> str | None:
     """A leaf must not claim to be a CA."""
-    if place.leaf and _is_ca(certificate):
+    if place.leaf and _is_ca(certificate, place):
         return "leaf has basicConstraints CA:TRUE"
     return None
 
@@ -124,7 +140,7 @@ def authority_key_id(certificate: x509.Certificate, place: Place) -> str | None:
     """Every certificate but the trust anchor names its issuer's key (RFC 5280 4.2.1.1)."""
     if place.anchor:
         return None
-    aki = _extension(certificate, x509.AuthorityKeyIdentifier)
+    aki = place.extension(certificate, x509.AuthorityKeyIdentifier)
     if aki is None:
         return "no authorityKeyIdentifier"
     if aki.value.key_identifier is None:
@@ -134,7 +150,7 @@ def authority_key_id(certificate: x509.Certificate, place: Place) -> str | None:
 
 def subject_key_id(certificate: x509.Certificate, place: Place) -> str | None:
     """A CA certificate names its own key (RFC 5280 4.2.1.2)."""
-    if _is_ca(certificate) and _extension(certificate, x509.SubjectKeyIdentifier) is None:
+    if _is_ca(certificate, place) and place.extension(certificate, x509.SubjectKeyIdentifier) is None:
         return "CA certificate has no subjectKeyIdentifier"
     return None
 
@@ -143,7 +159,7 @@ def root_basic_constraints(certificate: x509.Certificate, place: Place) -> str |
     """The trust anchor says it is a CA, in a critical extension."""
     if not place.anchor:
         return None
-    constraints = _extension(certificate, x509.BasicConstraints)
+    constraints = place.extension(certificate, x509.BasicConstraints)
     if constraints is None:
         return "root has no basicConstraints"
     if not constraints.value.ca:
@@ -161,9 +177,12 @@ def _extension_name(extension: x509.Extension) -> str:
 
 def critical_extension(certificate: x509.Certificate, place: Place) -> str | None:
     """A critical extension nobody here acts on must refuse the certificate (RFC 5280 4.2)."""
+    if isinstance(place.extensions, Exception):
+        raise place.extensions
+    extensions = place.extensions.values() if place.extensions is not None else certificate.extensions
     unknown = [
         _extension_name(extension)
-        for extension in certificate.extensions
+        for extension in extensions  # type: ignore[union-attr]
         if extension.critical and extension.oid not in UNDERSTOOD_CRITICAL
     ]
     return f"critical extension not understood: {', '.join(unknown)}" if unknown else None
@@ -171,7 +190,7 @@ def critical_extension(certificate: x509.Certificate, place: Place) -> str | Non
 
 def key_type(certificate: x509.Certificate, place: Place) -> str | None:
     """RSA, ECDSA and Ed25519 keys only: no DSA, no Ed448, nothing else."""
-    key = certificate.public_key()
+    key = place.key(certificate)
     if isinstance(key, dsa.DSAPublicKey):
         return "DSA key"
     if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
@@ -181,7 +200,7 @@ def key_type(certificate: x509.Certificate, place: Place) -> str | None:
 
 def rsa_key(certificate: x509.Certificate, place: Place) -> str | None:
     """RSA moduli of at least 2048 bits and a whole number of octets."""
-    key = certificate.public_key()
+    key = place.key(certificate)
     if not isinstance(key, rsa.RSAPublicKey):
         return None
     if key.key_size < MIN_RSA_BITS:
@@ -193,7 +212,7 @@ def rsa_key(certificate: x509.Certificate, place: Place) -> str | None:
 
 def ec_curve(certificate: x509.Certificate, place: Place) -> str | None:
     """ECDSA on P-256, P-384 or P-521 only."""
-    key = certificate.public_key()
+    key = place.key(certificate)
     if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in EC_CURVES:
         return f"EC key on {key.curve.name} (P-256, P-384, P-521 only)"
     return None
@@ -231,7 +250,15 @@ def iter_problems(path: Sequence[x509.Certificate], *, anchored: bool = True) ->
     """
     last = len(path) - 1
     for depth, certificate in enumerate(path):
-        place = Place(depth, last, anchored)
+        try:
+            public_key: object = certificate.public_key()
+        except Exception as error:  # the key rules report it
+            public_key = error
+        try:
+            extensions: object = {extension.oid: extension for extension in certificate.extensions}
+        except Exception as error:  # so do the extension rules
+            extensions = error
+        place = Place(depth, last, anchored, public_key, extensions)
         for name, check in RULES:
             try:
                 words = check(certificate, place)

@@ -18,17 +18,26 @@ unproven server and before anything is authorized. The path must then pass
 A refusal is a (Reason code, detail) pair whose detail names the rule. Any exception is a refusal.
 The trust store (``Store``) and the extension policies are built once per set of roots; the
 verifier itself once per second of the clock, since certificate times have one-second precision.
+
+Peers reconnect with the same certificate all day, and re-proving an unchanged path costs two
+or three signature checks each time. So an accepted path is remembered, by the SHA-256 of every
+certificate's DER in order, for as long as the time stays inside every certificate's validity:
+the only input of either verifier that changes. A verifier belongs to one set of trust material
+(a reload builds new contexts and new verifiers), refusals are never remembered, and at most
+``REMEMBERED`` paths are kept, the oldest forgotten first.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import re
 import time
 from collections.abc import Callable, Sequence
 
 import attrs
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import (
     ClientVerifier,
@@ -42,6 +51,7 @@ from s2sgw.interfaces import Reason
 from s2sgw.verify import paths, rules
 
 SECOND_VERIFIER = "second-verifier"
+REMEMBERED = 4096  # accepted paths kept per verifier
 _MAX_WORDS = 300
 _UTC = datetime.UTC
 
@@ -103,6 +113,7 @@ class StrictVerifier:
     _store: Store = attrs.field(init=False)
     _verifier: ClientVerifier | None = attrs.field(init=False, default=None)
     _second: int | None = attrs.field(init=False, default=None)
+    _accepted: dict[bytes, tuple[int, int]] = attrs.field(init=False, factory=dict)  # path -> validity
 
     def __attrs_post_init__(self) -> None:
         if not self.roots:
@@ -149,12 +160,36 @@ class StrictVerifier:
     def check(self, path: Sequence[x509.Certificate]) -> tuple[str, str] | None:
         """None if ``path`` passes; else the first (Reason code, detail). Never raises."""
         try:
+            key = _path_key(path)
+            now = int(self.clock())
+            window = self._accepted.get(key)
+            if window is not None and window[0] <= now <= window[1]:
+                return None
             problem = rules.first_problem(path)
             if problem is not None:
                 return problem.reason, problem.detail
             refusal = self.second_opinion(path)
             if refusal is not None:
                 return Reason.UNTRUSTED_CHAIN, f"{SECOND_VERIFIER}: {refusal}"
+            self._remember(key, path)
             return None
         except Exception as error:
             return Reason.UNTRUSTED_CHAIN, f"{SECOND_VERIFIER}: failed: {_words(error)}"
+
+    def _remember(self, key: bytes, path: Sequence[x509.Certificate]) -> None:
+        self._accepted.pop(key, None)
+        while len(self._accepted) >= REMEMBERED:
+            del self._accepted[next(iter(self._accepted))]
+        start = max(int(c.not_valid_before_utc.timestamp()) for c in path)
+        end = min(int(c.not_valid_after_utc.timestamp()) for c in path)
+        self._accepted[key] = (start, end)
+
+
+def _path_key(path: Sequence[x509.Certificate]) -> bytes:
+    """SHA-256 over every certificate's DER, in order, each prefixed by its length."""
+    digest = hashlib.sha256()
+    for certificate in path:
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        digest.update(len(der).to_bytes(4, "big"))
+        digest.update(der)
+    return digest.digest()
