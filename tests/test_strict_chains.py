@@ -164,8 +164,9 @@ HOSTILE = [
          UNTRUSTED, "ec-curve: EC key on secp224r1"),
     Case("root-secp256k1", lambda: bad_root(key="secp256k1"),
          UNTRUSTED, "ec-curve: EC key on secp256k1 (P-256, P-384, P-521 only) (depth 2"),
-    # name constraints: OpenSSL refuses these too, but only after the verify callback's last call,
-    # where the second verifier (cryptography) has already refused
+    # name constraints: OpenSSL refuses violations too, but only after the verify callback's last
+    # call, where the second verifier (cryptography) has already refused; a URI constraint is
+    # refused even when the leaf keeps it, since cryptography does not evaluate URI constraints
     Case("name-constraint-DNS-permitted", lambda: constrained(NC([DNS("example.org")], None), DNS("svc.evil.org")),
          UNTRUSTED, NOT_PERMITTED, openssl_accepts=False),
     Case("name-constraint-DNS-excluded", lambda: constrained(NC(None, [DNS("evil.org")]), DNS("a.evil.org")),
@@ -176,6 +177,8 @@ HOSTILE = [
          UNTRUSTED, UNSUPPORTED, openssl_accepts=False),
     Case("name-constraint-URI-excluded", lambda: constrained(NC(None, [URI("evil.test")]), URI("spiffe://evil.test/svc")),
          UNTRUSTED, UNSUPPORTED, openssl_accepts=False),
+    Case("name-constraint-URI-kept", lambda: constrained(NC([URI("chains.test")], None)),
+         UNTRUSTED, UNSUPPORTED),
     Case("name-constraint-IPv4-permitted", lambda: constrained(NC([net("10.0.0.0/8")], None), SPIFFE, address("192.0.2.1")),
          UNTRUSTED, NOT_PERMITTED, openssl_accepts=False),
     Case("name-constraint-IPv4-excluded", lambda: constrained(NC(None, [net("192.0.2.0/24")]), SPIFFE, address("192.0.2.1")),
@@ -306,3 +309,17 @@ def test_a_sound_path_is_admitted_with_its_verified_chain(name: str, direction: 
     assert pair.server.completed and pair.client.completed, tls.chain_error(ours)
     assert tls.chain_error(ours) is None
     assert tls.peer_chain(ours) == path.full
+
+
+def test_an_outbound_refusal_comes_before_our_certificate_is_sent() -> None:
+    """The remote asks for our certificate, yet never receives it: we refuse its chain first."""
+    path = path_of("leaf-keyCertSign")
+    remote = bare_peer(path)
+    received: list[int] = []
+    remote.set_verify(SSL.VERIFY_PEER, lambda connection, certificate, errno, depth, ok: received.append(depth) or True)
+    ours = own()
+    client = tls.client_context(ours.chain, ours.leaf_key, [path.root])
+    pair = connect(tls.ServerConnectionCreator(lambda: remote), tls.ClientConnectionCreator(lambda: client, "svc"))
+    assert not pair.client.completed and not pair.server.completed
+    assert tls.chain_error(pair.client_tls)[0] == BAD  # type: ignore[index]
+    assert received == []  # the remote's verify callback never saw a certificate of ours
