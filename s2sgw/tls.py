@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw import pki
+from s2sgw import pki, tlspolicy
 from s2sgw.interfaces import Reason
 from s2sgw.verify.strict import StrictVerifier
 
@@ -49,27 +49,6 @@ MIN_RSA_BITS = 2048
 MIN_EC_BITS = 256
 VERIFY_DEPTH = 6
 _SESSION_ID = b"s2sgw"
-# Key exchange groups and signature algorithms are pinned, not inherited from OpenSSL's defaults.
-GROUPS = b"X25519:P-256:P-384"
-# No SHA-1, SHA-224, DSA or Ed448. OpenSSL never signs a TLS 1.3 CertificateVerify with
-# rsa_pkcs1_*: they stay for TLS 1.2 and for certificates signed with PKCS#1 v1.5.
-SIGNATURE_ALGORITHMS = b":".join(
-    [
-        b"ecdsa_secp256r1_sha256",
-        b"ecdsa_secp384r1_sha384",
-        b"ecdsa_secp521r1_sha512",
-        b"ed25519",
-        b"rsa_pss_rsae_sha256",
-        b"rsa_pss_rsae_sha384",
-        b"rsa_pss_rsae_sha512",
-        b"rsa_pss_pss_sha256",
-        b"rsa_pss_pss_sha384",
-        b"rsa_pss_pss_sha512",
-        b"rsa_pkcs1_sha256",
-        b"rsa_pkcs1_sha384",
-        b"rsa_pkcs1_sha512",
-    ]
-)
 
 # OpenSSL X509_V_ERR_* codes -> our reasons. Unlisted codes count as an untrusted chain.
 _X509_ERRORS: dict[int, tuple[str, str]] = {
@@ -248,7 +227,7 @@ def _context(
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     context.set_session_id(_SESSION_ID)
     context.set_cipher_list(TLS12_CIPHERS)
-    _pin_policy(context)
+    tlspolicy.pin(context)  # groups and signature algorithms stated, not inherited
     context.use_certificate(chain[0])
     for intermediate in chain[1:]:
         context.add_extra_chain_cert(intermediate)
@@ -262,27 +241,6 @@ def _context(
     context.set_verify(verify_mode, _Verifier(peer_usage, strict))
     context.set_verify_depth(VERIFY_DEPTH)
     return context
-
-
-def _pin_policy(context: SSL.Context) -> None:
-    """Groups and signature algorithms from our lists, and no TLS 1.3 session tickets if possible.
-
-    pyOpenSSL has no API for the first two, so they go through its OpenSSL binding. A call that
-    fails raises: a context never falls back to OpenSSL's defaults.
-    """
-    handle = context._context  # the SSL_CTX*; pyOpenSSL offers no public accessor
-    if _ssl_lib.SSL_CTX_set1_curves_list(handle, GROUPS) != 1:
-        raise SSL.Error([("s2sgw", "groups", f"cannot restrict key exchange groups to {GROUPS.decode()}")])
-    if not getattr(_ssl_lib, "Cryptography_HAS_SIGALGS", False) or (
-        _ssl_lib.SSL_CTX_set1_sigalgs_list(handle, SIGNATURE_ALGORITHMS) != 1
-    ):
-        raise SSL.Error([("s2sgw", "sigalgs", "cannot restrict signature algorithms")])
-    # OP_NO_TICKET (set by the caller) stops TLS 1.2 tickets; TLS 1.3 servers still send two
-    # stateful tickets that no cache ever holds (resumption is off). pyOpenSSL 26.4 has no
-    # binding for SSL_CTX_set_num_tickets; use it as soon as one exists.
-    set_num_tickets = getattr(context, "set_num_tickets", None)
-    if set_num_tickets is not None:
-        set_num_tickets(0)
 
 
 def server_context(

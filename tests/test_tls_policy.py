@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw import tls
+from s2sgw import tls, tlspolicy
 from s2sgw.interfaces import Reason
 from tests import chainkit as kit
 from tests.tlshelpers import Pair, connect
@@ -112,9 +112,9 @@ def test_tls13_certificate_verify_is_never_pkcs1() -> None:
 
 
 def test_the_pinned_lists_name_no_weak_algorithm() -> None:
-    names = tls.SIGNATURE_ALGORITHMS.decode().split(":")
+    names = tlspolicy.SIGNATURE_ALGORITHMS.decode().split(":")
     assert not [name for name in names if "sha1" in name or "sha224" in name or name.startswith("dsa")]
-    assert tls.GROUPS == b"X25519:P-256:P-384"
+    assert tlspolicy.GROUPS == b"X25519:P-256:P-384"
 
 
 def _full_handshakes(version: int) -> list[int]:
