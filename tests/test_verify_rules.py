@@ -237,3 +237,15 @@ def test_refusals_are_never_remembered_and_memory_is_bounded(monkeypatch) -> Non
         assert verifier.check(same_root) is None
         keys.append(strict._path_key(same_root))
     assert list(verifier._accepted) == keys[1:]  # the oldest was forgotten
+
+
+@pytest.mark.parametrize("key_type", ["ecdsa-p256", "rsa3072", "ed25519"])
+def test_what_the_real_ca_issues_passes_every_rule_and_both_verifiers(tmp_path, key_type: str) -> None:
+    """Gateways refuse nothing our own CA makes, whatever its key type."""
+    from s2sgw import pki
+    from s2sgw.ca.authority import CertificateAuthority
+
+    ca = CertificateAuthority.init(tmp_path / key_type, "example.test", key_type=key_type)
+    path = [*pki.parse_certificates(ca.issue("orders").chain_pem), ca.root_cert]
+    for usage in (CLIENT_AUTH, SERVER_AUTH):
+        assert StrictVerifier([ca.root_cert], usage, 6).problems(path) == []
