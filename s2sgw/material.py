@@ -15,14 +15,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL
 
-from s2sgw import pki, tls
+from s2sgw import handshake, pki, tls
 from s2sgw.config import (
     ConfigError,
     GatewayConfig,
     ServiceConfig,
 )
-from s2sgw.wire import est
 from s2sgw.status.stapling import StapleCache, stapling_enabled
+from s2sgw.wire import est
 
 _SHA256 = hashes.SHA256()
 
@@ -106,7 +106,7 @@ def load_material(
     except pki.PKIError as error:
         raise ConfigError(str(error)) from None
     except SSL.Error as error:
-        raise ConfigError(f"{config.path}: cannot build a TLS context: {tls._ssl_error_text(error)}") from None
+        raise ConfigError(f"{config.path}: cannot build a TLS context: {handshake.ssl_error_text(error)}") from None
 
 
 

@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.logger import Logger
 
 from s2sgw.errors import S2sgwError
+from s2sgw.verify.crlrules import crl_problem
 
 _log = Logger(namespace="s2sgw.pki")
 
@@ -320,7 +321,8 @@ def check_crl(
     now: datetime.datetime,
     source: str = "CRL",
 ) -> x509.Certificate:
-    """Check the CRL's signature against one of ``issuers`` and that it is current; return its issuer."""
+    """Check the CRL's signature against one of ``issuers``, that it is current and that it follows
+    the rules of :mod:`s2sgw.verify.crlrules`; return its issuer."""
     for issuer in issuers:
         if issuer.subject != crl.issuer:
             continue
@@ -334,6 +336,9 @@ def check_crl(
         raise PKIError(f"{source}: has no nextUpdate; cannot judge freshness")
     if crl.next_update_utc < now:
         raise PKIError(f"{source}: stale since {crl.next_update_utc.isoformat()}")
+    problem = crl_problem(crl, issuer)
+    if problem is not None:
+        raise PKIError(f"{source}: {problem}")
     return issuer
 
 

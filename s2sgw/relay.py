@@ -12,12 +12,18 @@ from typing import Any
 
 import attrs
 from OpenSSL import SSL
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from s2sgw.handshake import failure_words
 from s2sgw.interfaces import Reason
 
 
@@ -112,6 +118,7 @@ class Relay:
     started: float = 0.0
     last_activity: float = 0.0
     reason: str | None = None  # why it closed: a Reason code
+    detail: str = ""  # words for the audit line (a TLS error says what OpenSSL said)
     closed_by: str | None = None  # "a" | "b" | None (timeout, shutdown)
     finished: bool = False
     close_grace: float = 10.0  # after one side is gone, how long the other may take to flush
@@ -170,6 +177,8 @@ class Relay:
             # an ordinary close.
             failed_tls = side.lost_reason is not None and side.lost_reason.check(SSL.Error)
             self.reason = Reason.TLS_ERROR if failed_tls else Reason.PEER_CLOSED
+            if failed_tls:
+                self.detail = failure_words(side.lost_reason)
             self.closed_by = "a" if side is self.a else "b"
         other = self._other(side)
         if _connected(other):

@@ -14,6 +14,7 @@ handshake; that is why the client side does not use ``optionsForClientTLS``.
 from __future__ import annotations
 
 import ipaddress
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,17 +23,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL, crypto
-from twisted.internet.error import ConnectionDone
+from OpenSSL._util import ffi as _ssl_ffi
+from OpenSSL._util import lib as _ssl_lib
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw import pki
+from s2sgw import pki, tlspolicy
 from s2sgw.interfaces import Reason
+from s2sgw.verify.strict import StrictVerifier
 
 CHAIN_ERROR = "s2sgw_chain_error"  # attribute on the TLS protocol: first Reason code from verification
 CHAIN_ERROR_DETAIL = "s2sgw_chain_error_detail"  # plain words for the log
@@ -82,8 +84,15 @@ _log = Logger(namespace="s2sgw.tls")
 
 
 def reason_for_verify_error(errno: int) -> tuple[str, str]:
-    """A Reason code and words for an OpenSSL X509_V_ERR_* number."""
-    return _X509_ERRORS.get(errno, (Reason.UNTRUSTED_CHAIN, f"certificate verify error {errno}"))
+    """A Reason code and words for an OpenSSL X509_V_ERR_* number (OpenSSL's words if not ours)."""
+    known = _X509_ERRORS.get(errno)
+    if known is not None:
+        return known
+    try:
+        words = _ssl_ffi.string(_ssl_lib.X509_verify_cert_error_string(errno)).decode()
+    except Exception:
+        words = ""
+    return Reason.UNTRUSTED_CHAIN, f"{words or 'certificate verify error'} (error {errno})"
 
 
 # -- verification ----------------------------------------------------------------------------
@@ -101,7 +110,14 @@ def _record(connection: SSL.Connection, reason: str, detail: str) -> None:
 
 def _subject(certificate: Any) -> str:
     try:
-        return certificate.to_cryptography().subject.rfc4514_string() or "(empty subject)"
+        return _subject_of(certificate.to_cryptography())
+    except Exception:
+        return "?"
+
+
+def _subject_of(certificate: x509.Certificate) -> str:
+    try:
+        return certificate.subject.rfc4514_string() or "(empty subject)"
     except Exception:
         return "?"
 
@@ -135,22 +151,33 @@ def _weak_key(certificate: x509.Certificate) -> str | None:
 
 @attrs.frozen
 class _Verifier:
-    """The verify callback for one side: ``usage`` is the EKU the *peer's* leaf must carry."""
+    """The verify callback for one side: ``usage`` is the EKU the *peer's* leaf must carry.
+
+    OpenSSL calls it once per certificate of the path it built, trust anchor first and leaf
+    last. It keeps those certificates per connection; at the leaf, after our leaf checks,
+    ``strict`` (our rules and the second verifier) must accept the whole path too.
+    """
 
     usage: x509.ObjectIdentifier
+    strict: StrictVerifier | None = None
+    _paths: weakref.WeakKeyDictionary[SSL.Connection, dict[int, x509.Certificate]] = attrs.field(
+        factory=weakref.WeakKeyDictionary, eq=False, repr=False
+    )
 
     def __call__(self, connection: SSL.Connection, certificate: Any, errno: int, depth: int, ok: int) -> bool:
         try:
             if not ok:
+                self._paths.pop(connection, None)
                 reason, words = reason_for_verify_error(errno)
                 _record(connection, reason, f"{words} (depth {depth}: {_subject(certificate)})")
                 return False
+            path = self._paths.setdefault(connection, {})
+            if path and depth >= min(path):  # a new verification of this connection starts over
+                path.clear()
+            path[depth] = certificate.to_cryptography()
             if depth == 0:
-                problem = leaf_problem(certificate.to_cryptography(), self.usage)
-                if problem is not None:
-                    reason, words = problem
-                    _record(connection, reason, f"{words} ({_subject(certificate)})")
-                    return False
+                self._paths.pop(connection, None)
+                return self._judge_leaf(connection, path)
             return True
         except BaseException as error:  # fail closed; pyOpenSSL would re-raise it mid-handshake
             try:
@@ -159,6 +186,23 @@ class _Verifier:
             except BaseException:
                 pass
             return False
+
+    def _judge_leaf(self, connection: SSL.Connection, path: dict[int, x509.Certificate]) -> bool:
+        leaf = path[0]
+        problem = leaf_problem(leaf, self.usage)
+        if problem is None and self.strict is not None:
+            if sorted(path) != list(range(len(path))):
+                problem = Reason.UNTRUSTED_CHAIN, f"incomplete path from OpenSSL (depths {sorted(path)})"
+            else:
+                problem = self.strict.check([path[depth] for depth in range(len(path))])
+                if problem is not None:
+                    _record(connection, *problem)
+                    return False
+        if problem is not None:
+            reason, words = problem
+            _record(connection, reason, f"{words} ({_subject_of(leaf)})")
+            return False
+        return True
 
 
 def _context(
@@ -181,6 +225,7 @@ def _context(
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     context.set_session_id(_SESSION_ID)
     context.set_cipher_list(TLS12_CIPHERS)
+    tlspolicy.pin(context)  # groups and signature algorithms stated, not inherited
     context.use_certificate(chain[0])
     for intermediate in chain[1:]:
         context.add_extra_chain_cert(intermediate)
@@ -190,7 +235,8 @@ def _context(
     assert store is not None
     for root in roots:
         store.add_cert(crypto.X509.from_cryptography(root))
-    context.set_verify(verify_mode, _Verifier(peer_usage))
+    strict = StrictVerifier(tuple(roots), peer_usage, VERIFY_DEPTH)
+    context.set_verify(verify_mode, _Verifier(peer_usage, strict))
     context.set_verify_depth(VERIFY_DEPTH)
     return context
 
@@ -337,53 +383,3 @@ def sni_name(hostname: str) -> bytes | None:
         return hostname.encode("idna")
     except UnicodeError:
         return None
-
-
-# -- after the handshake -------------------------------------------------------------------------
-
-
-def chain_error(tls_protocol: Any) -> tuple[str, str] | None:
-    """The verification failure our verify callback recorded on ``tls_protocol``, as (reason, detail)."""
-    code = getattr(tls_protocol, CHAIN_ERROR, None)
-    if not code:
-        return None
-    return code, str(getattr(tls_protocol, CHAIN_ERROR_DETAIL, "") or code)
-
-
-def handshake_failure(tls_protocol: Any, reason: Failure | None) -> tuple[str, str]:
-    """Classify a connection that ended before its handshake completed as (Reason code, detail).
-
-    Our own verify callback's verdict wins; otherwise OpenSSL's error text tells a missing
-    client certificate or an untrusted chain from other TLS errors (versions, ciphers, garbage).
-    """
-    recorded = chain_error(tls_protocol)
-    if recorded is not None:
-        return recorded
-    if reason is None or reason.check(ConnectionDone):
-        return Reason.TLS_ERROR, "connection closed before the TLS handshake completed"
-    text = str(reason.value)
-    lowered = text.lower()
-    if "peer did not return a certificate" in lowered or "alert certificate required" in lowered:
-        return Reason.NO_CLIENT_CERT, "the client sent no certificate"
-    if "certificate verify failed" in lowered:
-        return Reason.UNTRUSTED_CHAIN, text
-    return Reason.TLS_ERROR, text
-
-
-def peer_chain(tls_protocol: Any) -> list[x509.Certificate]:
-    """The peer's chain as OpenSSL verified it, leaf first (empty if there is none)."""
-    connection: SSL.Connection = tls_protocol.getHandle()
-    chain = connection.get_verified_chain(as_cryptography=True)
-    if chain:
-        return list(chain)
-    leaf = connection.get_peer_certificate(as_cryptography=True)
-    if leaf is None:
-        return []
-    rest = connection.get_peer_cert_chain(as_cryptography=True) or []
-    return [leaf] + [cert for cert in rest if cert != leaf]
-
-
-def negotiated(tls_protocol: Any) -> tuple[str, str]:
-    """(protocol version, cipher) of an established TLS connection, for the audit log."""
-    connection: SSL.Connection = tls_protocol.getHandle()
-    return (connection.get_protocol_version_name() or "-", connection.get_cipher_name() or "-")

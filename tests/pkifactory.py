@@ -46,7 +46,7 @@ def _ca_cert(
     cn: str, key, issuer_name: x509.Name, issuer_key, path_length: int | None
 ) -> x509.Certificate:
     start = now() - datetime.timedelta(days=1)
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))
         .issuer_name(issuer_name)
@@ -59,8 +59,12 @@ def _ca_cert(
             x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(issuer_key, hashes.SHA256())
     )
+    if issuer_key is not key:  # like the real CA: every certificate below the root names its issuer's key
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
 
 
 @attrs.define(eq=False)
@@ -182,6 +186,10 @@ def make_ca(cn: str = "Test CA", kind: str = "ec") -> Issued:
         .not_valid_before(NOW - HOUR)
         .not_valid_after(NOW + 24 * HOUR)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, _hash(key))
     )
     return Issued(cert, key)

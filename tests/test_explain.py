@@ -203,3 +203,63 @@ def test_command_reports_an_unknown_route_with_exit_2(world: Pki, live: Path) ->
     result = _run(live, "nope", world.certs / "orders.pem")
     assert result.returncode == EXIT_ERROR
     assert "no route named 'nope' (routes: users-in, orders-to-users)" in result.stderr
+
+
+# -- every rule a certificate breaks ------------------------------------------------------------
+
+
+def _explain_path(world: Pki, path, route_name: str = "users-in"):
+    """Explain a chainkit path (its own root as the bundle) on one of the world's routes."""
+    config_path = world.directory / "gateway-closed.toml"
+    config_path.write_text(_config_text(world, None))
+    config = load_config(config_path)
+    checker = FakeStatusChecker(Clock())
+    results: list = []
+    now = datetime.datetime.now(UTC)
+    route = find_route(config, route_name)
+    explain(config, [path.root], "chains.test", route, list(path.chain), checker, now).addBoth(results.append)
+    assert len(results) == 1
+    return results[0], checker
+
+
+def test_every_rule_a_certificate_breaks_is_reported(world: Pki) -> None:
+    from tests import chainkit as kit
+
+    path = kit.build(
+        kit.root(), kit.intermediate(ski=False), kit.leaf(usage=("digital_signature", "key_cert_sign"), serial=b"\x00")
+    )
+    verdict, checker = _explain_path(world, path)
+    assert not verdict.allowed and verdict.reason == Reason.BAD_CERTIFICATE
+    rendered = verdict.render()
+    for rule in ("leaf-key-usage: leaf keyUsage asserts keyCertSign", "serial-number: serial number is zero",
+                 "subject-key-id: CA certificate has no subjectKeyIdentifier (depth 1",
+                 "second-verifier: validation failed: EE keyUsage must not assert keyCertSign"):
+        assert rule in rendered, rendered
+    assert "(3 more problems listed above.)" in verdict.words
+    assert checker.calls == []  # the CA is not asked about a certificate refused anyway
+
+
+def test_the_second_verifiers_refusal_is_reported(world: Pki) -> None:
+    import ipaddress
+
+    from cryptography import x509
+
+    from tests import chainkit as kit
+
+    constraints = x509.NameConstraints([x509.IPAddress(ipaddress.ip_network("10.0.0.0/8"))], None)
+    sans = (x509.UniformResourceIdentifier("spiffe://chains.test/orders"), x509.IPAddress(ipaddress.ip_address("192.0.2.7")))
+    path = kit.build(kit.root(), kit.intermediate(name_constraints=constraints), kit.leaf("orders", sans=sans))
+    verdict, _ = _explain_path(world, path)
+    assert verdict.reason == Reason.UNTRUSTED_CHAIN
+    rendered = verdict.render()
+    assert "permitted subtree violation" in rendered  # OpenSSL's words, and the second verifier's:
+    assert "second-verifier: validation failed: candidates exhausted: no permitted name constraints" in rendered
+    assert "does not trust" not in rendered  # the chain ends in our root: no hint about another CA
+
+
+def test_a_sound_chain_goes_on_to_the_authorizer(world: Pki) -> None:
+    from tests import chainkit as kit
+
+    verdict, checker = _explain_path(world, kit.standard())
+    assert verdict.reason == Reason.IDENTITY_NOT_ALLOWED  # svc is not on users-in's allow-list
+    assert "passes our rules and the second verifier" in verdict.render()

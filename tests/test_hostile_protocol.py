@@ -360,7 +360,7 @@ def test_client_initiated_tls12_renegotiation_is_refused(world: World) -> None:
 # A scanner's view (opt-in)
 
 
-def _sslyze(world: World, tmp_path: Path, name: str, *args: str) -> dict:
+def _sslyze(world: World, tmp_path: Path, name: str, *args: str, outcome: list | None = None) -> dict:
     import json
     import shutil
 
@@ -373,6 +373,8 @@ def _sslyze(world: World, tmp_path: Path, name: str, *args: str) -> dict:
         [sslyze, f"--json_out={out}", *args, f"127.0.0.1:{world.port}"], capture_output=True, timeout=300
     )
     assert out.exists(), result.stdout.decode()[-2000:] + result.stderr.decode()[-2000:]
+    if outcome is not None:
+        outcome.append(result)
     report = json.loads(out.read_text())["server_scan_results"][0]
     assert report["scan_status"] == "COMPLETED", report
     return report["scan_result"]
@@ -401,5 +403,81 @@ def test_sslyze_finds_only_modern_tls_on_an_inbound_listener(world: World, tmp_p
     reneg = _sslyze(world, tmp_path, "reneg", "--reneg", f"--cert={world.orders}", f"--key={key}")
     result = reneg["session_renegotiation"]["result"]
     assert result["is_vulnerable_to_client_renegotiation_dos"] is False
+    assert world.gateway.alive()
+    world.assert_still_serving()
+
+
+def _mozilla_intermediate(sslyze: str) -> dict:
+    """Mozilla's "intermediate" configuration as the sslyze in use ships it (its newest version)."""
+    import json
+
+    script = (
+        "import importlib.resources as r, json; d = r.files('sslyze.mozilla_tls_profile'); "
+        "newest = max((p for p in d.iterdir() if p.name.endswith('.json')), "
+        "key=lambda p: tuple(int(n) for n in p.name[:-5].split('.'))); "
+        "print(json.dumps(json.loads(newest.read_text())['configurations']['intermediate']))"
+    )
+    python = Path(sslyze).resolve().with_name("python")
+    result = subprocess.run([str(python), "-c", script], capture_output=True, timeout=60)
+    if result.returncode != 0:
+        pytest.skip(f"cannot read sslyze's Mozilla profiles: {result.stderr.decode()[-300:]}")
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow
+def test_sslyze_finds_the_pinned_groups_no_resumption_and_mozillas_intermediate_profile(
+    world: World, tmp_path: Path, request
+) -> None:
+    """Key exchange groups are X25519, P-256 and P-384 only; no session is ever resumed (with an
+    allowed client certificate); and what sslyze finds fits Mozilla's "intermediate" configuration:
+    versions, TLS 1.2 ciphers, TLS 1.3 suites, key exchange groups, the certificate's key, curve,
+    signature and lifespan. (sslyze's own compliance check cannot run here: it needs a
+    renegotiation scan, which needs a client certificate, with which its SSL 2.0 scan fails.)"""
+    import shutil
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import SignatureAlgorithmOID
+
+    from tests.hostile import opt_in_slow
+
+    opt_in_slow(request)
+    scan = _sslyze(world, tmp_path, "profile")
+    curves = scan["elliptic_curves"]["result"]
+    assert sorted(c["name"] for c in curves["supported_curves"]) == ["X25519", "secp256r1", "secp384r1"]
+    assert "secp521r1" in {c["name"] for c in curves["rejected_curves"]}
+    key = str(world.orders.with_suffix(".key"))
+    resumption = _sslyze(world, tmp_path, "resum", "--resum", f"--cert={world.orders}", f"--key={key}")
+    result = resumption["session_resumption"]["result"]
+    assert (result["session_id_resumption_result"], result["tls_ticket_resumption_result"]) == (
+        "NOT_SUPPORTED",
+        "NOT_SUPPORTED",
+    ), result
+    assert result["session_id_successful_resumptions_count"] == result["tls_ticket_successful_resumptions_count"] == 0
+
+    profile = _mozilla_intermediate(os.environ.get("S2SGW_SSLYZE") or shutil.which("sslyze") or "sslyze")
+    versions = {"tls_1_2": "TLSv1.2", "tls_1_3": "TLSv1.3", "tls_1_1": "TLSv1.1", "tls_1_0": "TLSv1", "ssl_3_0": "SSLv3"}
+    offered = {name for key_, name in versions.items() if scan[f"{key_}_cipher_suites"]["result"]["accepted_cipher_suites"]}
+    assert offered == set(profile["tls_versions"]), offered
+    tls12 = {s["cipher_suite"]["openssl_name"] for s in scan["tls_1_2_cipher_suites"]["result"]["accepted_cipher_suites"]}
+    assert tls12 and tls12 <= set(profile["ciphers"]["openssl"]), tls12
+    tls13 = {s["cipher_suite"]["name"] for s in scan["tls_1_3_cipher_suites"]["result"]["accepted_cipher_suites"]}
+    assert tls13 and tls13 <= set(profile["ciphersuites"]), tls13
+    groups = {{"secp256r1": "prime256v1"}.get(c["name"], c["name"]) for c in curves["supported_curves"]}
+    assert groups <= set(profile["tls_curves"]), groups
+    deployment = scan["certificate_info"]["result"]["certificate_deployments"][0]
+    leaf = x509.load_pem_x509_certificate(deployment["received_certificate_chain"][0]["as_pem"].encode())
+    public_key = leaf.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey) and "ecdsa" in profile["certificate_types"]
+    assert {"secp256r1": "prime256v1"}.get(public_key.curve.name, public_key.curve.name) in profile["certificate_curves"]
+    signatures = {
+        SignatureAlgorithmOID.ECDSA_WITH_SHA256: "ecdsa-with-SHA256",
+        SignatureAlgorithmOID.ECDSA_WITH_SHA384: "ecdsa-with-SHA384",
+        SignatureAlgorithmOID.ECDSA_WITH_SHA512: "ecdsa-with-SHA512",
+        SignatureAlgorithmOID.RSA_WITH_SHA256: "sha256WithRSAEncryption",
+    }
+    assert signatures.get(leaf.signature_algorithm_oid) in profile["certificate_signatures"]
+    lifespan = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    assert lifespan.days <= profile["maximum_certificate_lifespan"]
     assert world.gateway.alive()
     world.assert_still_serving()

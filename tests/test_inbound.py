@@ -498,3 +498,36 @@ def deferLater(reactor: Any, seconds: float) -> defer.Deferred[None]:
     from twisted.internet.task import deferLater as later
 
     return later(reactor, seconds, lambda: None)
+
+
+def test_a_handshake_that_verified_no_chain_is_refused_and_nothing_is_authorized(
+    pki: PKI, audit_events: list[dict]
+) -> None:
+    """A server context that asks for no certificate leaves no verified chain: the peer is refused
+    as untrusted, and no chain the peer might have sent stands in for it."""
+    rig = Rig(pki)
+    rig.listener.trust_store.servers["orders"] = pki.options("orders", trust=False)  # type: ignore[attr-defined]
+    caller, _ = rig.connect()
+    caller.transport.write(b"hello")
+    rig.pump()
+    assert caller.lost is not None
+    assert rig.authorizer.calls == [] and rig.backend.attempts == 0
+    event = only(audit_events)
+    assert (event["outcome"], event["reason"]) == ("refused", Reason.UNTRUSTED_CHAIN)
+    assert event["detail"] == "the handshake left no verified certificate chain"
+
+
+def test_a_tls_error_on_a_live_connection_is_audited_with_openssls_words(
+    pki: PKI, audit_events: list[dict]
+) -> None:
+    """Bytes that are not TLS records after the splice end the connection as tls_error, with a detail."""
+    rig = Rig(pki)
+    caller, wire = rig.connect()
+    caller.transport.write(b"hello")
+    rig.pump()
+    assert bytes(rig.backend.peers[0].received) == b"hello"
+    wire.server.protocol.dataReceived(b"\x17\x03\x03\x00\x05garbage-not-a-record")
+    rig.pump()
+    event = only(audit_events)
+    assert (event["outcome"], event["reason"]) == ("closed", Reason.TLS_ERROR)
+    assert event["detail"], event

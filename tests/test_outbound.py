@@ -374,3 +374,20 @@ async def upload_through_both_gateways(pki: PKI, payload: bytes) -> None:
             await route.stop_listening()
             await route.drain(1.0)
         await backend_port.stopListening()
+
+
+def test_a_remote_whose_chain_was_not_verified_is_refused_and_nothing_is_authorized(
+    pki: PKI, audit_events: list[dict]
+) -> None:
+    """A client context that verifies nothing completes the handshake, but the chain the remote
+    sent is never judged in place of a verified one."""
+    rig = Rig(pki)
+    rig.store.clients["orders"] = pki.options("orders", trust=False)
+    client, _ = rig.connect()
+    client.transport.write(b"secret")
+    rig.pump()
+    assert client.lost is not None
+    assert rig.authorizer.calls == [] and rig.services[0].received == b""
+    event = only(audit_events)
+    assert (event["outcome"], event["reason"]) == ("refused", Reason.UNTRUSTED_CHAIN)
+    assert event["detail"].startswith("the peer's chain did not verify: ")

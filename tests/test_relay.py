@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import attrs
+import pytest
+from OpenSSL import SSL
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from s2sgw.interfaces import Reason
 from s2sgw.relay import Relay, RelaySide, splice
@@ -204,3 +207,18 @@ def test_a_tls_failure_on_a_live_connection_is_recorded_as_tls_error() -> None:
     rig.a.connectionLost(Failure(SSL.Error([("SSL routines", "", "no renegotiation")])))
     rig.pump()
     assert rig.relay is not None and rig.relay.reason == Reason.TLS_ERROR
+
+
+@pytest.mark.parametrize(
+    ("error", "words"),
+    [
+        (SSL.Error([("SSL routines", "", "no renegotiation")]), "no renegotiation"),
+        (SSL.Error([]), "Error without details from OpenSSL"),
+    ],
+)
+def test_a_tls_failure_on_a_live_connection_says_what_failed(error: Exception, words: str) -> None:
+    """The relay keeps OpenSSL's words for the audit line, and never leaves them empty."""
+    rig = spliced()
+    rig.a.connectionLost(Failure(error))
+    rig.pump()
+    assert rig.relay is not None and (rig.relay.reason, rig.relay.detail) == (Reason.TLS_ERROR, words)

@@ -627,7 +627,13 @@ class TestOCSPStatusChecker:
 
 
 def make_crl(ca: Issued, revoked=(), *, last=NOW - MINUTE, next_=NOW + HOUR, signer=None):
-    builder = x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject).last_update(last).next_update(next_)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(last)
+        .next_update(next_)
+        .add_extension(x509.CRLNumber(1), critical=False)
+    )
     for cert, reason in revoked:
         entry = x509.RevokedCertificateBuilder().serial_number(cert.serial_number).revocation_date(NOW - HOUR)
         if reason is not None:

@@ -11,6 +11,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL
 
 from s2sgw import tls
+from s2sgw import handshake
 from s2sgw.interfaces import Reason
 from tests.pkifactory import Identity, TestCA, new_key, now
 from tests.tlshelpers import connect
@@ -45,14 +46,14 @@ def test_mutual_handshake_completes_and_exposes_verified_chains(ca, orders, user
     """Two certificates from the same bundle complete a handshake; each side sees the other's chain."""
     pair = connect(server_side(orders, ca), client_side(users, ca))
     assert pair.server.completed and pair.client.completed
-    assert [c.serial_number for c in tls.peer_chain(pair.server_tls)] == [
+    assert [c.serial_number for c in handshake.peer_chain(pair.server_tls)] == [
         users.leaf.serial_number,
         ca.intermediate.serial_number,
         ca.root.serial_number,
     ]
-    assert tls.peer_chain(pair.client_tls)[0].serial_number == orders.leaf.serial_number
-    assert tls.chain_error(pair.server_tls) is None
-    version, cipher = tls.negotiated(pair.server_tls)
+    assert handshake.peer_chain(pair.client_tls)[0].serial_number == orders.leaf.serial_number
+    assert handshake.chain_error(pair.server_tls) is None
+    version, cipher = handshake.negotiated(pair.server_tls)
     assert version == "TLSv1.3" and cipher
     pair.client_tls.write(b"hello")
     pair.flush()
@@ -77,7 +78,7 @@ def test_tls12_is_negotiated_only_with_ecdhe_aead() -> None:
     client_context = tls.client_context(client_id.chain, client_id.key, [ca.root])
     client_context.set_max_proto_version(SSL.TLS1_2_VERSION)
     pair = connect(server_side(server_id, ca), tls.ClientConnectionCreator(lambda: client_context, "orders"))
-    version, cipher = tls.negotiated(pair.server_tls)
+    version, cipher = handshake.negotiated(pair.server_tls)
     assert version == "TLSv1.2"
     assert cipher.startswith("ECDHE-") and ("GCM" in cipher or "CHACHA20" in cipher)
 
@@ -86,7 +87,7 @@ def test_tls12_is_negotiated_only_with_ecdhe_aead() -> None:
     cbc_context.set_cipher_list(b"ECDHE-ECDSA-AES128-SHA256:AES128-SHA")
     pair = connect(server_side(server_id, ca), tls.ClientConnectionCreator(lambda: cbc_context, "orders"))
     assert not pair.server.completed
-    assert tls.handshake_failure(pair.server_tls, pair.server.lost)[0] == Reason.TLS_ERROR
+    assert handshake.handshake_failure(pair.server_tls, pair.server.lost)[0] == Reason.TLS_ERROR
 
 
 @pytest.mark.parametrize("max_version", [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION], ids=["tls1.2", "tls1.3"])
@@ -98,9 +99,9 @@ def test_client_without_certificate_is_refused_as_no_client_cert(ca, orders, max
     pair = connect(server_side(orders, ca), tls.ClientConnectionCreator(lambda: bare, "orders"))
     assert not pair.server.completed
     assert pair.server.lost is not None
-    reason, detail = tls.handshake_failure(pair.server_tls, pair.server.lost)
+    reason, detail = handshake.handshake_failure(pair.server_tls, pair.server.lost)
     assert reason == Reason.NO_CLIENT_CERT, detail
-    assert tls.chain_error(pair.server_tls) is None
+    assert handshake.chain_error(pair.server_tls) is None
 
 
 @pytest.mark.parametrize(
@@ -135,7 +136,7 @@ def test_server_records_why_a_client_certificate_was_refused(
     pair = connect(server_side(orders, ca), tls.ClientConnectionCreator(lambda: context, "orders"))
     assert not pair.server.completed
     assert getattr(pair.server_tls, tls.CHAIN_ERROR) == reason
-    assert tls.handshake_failure(pair.server_tls, pair.server.lost)[0] == reason
+    assert handshake.handshake_failure(pair.server_tls, pair.server.lost)[0] == reason
     assert pair.client.lost is not None
 
 
@@ -213,8 +214,8 @@ def test_creators_use_the_current_context_for_each_new_connection(ca, users) -> 
     before = connect(creator, client_side(users, ca))
     contexts.append(tls.server_context(second.chain, second.key, [ca.root]))
     after = connect(creator, client_side(users, ca))
-    assert tls.peer_chain(before.client_tls)[0].serial_number == first.leaf.serial_number
-    assert tls.peer_chain(after.client_tls)[0].serial_number == second.leaf.serial_number
+    assert handshake.peer_chain(before.client_tls)[0].serial_number == first.leaf.serial_number
+    assert handshake.peer_chain(after.client_tls)[0].serial_number == second.leaf.serial_number
     # the live connection made with the old context still works
     before.client_tls.write(b"still here")
     before.flush()
@@ -237,7 +238,7 @@ def test_tls11_client_is_refused(ca, orders) -> None:
     old.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
     pair = connect(server_side(orders, ca), tls.ClientConnectionCreator(lambda: old, "orders"))
     assert not pair.server.completed
-    assert tls.handshake_failure(pair.server_tls, pair.server.lost)[0] == Reason.TLS_ERROR
+    assert handshake.handshake_failure(pair.server_tls, pair.server.lost)[0] == Reason.TLS_ERROR
 
 
 def test_sni_name_rules() -> None:
@@ -252,3 +253,19 @@ def test_reason_for_unknown_verify_error_is_untrusted_chain() -> None:
     assert tls.reason_for_verify_error(10)[0] == Reason.EXPIRED
 
 
+
+
+def test_peer_chain_is_the_verified_chain_or_nothing(ca, orders, users) -> None:
+    """A client that verifies nothing completes its handshake, yet peer_chain never answers with
+    the chain the server merely sent."""
+    careless = SSL.Context(SSL.TLS_METHOD)
+    careless.set_verify(SSL.VERIFY_NONE)
+    careless.use_certificate(users.chain[0])
+    careless.add_extra_chain_cert(users.chain[1])
+    careless.use_privatekey(users.key)
+    pair = connect(server_side(orders, ca), tls.ClientConnectionCreator(lambda: careless, "orders"))
+    assert pair.server.completed and pair.client.completed
+    assert len(pair.client_tls.getHandle().get_peer_cert_chain()) == 2  # sent, never verified
+    with pytest.raises(handshake.NoVerifiedChain, match="did not verify: unable to get local issuer certificate"):
+        handshake.peer_chain(pair.client_tls)
+    assert [c.serial_number for c in handshake.peer_chain(pair.server_tls)][0] == users.leaf.serial_number

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from zope.interface.verify import verifyObject
 
 from s2sgw import pki, tls
+from s2sgw import handshake
 from s2sgw.config import ConfigError, load_config
 from s2sgw.interfaces import IConnectionCreators, ITrustStore, Reason
 from s2sgw.truststore import TrustStore
@@ -38,8 +39,8 @@ def client_for(ca: TestCA, name: str = "users", trusting: TestCA | None = None) 
 
 def served_serial(store: TrustStore, ca: TestCA) -> int:
     pair = connect(store.server_creator("orders"), client_for(ca))
-    assert pair.client.completed, tls.chain_error(pair.client_tls)
-    return tls.peer_chain(pair.client_tls)[0].serial_number
+    assert pair.client.completed, handshake.chain_error(pair.client_tls)
+    return handshake.peer_chain(pair.client_tls)[0].serial_number
 
 
 def test_store_provides_the_trust_store_interface(setup: Setup) -> None:
@@ -64,14 +65,14 @@ def test_loaded_store_serves_mutual_tls_both_ways(setup: Setup) -> None:
         ),
     )
     assert pair.server.completed
-    assert tls.peer_chain(pair.server_tls)[0] == peer.leaf
+    assert handshake.peer_chain(pair.server_tls)[0] == peer.leaf
 
     peer_server = tls.ServerConnectionCreator(
         lambda: tls.server_context(peer.chain, peer.key, [setup.ca.root])
     )
     pair = connect(peer_server, store.client_creator("orders", "users"))
     assert pair.server.completed and pair.client.completed
-    assert tls.peer_chain(pair.server_tls)[0] == store.leaf("orders")
+    assert handshake.peer_chain(pair.server_tls)[0] == store.leaf("orders")
 
 
 def test_unknown_service_is_refused_when_asking_for_a_creator(setup: Setup) -> None:
@@ -226,7 +227,7 @@ def test_trust_bundle_rotation_with_overlap(setup: Setup) -> None:
     assert not store.verify_chain(old_peer.chain) and store.verify_chain(new_peer.chain)
     pair = connect(store.server_creator("orders"), client_for(setup.ca, trusting=new_ca))
     assert not pair.server.completed
-    assert tls.chain_error(pair.server_tls)[0] == Reason.UNTRUSTED_CHAIN  # type: ignore[index]
+    assert handshake.chain_error(pair.server_tls)[0] == Reason.UNTRUSTED_CHAIN  # type: ignore[index]
 
 
 def test_new_bundle_that_no_longer_covers_our_certificate_is_refused(setup: Setup) -> None:

@@ -23,7 +23,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
-from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -33,8 +36,8 @@ from zope.interface import implementer
 
 from s2sgw import pki, tls
 from s2sgw.errors import S2sgwError
-from s2sgw.wire.http import read_limited
 from s2sgw.wire import est
+from s2sgw.wire.http import read_limited
 
 MAX_ANSWER_BYTES = 256 * 1024
 DEFAULT_TIMEOUT = 30.0

@@ -46,7 +46,13 @@ from s2sgw.enroll.client import (
     new_key,
 )
 from s2sgw.enroll.renewal_metrics import RenewalCollector
-from s2sgw.enroll.schedule import LAST_TENTH, MAX_RETRY, ServiceRenewal, renewal_time, retry_delay
+from s2sgw.enroll.schedule import (
+    LAST_TENTH,
+    MAX_RETRY,
+    ServiceRenewal,
+    renewal_time,
+    retry_delay,
+)
 from s2sgw.errors import S2sgwError
 from s2sgw.files import write_files
 from s2sgw.wire import est
@@ -106,7 +112,7 @@ class RenewalService(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
-        self._collector = RenewalCollector(self)
+        self._collector = RenewalCollector(self._states)
         self.registry.register(self._collector)
         for name in self.services:
             self.schedule(name)

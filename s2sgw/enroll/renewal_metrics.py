@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from s2sgw.enroll.schedule import RESULTS
-
-if TYPE_CHECKING:
-    from s2sgw.enroll.renewal import RenewalService
+from s2sgw.enroll.schedule import RESULTS, ServiceRenewal
 
 
 class RenewalCollector:
     """``s2sgw_certificate_renewals_total`` and ``s2sgw_certificate_next_renewal_timestamp_seconds``,
     computed when scraped (labels: configured service names and fixed results)."""
 
-    def __init__(self, service: RenewalService) -> None:
-        self.service = service
+    def __init__(self, states: Mapping[str, ServiceRenewal]) -> None:
+        self.states = states  # the renewal service's own, read at each scrape
 
     def describe(self) -> list[Metric]:
         return []
@@ -35,7 +31,7 @@ class RenewalCollector:
             "Unix time of the next renewal attempt of each service's certificate.",
             labels=["service"],
         )
-        for name, state in self.service._states.items():
+        for name, state in self.states.items():
             for result in RESULTS:
                 renewals.add_metric([name, result], state.counts[result])
             next_renewal.add_metric([name], math.nan if state.next_at is None else state.next_at)

@@ -2,9 +2,10 @@
 
 TLS alerts say "unknown ca" or "internal error"; this command says what the gateway would decide
 and why, in words. It runs the gateway's own code in the gateway's order: the chain against the
-trust bundle (as the TLS layer does, with the peer's intermediates), the leaf checks of the
-verify callback, then the :class:`Authorizer` (identity, allow-list or expected peer, and a real
-status query through the configured checker on a reactor).
+trust bundle (as the TLS layer does, with the peer's intermediates), the checks of the verify
+callback (the leaf's, our rules and the second verifier), then the :class:`Authorizer`
+(identity, allow-list or expected peer, and a real status query through the configured checker
+on a reactor). Every problem of the certificate's chain is listed, not only the first.
 
 Exit codes: 0 allowed, 1 refused, 2 the question could not be asked (bad configuration, unreadable
 certificate file, unknown route).
@@ -30,6 +31,8 @@ from s2sgw.config import GatewayConfig, InboundRoute, OutboundRoute, load_config
 from s2sgw.errors import S2sgwError
 from s2sgw.interfaces import Decision, IStatusChecker, Reason
 from s2sgw.routes.authz import Authorizer
+from s2sgw.verify import rules
+from s2sgw.verify.strict import StrictVerifier
 
 EXIT_ALLOWED = 0
 EXIT_REFUSED = 1
@@ -166,46 +169,62 @@ def explain(
     def refused(reason: str, words: str) -> Deferred[Verdict]:
         return defer.succeed(Verdict(False, reason, words, tuple(steps)))
 
-    # 1. What OpenSSL decides during the handshake (with our verify callback).
+    # 1. What the handshake decides: OpenSSL, then our verify callback (leaf checks, our rules,
+    #    the second verifier). Every problem is listed, not only the first.
+    problems: list[tuple[str, str]] = []
     for position, certificate in enumerate(chain):
-        if now > certificate.not_valid_after_utc or now < certificate.not_valid_before_utc:
-            which = "the peer's certificate" if position == 0 else f"chain certificate {certificate.subject.rfc4514_string()}"
-            if now > certificate.not_valid_after_utc:
-                return refused(Reason.EXPIRED, f"{which} expired at {certificate.not_valid_after_utc.isoformat()}.")
-            return refused(
-                Reason.NOT_YET_VALID, f"{which} is not valid before {certificate.not_valid_before_utc.isoformat()}."
+        which = "the peer's certificate" if position == 0 else f"chain certificate {certificate.subject.rfc4514_string()}"
+        if now > certificate.not_valid_after_utc:
+            problems.append((Reason.EXPIRED, f"{which} expired at {certificate.not_valid_after_utc.isoformat()}."))
+        elif now < certificate.not_valid_before_utc:
+            problems.append(
+                (Reason.NOT_YET_VALID, f"{which} is not valid before {certificate.not_valid_before_utc.isoformat()}.")
             )
+    root = pki.issuer_of(chain[-1], roots)
+    path = [*chain, root] if root is not None and chain[-1] != root else list(chain)
     try:
         pki.verify_chain(chain, roots, now)
     except pki.PKIError as error:
-        hint = (
-            " The file holds only the leaf; a peer must send its intermediate certificate too."
-            if len(chain) == 1
-            else " It was issued by a CA this gateway does not trust (another CA, or an old one)."
-        )
-        return refused(
-            Reason.UNTRUSTED_CHAIN,
-            f"the certificate does not chain to the trust bundle {config.trust}: {error}.{hint}",
-        )
-    root = pki.issuer_of(chain[-1], roots)
-    steps.append(
-        ("chain", f"verifies against the trust bundle {config.trust}"
-         + (f" (root {root.subject.rfc4514_string()})" if root is not None else ""))
-    )
+        if not problems:  # an expired certificate is OpenSSL's complaint too: say it once
+            if len(chain) == 1 and root is None:
+                hint = " The file holds only the leaf; a peer must send its intermediate certificate too."
+            elif root is None:
+                hint = " It was issued by a CA this gateway does not trust (another CA, or an old one)."
+            else:
+                hint = ""
+            problems.append(
+                (
+                    Reason.UNTRUSTED_CHAIN,
+                    f"the certificate does not chain to the trust bundle {config.trust}: {error}.{hint}",
+                )
+            )
     usage = ExtendedKeyUsageOID.CLIENT_AUTH if isinstance(route, InboundRoute) else ExtendedKeyUsageOID.SERVER_AUTH
     problem = tls.leaf_problem(leaf, usage)
     if problem is not None:
         reason, words = problem
-        return refused(reason, f"the TLS layer refuses this certificate: {words}.")
+        problems.append((reason, f"the TLS layer refuses this certificate: {words}."))
+    if root is not None:  # a path to one of our roots: our rules and the second verifier
+        strict = StrictVerifier(tuple(roots), usage, tls.VERIFY_DEPTH, clock=now.timestamp)
+        problems.extend((reason, f"{detail}.") for reason, detail in strict.problems(path))
+    else:  # no path: our rules on what the file holds, with no certificate taken for a root
+        problems.extend((p.reason, f"{p.detail}.") for p in rules.problems(path, anchored=False))
+    if problems:
+        steps.extend(("problem", f"{reason}: {words}") for reason, words in problems)
+        reason, words = problems[0]
+        if len(problems) > 1:
+            words += f" ({len(problems) - 1} more problem{'s' if len(problems) > 2 else ''} listed above.)"
+        return refused(reason, words)
+    steps.append(
+        ("chain", f"verifies against the trust bundle {config.trust}"
+         + (f" (root {root.subject.rfc4514_string()})" if root is not None else "")
+         + ", passes our rules and the second verifier")
+    )
 
     # 2. The authorizer: identity, allow-list or expected peer, then the status query.
     steps.append(("identity", pki.identity(leaf) or "(none)"))
     steps.append(("status check", describe_status(config)))
     authorizer = Authorizer(checker, trust_domain, fail=config.status.fail)
-    full_chain = list(chain)
-    if root is not None and chain[-1] != root:
-        full_chain.append(root)  # what OpenSSL hands the gateway: the verified chain up to the root
-    d = authorizer.authorize(route, full_chain)
+    d = authorizer.authorize(route, path)  # what OpenSSL hands the gateway: the verified chain up to the root
     d.addCallback(lambda decision: Verdict(decision.allowed, decision.reason, words_for(decision, route, leaf), tuple(steps)))
     return d
 

@@ -34,13 +34,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw.config import FailMode
-from s2sgw.interfaces import Decision, IAuthorizer, IStatusChecker, Reason
+from s2sgw.config import FailMode, InboundRoute, OutboundRoute
+from s2sgw.interfaces import (
+    Decision,
+    IAuthorizer,
+    IStapleSource,
+    IStatusChecker,
+    Reason,
+)
 from s2sgw.status.stapling import StapleMetrics
-from s2sgw.config import InboundRoute, OutboundRoute
-from s2sgw.interfaces import IStapleSource
 from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
-
 
 Route = InboundRoute | OutboundRoute
 

@@ -126,6 +126,8 @@ class RouteGate:
         if session.outcome is None:
             session.outcome = "closed"
             session.reason = (relay.reason if relay is not None else None) or Reason.PEER_CLOSED
+            if not session.detail and relay is not None:
+                session.detail = relay.detail
         reason = session.reason or Reason.PEER_CLOSED
         duration = self.clock.seconds() - session.started
         self.metrics.untrack(session)

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw import tls
+from s2sgw import handshake
 from s2sgw.config import InboundRoute, TimeoutsConfig
 from s2sgw.identity.policy import InboundIdentity
 from s2sgw.interfaces import Decision, IAuthorizer, IConnectionCreators, Reason
@@ -33,10 +33,10 @@ from s2sgw.ops.audit import AuditLog
 from s2sgw.ops.metrics import INTERNAL_ERROR, RouteMetrics
 from s2sgw.relay import RelaySide, splice
 from s2sgw.routes.gate import (
+    CappedTLSFactory,
     GatedRoute,
     RouteGate,
     Session,
-    CappedTLSFactory,
     dial_error,
 )
 from s2sgw.transport import (
@@ -100,9 +100,13 @@ class InboundSide(RelaySide):
         self.transport.pauseProducing()
         listener = self.listener
         try:
-            self.session.tls_version, self.session.cipher = tls.negotiated(self.transport)
-            chain = tls.peer_chain(self.transport)
+            self.session.tls_version, self.session.cipher = handshake.negotiated(self.transport)
+            chain = handshake.peer_chain(self.transport)
             self.session.chain = tuple(chain)
+        except handshake.NoVerifiedChain as error:
+            self._count(False, Reason.UNTRUSTED_CHAIN)
+            self._refuse(Reason.UNTRUSTED_CHAIN, str(error))
+            return
         except Exception:
             self._log.failure("reading the peer chain on route {route}", route=listener.route.name)
             self._refuse(INTERNAL_ERROR, "could not read the peer chain")
@@ -201,7 +205,7 @@ class InboundSide(RelaySide):
         session = self.session
         if session.outcome is None:
             if not self.handshake_done:
-                code, detail = tls.handshake_failure(self.transport, reason)
+                code, detail = handshake.handshake_failure(self.transport, reason)
                 self._count(False, code)
                 session.refuse(code, detail)
             else:

@@ -22,14 +22,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw import tls
+from s2sgw import handshake
 from s2sgw.config import OutboundRoute, TimeoutsConfig
 from s2sgw.identity.policy import OutboundIdentity
 from s2sgw.interfaces import Decision, IAuthorizer, ITrustStore, Reason
 from s2sgw.ops.audit import AuditLog
 from s2sgw.ops.metrics import INTERNAL_ERROR, RouteMetrics
 from s2sgw.relay import RelaySide, splice
-from s2sgw.routes.gate import GatedRoute, RouteGate, Session, RefusedProtocol, dial_error
+from s2sgw.routes.gate import (
+    GatedRoute,
+    RefusedProtocol,
+    RouteGate,
+    Session,
+    dial_error,
+)
 from s2sgw.tls import received_staple
 from s2sgw.transport import (
     CurrentClientCreator,
@@ -143,9 +149,13 @@ class RemoteSide(RelaySide):
         connector = self.connector
         session = self.local.session
         try:
-            session.tls_version, session.cipher = tls.negotiated(self.transport)
-            chain = tls.peer_chain(self.transport)
+            session.tls_version, session.cipher = handshake.negotiated(self.transport)
+            chain = handshake.peer_chain(self.transport)
             session.chain = tuple(chain)
+        except handshake.NoVerifiedChain as error:
+            self._count(False, Reason.UNTRUSTED_CHAIN)
+            self.local.refuse(Reason.UNTRUSTED_CHAIN, str(error))
+            return
         except Exception:
             self._log.failure("reading the remote chain on route {route}", route=connector.route.name)
             self._count(False, INTERNAL_ERROR)
@@ -211,13 +221,13 @@ class RemoteSide(RelaySide):
         self._cancel_timer()
         local = self.local
         if local.session.outcome is None:
-            if not self.handshake_done or tls.chain_error(self.transport):
-                code, detail = tls.handshake_failure(self.transport, reason)
+            if not self.handshake_done or handshake.chain_error(self.transport):
+                code, detail = handshake.handshake_failure(self.transport, reason)
             else:
                 code, detail = Reason.PEER_CLOSED, "the remote gateway closed before the relay started"
                 text = reason.getErrorMessage()
                 if "alert" in text.lower():
-                    code, detail = Reason.TLS_ERROR, text
+                    code, detail = Reason.TLS_ERROR, handshake.failure_words(reason)
             self._count(False, code)
             local.refuse(code, detail)
         if local.lost:

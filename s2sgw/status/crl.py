@@ -17,6 +17,7 @@ from zope.interface import implementer
 from s2sgw import pki
 from s2sgw.interfaces import IStatusChecker
 from s2sgw.timeutil import utc
+from s2sgw.verify.crlrules import crl_problem
 from s2sgw.wire.ocsp import DEFAULT_LEEWAY, CertStatus, StatusInvalid
 
 
@@ -95,6 +96,9 @@ class CRLStatusChecker:
             raise StatusInvalid(
                 f"CRL of {crl.issuer.rfc4514_string()}: signature does not verify with the issuer's key"
             )
+        problem = crl_problem(crl, signer)
+        if problem is not None:
+            raise StatusInvalid(f"CRL of {crl.issuer.rfc4514_string()}: {problem}")
         self._verified.add(key)
 
     def _signer_of(self, intermediate: x509.Certificate) -> x509.Certificate:
