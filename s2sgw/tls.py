@@ -236,6 +236,9 @@ def _context(
     for root in roots:
         store.add_cert(crypto.X509.from_cryptography(root))
     strict = StrictVerifier(tuple(roots), peer_usage, VERIFY_DEPTH)
+    # Judge our own chain once now, while the process may still read everything: OpenSSL looks up
+    # some of what signature checks need on first use, and twistd may drop privileges after this.
+    strict.second_opinion([*chain, *(root for root in roots if root.subject == chain[-1].issuer)])
     context.set_verify(verify_mode, _Verifier(peer_usage, strict))
     context.set_verify_depth(VERIFY_DEPTH)
     return context

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
@@ -34,11 +34,22 @@ class _Child(ProcessProtocol):
     def __init__(self, name: str) -> None:
         self.name = name
         self.status: int | None = None
-        self.ended: Deferred[None] = Deferred()
+        self._waiters: list[Deferred[None]] = []
+
+    def when_ended(self) -> Deferred[None]:
+        """A new Deferred for the end of the process: cancelling it leaves the others alone."""
+        if self.status is not None:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
 
     def processEnded(self, reason: Failure) -> None:
         self.status = 0 if reason.check(ProcessDone) else getattr(reason.value, "exitCode", None) or -1
-        self.ended.callback(None)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.callback(None)
 
 
 @attrs.define(eq=False)
@@ -82,7 +93,7 @@ class Children:
         running = [(child, transport) for child, transport in self._children if child.status is None]
         for _, transport in running:
             _signal(transport, "TERM")
-        ended = DeferredList([child.ended for child, _ in running])
+        ended = DeferredList([child.when_ended() for child, _ in running])
         ended.addTimeout(STOP_TIMEOUT, self.reactor)
         try:
             await ended
@@ -90,7 +101,7 @@ class Children:
             for child, transport in running:
                 if child.status is None:
                     _signal(transport, "KILL")
-            await DeferredList([child.ended for child, _ in running])
+            await DeferredList([child.when_ended() for child, _ in running])
         self._children.clear()
 
     def kill_now(self) -> None:
