@@ -1,4 +1,4 @@
-"""Gateway commands: ``check-config`` (and later ``explain``)."""
+"""Gateway command: ``check-config`` (``explain`` has its own module)."""
 
 from __future__ import annotations
 
