@@ -77,17 +77,13 @@ class FakeStatusChecker:
         return defer.succeed(CertStatus(answer, now, None, revoked_at=revoked_at, revocation_reason=reason))
 
 
-class SyncReactor(Clock):
-    """A Clock at the wall time whose "threads" run at once: what the store and the refresher need."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.advance(time.time())
+class InlineThreads:
+    """Reactor methods for code that hands work to threads: here the work runs at once."""
 
     def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         f(*args, **kwargs)
 
-    def getThreadPool(self) -> SyncReactor:
+    def getThreadPool(self) -> InlineThreads:
         return self
 
     def callInThreadWithCallback(self, on_result, f, *args, **kwargs) -> None:
@@ -97,6 +93,14 @@ class SyncReactor(Clock):
             on_result(False, Failure())
         else:
             on_result(True, result)
+
+
+class SyncReactor(InlineThreads, Clock):
+    """A Clock at the wall time whose "threads" run at once: what the store and the refresher need."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.advance(time.time())
 
 
 def decode_proxy_v2(data: bytes) -> Decoded:

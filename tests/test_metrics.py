@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,12 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python.failure import Failure
 
 import s2sgw
 from s2sgw.config import load_config
 from s2sgw.service import build_gateway
 from s2sgw.truststore import TrustStore
+from tests.doubles import InlineThreads
 from tests.pkifactory import TestCA
 
 Family = tuple[str, str, str, tuple[str, ...]]  # name, type, help, label names
@@ -91,26 +90,12 @@ key = "orders.key"
 """
 
 
-class Reactor(MemoryReactorClock):
+class Reactor(InlineThreads, MemoryReactorClock):
     """Sockets in memory, a clock at the wall time, and "threads" that run at once (trust loading)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.advance(time.time())
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
-
-    def getThreadPool(self) -> Reactor:
-        return self
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs) -> None:
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
 
 
 def _gateway(directory: Path, mode: str, registry: CollectorRegistry) -> MultiService:
