@@ -34,8 +34,10 @@ from s2sgw.ca.building import (
     subject_key_id,
 )
 from s2sgw.ca.cafiles import (
+    IssuingCA,
     load_cert,
     load_key,
+    load_previous,
     write_atomically,
     write_ca_files,
 )
@@ -48,8 +50,10 @@ from s2sgw.ca.ceremony import (
     MAX_CRL_HOURS,
     OCSP_CERT,
     OCSP_KEY,
+    ISSUING_FILES,
     ROOT_CERT,
     create_ca_files,
+    inside,
 )
 from s2sgw.ca.inputs import (
     KEY_TYPES,
@@ -156,6 +160,8 @@ class CertificateAuthority:
     ocsp_key: PrivateKey = attrs.field(repr=False)
     store: CAStore = attrs.field(repr=False)
     serial_source: Callable[[], int] = attrs.field(default=random_serial, repr=False, kw_only=True)
+    # Issuing CAs replaced by ``s2sgw ca intermediate`` and not yet retired, oldest first.
+    previous: tuple[IssuingCA, ...] = attrs.field(default=(), repr=False, kw_only=True)
 
     # -- creating and opening
 
@@ -168,8 +174,13 @@ class CertificateAuthority:
         key_type: str = "ecdsa-p256",
         url: str | None = None,
         now: datetime.datetime | None = None,
+        root_key_out: Path | str | None = None,
     ) -> CertificateAuthority:
-        """Create root, intermediate and OCSP signer in ``directory`` (new or empty of CA files)."""
+        """Create root, intermediate and OCSP signer in ``directory`` (new or empty of CA files).
+
+        With ``root_key_out`` the root's key goes to that file (outside ``directory``, not there
+        yet) and the directory holds only what the online CA needs.
+        """
         directory = Path(directory)
         validate_trust_domain(trust_domain)
         validate_key_type(key_type)
@@ -181,7 +192,13 @@ class CertificateAuthority:
         if existing:
             raise CAError(f"{directory} already holds a CA ({existing[0]} exists)")
 
-        create_ca_files(directory, trust_domain, key_type, url, _utc(now))
+        if root_key_out is not None:
+            root_key_out = Path(root_key_out)
+            if inside(root_key_out, directory):
+                raise CAError(f"the root key must be kept outside the CA directory, not at {root_key_out}")
+            if root_key_out.exists() or root_key_out.is_symlink():
+                raise CAError(f"{root_key_out} already exists; a root key is never overwritten")
+        create_ca_files(directory, trust_domain, key_type, url, _utc(now), root_key_out=root_key_out)
         return cls.open(directory)
 
     @classmethod
@@ -213,7 +230,22 @@ class CertificateAuthority:
             ocsp_cert=ocsp_cert,
             ocsp_key=ocsp_key,
             store=store,
+            previous=load_previous(directory, ISSUING_FILES),
         )
+
+    def key_bytes(self, key: PrivateKey) -> bytes:
+        """A new CA key as it is written to disk."""
+        return key_pem(key)
+
+    @property
+    def issuing(self) -> IssuingCA:
+        """The current issuing CA: the one that signs new leaves."""
+        return IssuingCA(self.intermediate_cert, self.intermediate_key, self.ocsp_cert, self.ocsp_key)
+
+    @property
+    def issuers(self) -> tuple[IssuingCA, ...]:
+        """Every issuing CA whose leaves this CA still answers for: the current one first."""
+        return (self.issuing, *reversed(self.previous))
 
     @property
     def hash_algorithm(self) -> hashes.HashAlgorithm | None:

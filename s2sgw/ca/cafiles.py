@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -77,3 +78,37 @@ def undo_on_error(paths: Iterable[Path], directory: Path, created_directory: boo
                 directory.rmdir()
         raise
 
+
+
+PREVIOUS = "previous"  # previous/SERIAL/: an issuing CA replaced by a newer one, kept for its leaves
+
+
+@attrs.frozen
+class IssuingCA:
+    """An intermediate and its delegated OCSP signer, with their keys."""
+
+    cert: x509.Certificate
+    key: PrivateKey = attrs.field(repr=False)
+    ocsp_cert: x509.Certificate
+    ocsp_key: PrivateKey = attrs.field(repr=False)
+
+
+def load_issuing_ca(directory: Path, names: tuple[str, str, str, str]) -> IssuingCA:
+    """Load ``(cert, key, ocsp cert, ocsp key)`` file names from ``directory``."""
+    cert = load_cert(directory / names[0], "intermediate certificate")
+    ocsp_cert = load_cert(directory / names[2], "OCSP signer certificate")
+    return IssuingCA(
+        cert=cert,
+        key=load_key(directory / names[1], cert, "CA key"),
+        ocsp_cert=ocsp_cert,
+        ocsp_key=load_key(directory / names[3], ocsp_cert, "OCSP signer key"),
+    )
+
+
+def load_previous(directory: Path, names: tuple[str, str, str, str]) -> tuple[IssuingCA, ...]:
+    """The replaced issuing CAs still kept under ``directory/previous``, oldest first."""
+    base = directory / PREVIOUS
+    if not base.is_dir():
+        return ()
+    found = [load_issuing_ca(entry, names) for entry in sorted(base.iterdir()) if entry.is_dir()]
+    return tuple(sorted(found, key=lambda issuing: issuing.cert.not_valid_before_utc))

@@ -16,6 +16,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from s2sgw.ca.intermediate_commands import register_intermediate, root_options, sign_root_crl_from_args
 from s2sgw.ca.authority import (
     KEY_TYPES,
     REVOCATION_REASONS,
@@ -53,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--url",
         metavar="URL",
         help="public base URL of the status server (http://HOST:PORT); leaves then name URL/crl and URL/ocsp",
+    )
+    init.add_argument(
+        "--root-key-out",
+        metavar="PATH",
+        type=Path,
+        help="write the root's private key to PATH (outside DIR; keep it offline) instead of DIR/root.key",
     )
     init.set_defaults(run=run_init)
 
@@ -97,13 +104,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     crl = commands.add_parser(
         "crl",
-        help="write a fresh CRL signed by the issuing CA",
-        description="Write a CRL with the next CRL number, valid for 24 hours.",
+        help="write a fresh CRL signed by the issuing CA, or with --root the root's CRL",
+        description="Write a CRL with the next CRL number, valid for 24 hours. With --root, sign the "
+        "root's CRL instead (revoking issuing CAs with --revoke-intermediate); it is also written to "
+        "DIR/root.crl, which the status server publishes at /root.crl.",
     )
     _dir_option(crl)
-    crl.add_argument("--out", required=True, metavar="FILE", type=Path, help="where to write the CRL")
+    crl.add_argument("--out", metavar="FILE", type=Path, help="where to write the CRL (required without --root)")
     crl.add_argument("--pem", action="store_true", help="write PEM instead of DER")
+    root_options(crl)
     crl.set_defaults(run=run_crl)
+
+    register_intermediate(commands, _dir_option)
 
     listing = commands.add_parser("list", help="show every issued certificate and its status")
     _dir_option(listing)
@@ -127,8 +139,14 @@ def _time(moment: datetime.datetime) -> str:
 
 
 def run_init(args: argparse.Namespace) -> int:
-    ca = CertificateAuthority.init(args.dir, args.trust_domain, key_type=args.key_type, url=args.url)
+    ca = CertificateAuthority.init(
+        args.dir, args.trust_domain, key_type=args.key_type, url=args.url, root_key_out=args.root_key_out
+    )
     _out(f"created CA for trust domain {ca.trust_domain} in {ca.directory} ({ca.key_type})")
+    if args.root_key_out is not None:
+        _out(f"root key: {args.root_key_out} (not in {ca.directory}; keep it offline)")
+    else:
+        _out(f"root key: {ca.directory / 'root.key'} (move it offline: see --root-key-out)")
     _out(f"trust bundle: {ca.directory / 'bundle.pem'}")
     if ca.url:
         _out(f"leaves point at {ca.url}/crl and {ca.url}/ocsp")
@@ -189,15 +207,17 @@ def run_revoke(args: argparse.Namespace) -> int:
 
 
 def run_crl(args: argparse.Namespace) -> int:
+    if args.root is None and (args.out is None or args.revoke_intermediate):
+        raise CAError("crl needs --out FILE" if args.out is None else "--revoke-intermediate needs --root ROOTKEY")
     ca = CertificateAuthority.open(args.dir)
-    crl = ca.make_crl()
+    crl = ca.make_crl(hours=24.0 if args.hours is None else args.hours) if args.root is None else sign_root_crl_from_args(ca, args)
     encoding = serialization.Encoding.PEM if args.pem else serialization.Encoding.DER
-    write_atomically(args.out, crl.public_bytes(encoding), 0o644)
+    if args.out is not None:
+        write_atomically(args.out, crl.public_bytes(encoding), 0o644)
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    _out(
-        f"wrote CRL number {number} with {len(crl)} entries to {args.out}, "
-        f"next update {_time(crl.next_update_utc)}"
-    )
+    where = " and ".join(str(p) for p in (args.out, None if args.root is None else ca.directory / "root.crl") if p)
+    whose = "root CRL" if args.root is not None else "CRL"
+    _out(f"wrote {whose} number {number} with {len(crl)} entries to {where}, next update {_time(crl.next_update_utc)}")
     return 0
 
 

@@ -252,6 +252,10 @@ class Responder:
             return UNAUTHORIZED_ANSWER
         return Query(serial, algorithm, name_hash, key_hash, nonce)
 
+    def answers(self, query: Query) -> bool:
+        """Whether ``query`` names this responder's issuer."""
+        return self._hashes.get(query.algorithm.name) == (query.issuer_name_hash, query.issuer_key_hash)
+
     # -- answering -----------------------------------------------------------------------
 
     def cached(self, query: Query, now: datetime.datetime) -> Answer | None:

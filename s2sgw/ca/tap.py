@@ -11,7 +11,7 @@ from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from s2sgw.ca.monitoring import add_endpoints
-from s2sgw.ca.ocsp import Responder
+from s2sgw.ca.responders import responders_for
 from s2sgw.ca.publisher import StatusPublisher, StoreWatcher, thread_runner
 from s2sgw.ca.server import DEFAULT_MAX_BODY, DEFAULT_TIMEOUT, StatusSite, build_root
 
@@ -124,12 +124,7 @@ def makeService(options: Options, reactor: Any = None, registry: CollectorRegist
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     ca = options.ca
-    responder = Responder(
-        issuer=ca.intermediate_cert,
-        signer_cert=ca.ocsp_cert,
-        signer_key=ca.ocsp_key,
-        validity=datetime.timedelta(seconds=options["validity"]),
-    )
+    responder = responders_for(ca, datetime.timedelta(seconds=options["validity"]))
     publisher = StatusPublisher(
         ca=ca,
         responder=responder,
