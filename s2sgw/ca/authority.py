@@ -55,6 +55,7 @@ from s2sgw.ca.ceremony import (
     create_ca_files,
     inside,
 )
+from s2sgw.ca.passphrase import Passphrase, encrypted_pem
 from s2sgw.ca.inputs import (
     KEY_TYPES,
     REVOCATION_REASONS,
@@ -162,6 +163,8 @@ class CertificateAuthority:
     serial_source: Callable[[], int] = attrs.field(default=random_serial, repr=False, kw_only=True)
     # Issuing CAs replaced by ``s2sgw ca intermediate`` and not yet retired, oldest first.
     previous: tuple[IssuingCA, ...] = attrs.field(default=(), repr=False, kw_only=True)
+    # Encrypts every CA key this instance writes (a new OCSP signer, a new intermediate).
+    passphrase: Passphrase | None = attrs.field(default=None, repr=False, kw_only=True)
 
     # -- creating and opening
 
@@ -175,6 +178,7 @@ class CertificateAuthority:
         url: str | None = None,
         now: datetime.datetime | None = None,
         root_key_out: Path | str | None = None,
+        passphrase: Passphrase | None = None,
     ) -> CertificateAuthority:
         """Create root, intermediate and OCSP signer in ``directory`` (new or empty of CA files).
 
@@ -198,12 +202,16 @@ class CertificateAuthority:
                 raise CAError(f"the root key must be kept outside the CA directory, not at {root_key_out}")
             if root_key_out.exists() or root_key_out.is_symlink():
                 raise CAError(f"{root_key_out} already exists; a root key is never overwritten")
-        create_ca_files(directory, trust_domain, key_type, url, _utc(now), root_key_out=root_key_out)
-        return cls.open(directory)
+        create_ca_files(
+            directory, trust_domain, key_type, url, _utc(now), root_key_out=root_key_out, passphrase=passphrase
+        )
+        return cls.open(directory, passphrase)
 
     @classmethod
-    def open(cls, directory: Path | str) -> CertificateAuthority:
-        """Load a CA directory; CAError if it is not one or its material is missing or corrupt."""
+    def open(cls, directory: Path | str, passphrase: Passphrase | None = None) -> CertificateAuthority:
+        """Load a CA directory; CAError if it is not one or its material is missing or corrupt,
+        or a key is encrypted and ``passphrase`` does not open it. Decrypting is slow CPU work:
+        a server opens its directory before its reactor runs."""
         directory = Path(directory)
         if not directory.is_dir():
             raise CAError(f"{directory} is not a directory")
@@ -216,8 +224,8 @@ class CertificateAuthority:
         root_cert = load_cert(directory / ROOT_CERT, "root certificate")
         intermediate_cert = load_cert(directory / INTERMEDIATE_CERT, "intermediate certificate")
         ocsp_cert = load_cert(directory / OCSP_CERT, "OCSP signer certificate")
-        intermediate_key = load_key(directory / INTERMEDIATE_KEY, intermediate_cert, "CA key")
-        ocsp_key = load_key(directory / OCSP_KEY, ocsp_cert, "OCSP signer key")
+        intermediate_key = load_key(directory / INTERMEDIATE_KEY, intermediate_cert, "CA key", passphrase)
+        ocsp_key = load_key(directory / OCSP_KEY, ocsp_cert, "OCSP signer key", passphrase)
         key_type = str(meta.get("key_type"))
         return cls(
             directory=directory,
@@ -230,12 +238,13 @@ class CertificateAuthority:
             ocsp_cert=ocsp_cert,
             ocsp_key=ocsp_key,
             store=store,
-            previous=load_previous(directory, ISSUING_FILES),
+            previous=load_previous(directory, ISSUING_FILES, passphrase),
+            passphrase=passphrase,
         )
 
     def key_bytes(self, key: PrivateKey) -> bytes:
-        """A new CA key as it is written to disk."""
-        return key_pem(key)
+        """A new CA key as it is written to disk: encrypted when this CA has a passphrase."""
+        return encrypted_pem(key, self.passphrase)
 
     @property
     def issuing(self) -> IssuingCA:

@@ -18,13 +18,13 @@ from s2sgw.ca.building import (
     cert_pem,
     generate_key,
     hash_for,
-    key_pem,
     key_usage,
     random_serial,
     subject_key_id,
     subject_name,
 )
 from s2sgw.ca.cafiles import undo_on_error, write_ca_files
+from s2sgw.ca.passphrase import Passphrase, encrypted_pem
 from s2sgw.ca.records import row_for
 from s2sgw.ca.store import INTERMEDIATE, OCSP_SIGNER, CAError, CAStore, StoreError
 
@@ -112,10 +112,12 @@ def create_ca_files(
     now: datetime.datetime,
     *,
     root_key_out: Path | None = None,
+    passphrase: Passphrase | None = None,
 ) -> None:
     """Make root, intermediate and OCSP signer and write them with a new store, all or nothing.
 
     With ``root_key_out`` the root's key is written there and nowhere under ``directory``.
+    With ``passphrase`` every key is PKCS#8-encrypted with it.
     The store is renamed into place last: its presence marks a complete CA directory.
     """
     root_key = generate_key(key_type)
@@ -148,9 +150,9 @@ def create_ca_files(
             raise CAError(f"cannot create the CA database in {directory}: {error}") from None
         write_ca_files(
             [
-                (root_key_path, key_pem(root_key), 0o600),
-                (directory / INTERMEDIATE_KEY, key_pem(intermediate_key), 0o600),
-                (directory / OCSP_KEY, key_pem(ocsp_key), 0o600),
+                (root_key_path, encrypted_pem(root_key, passphrase), 0o600),
+                (directory / INTERMEDIATE_KEY, encrypted_pem(intermediate_key, passphrase), 0o600),
+                (directory / OCSP_KEY, encrypted_pem(ocsp_key, passphrase), 0o600),
                 (directory / ROOT_CERT, cert_pem(root_cert), 0o644),
                 (directory / INTERMEDIATE_CERT, cert_pem(intermediate_cert), 0o644),
                 (directory / OCSP_CERT, cert_pem(ocsp_cert), 0o644),

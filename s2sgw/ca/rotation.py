@@ -25,6 +25,7 @@ from s2sgw.ca.ceremony import (
     make_intermediate,
     make_ocsp_signer,
 )
+from s2sgw.ca.passphrase import Passphrase
 from s2sgw.ca.records import row_for
 from s2sgw.ca.store import INTERMEDIATE, LEAF, OCSP_SIGNER, CAError, serial_hex
 
@@ -35,12 +36,12 @@ ROOT_CRL_HOURS = 24.0 * 30  # the root is offline: its CRL is signed at a ceremo
 MAX_ROOT_CRL_HOURS = 24.0 * 400
 
 
-def load_root_key(ca: CertificateAuthority, path: Path) -> PrivateKey:
+def load_root_key(ca: CertificateAuthority, path: Path, passphrase: Passphrase | None = None) -> PrivateKey:
     """The root's key from ``path`` (outside the CA directory), checked against ``root.pem``."""
     path = Path(path)
     if inside(path, ca.directory):
         raise CAError(f"the root key must be kept outside the CA directory, not at {path}")
-    return load_key(path, ca.root_cert, "root key")
+    return load_key(path, ca.root_cert, "root key", passphrase)
 
 
 def new_intermediate(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import sys
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -55,6 +56,8 @@ class Options(usage.Options):
     )
     optParameters = [
         ["dir", "d", None, "CA directory made by `s2sgw ca init`.", str],
+        ["passphrase-file", None, None, "File holding the passphrase of the CA's keys (default: "
+         "$CREDENTIALS_DIRECTORY/s2sgw-ca-passphrase when that exists).", str],
         ["listen", "l", "tcp:8080:interface=127.0.0.1", "Endpoint to listen on.", str],
         ["validity", None, 300.0, "Seconds from thisUpdate to nextUpdate of OCSP answers.",
          _positive(float, "--validity")],
@@ -113,11 +116,16 @@ class Options(usage.Options):
             except (ValueError, KeyError, TypeError) as error:
                 raise usage.UsageError(f"--est {self['est']!r} is not an endpoint: {error}") from None
         from s2sgw.ca.authority import CAError, CertificateAuthority
+        from s2sgw.ca.passphrase import read_passphrase
 
         try:
-            self.ca = CertificateAuthority.open(self["dir"])
+            passphrase = read_passphrase(self["passphrase-file"])
+            # Decrypting the keys is slow CPU work: done here, before the reactor runs.
+            self.ca = CertificateAuthority.open(self["dir"], passphrase)
         except CAError as error:
-            raise usage.UsageError(f"--dir {self['dir']} is not a usable CA directory: {error}") from None
+            # One line, no usage text: this is about the directory or its keys, not the flags.
+            sys.stderr.write(f"s2sgw-ca: cannot start: --dir {self['dir']} is not a usable CA directory: {error}\n")
+            raise SystemExit(1) from None
 
 
 def makeService(options: Options, reactor: Any = None, registry: CollectorRegistry = REGISTRY) -> IService:
