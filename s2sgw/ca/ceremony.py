@@ -30,7 +30,7 @@ from s2sgw.ca.store import INTERMEDIATE, OCSP_SIGNER, CAError, CAStore, StoreErr
 
 ROOT_LIFETIME = datetime.timedelta(days=3650)
 INTERMEDIATE_LIFETIME = datetime.timedelta(days=1825)
-OCSP_LIFETIME = datetime.timedelta(days=365)
+OCSP_LIFETIME = datetime.timedelta(days=7)  # short: it carries ocsp-nocheck and cannot be revoked
 BACKDATE = datetime.timedelta(minutes=5)  # tolerate peers whose clocks run a little slow
 MAX_CRL_HOURS = 24.0
 

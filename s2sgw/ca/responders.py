@@ -61,6 +61,10 @@ class Responders:
                     return other
         return parsed
 
+    def replace_signer(self, index: int, cert: x509.Certificate, key: object) -> int:
+        """The member for ``ca.issuers[index]`` signs with a renewed signer from now on."""
+        return self.members[index].replace_signer(cert, key)  # type: ignore[arg-type]
+
     def _for(self, query: Query) -> Responder:
         for member in self.members:
             if member.answers(query):

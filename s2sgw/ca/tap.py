@@ -14,6 +14,7 @@ from twisted.python import usage
 from s2sgw.ca.monitoring import add_endpoints
 from s2sgw.ca.responders import responders_for
 from s2sgw.ca.publisher import StatusPublisher, StoreWatcher, thread_runner
+from s2sgw.ca.signer_renewal import SignerRenewal
 from s2sgw.ca.server import DEFAULT_MAX_BODY, DEFAULT_TIMEOUT, StatusSite, build_root
 
 
@@ -69,6 +70,8 @@ class Options(usage.Options):
          _positive(float, "--timeout")],
         ["poll-interval", None, 0.25, "Seconds between checks of the CA store for changes.",
          _positive(float, "--poll-interval")],
+        ["ocsp-lifetime", None, "7d", "Lifetime of the delegated OCSP signers this server re-issues before "
+         "they expire (30s at least).", _duration("--ocsp-lifetime")],
         ["est", None, None, "Endpoint of the EST (HTTPS) listener, e.g. tcp:8443:interface=127.0.0.1.", str],
         ["est-lifetime", None, "24h", "Lifetime of certificates issued over EST (60s, 15m, 24h, 7d).",
          _duration("--est-lifetime")],
@@ -101,7 +104,7 @@ class Options(usage.Options):
             raise usage.UsageError("--dir is required")
         if self["validity"] < 10:
             raise usage.UsageError("--validity must be at least 10 seconds")
-        for flag, least in (("est-lifetime", 10), ("est-server-lifetime", 2)):
+        for flag, least in (("est-lifetime", 10), ("est-server-lifetime", 2), ("ocsp-lifetime", 30)):
             if isinstance(self[flag], str):  # the default, not parsed by usage
                 self[flag] = _duration(f"--{flag}")(self[flag])
             if self[flag] < datetime.timedelta(seconds=least):
@@ -140,6 +143,7 @@ def makeService(options: Options, reactor: Any = None, registry: CollectorRegist
         in_thread=thread_runner(reactor),
         crl_hours=options["crl-hours"],
     )
+    publisher.signer_renewal = SignerRenewal(publisher, options["ocsp-lifetime"])
     top = MultiService()
     # The watcher puts the publisher's gauges in ``registry`` while it runs; /metrics serves it.
     StoreWatcher(publisher, reactor, poll_interval=options["poll-interval"], registry=registry).setServiceParent(top)
