@@ -199,3 +199,43 @@ def test_root_crl_needs_the_matching_root_key(offline: tuple[Path, Path], tmp_pa
     assert run("ca", "crl", "--dir", ca_dir, "--root", other) == 1
     assert "does not match its certificate" in capsys.readouterr().err
     assert not (ca_dir / "root.crl").exists()
+
+
+def test_running_server_takes_in_a_new_intermediate_without_a_restart(offline: tuple[Path, Path]) -> None:
+    """After ``ca intermediate`` the running server's CA signs under the new issuing CA, answers
+    for leaves of both, and the feed speaks for the new one."""
+    from s2sgw.ca.issuing_reload import IssuingReload, issuing_stamp
+    from s2sgw.wire.feed import open_document
+    from tests.doubles import BASE, result_of
+
+    ca_dir, root_key = offline
+    ca = CertificateAuthority.open(ca_dir)
+    old_intermediate = ca.intermediate_cert
+    old_leaf = ca.issue("old").record.certificate()
+    h = make_harness(ca)
+    h.publisher.issuing_reload = IssuingReload(h.publisher, issuing_stamp(ca_dir))
+    try:
+        h.clock.advance(1.0)
+        assert h.publisher.issuing_reload.reloads == 0  # nothing changed yet
+        assert run("ca", "intermediate", "--dir", ca_dir, "--root-key", root_key) == 0
+        h.clock.advance(1.0)
+        assert h.publisher.issuing_reload.reloads == 1
+        assert ca.intermediate_cert != old_intermediate
+        issued = ca.issue("new")
+        new_leaf = issued.record.certificate()
+        new_leaf.verify_directly_issued_by(ca.intermediate_cert)
+        assert issued.chain_pem.endswith(ca.intermediate_cert.public_bytes(serialization.Encoding.PEM))
+        for leaf, issuer in ((old_leaf, old_intermediate), (new_leaf, ca.intermediate_cert)):
+            _, answer = h.post(_request(leaf, issuer))
+            assert answer.certificate_status == ocsp.OCSPCertStatus.GOOD
+        ca.revoke(name="old")
+        h.clock.advance(0.25)
+        d = h.stub.get(f"{BASE}/revocations?since=0")
+        h.stub.flush()
+        now = datetime.datetime.fromtimestamp(h.clock.seconds(), datetime.timezone.utc)
+        document = open_document(result_of(h.stub.content(result_of(d))), [ca.intermediate_cert], now=now)
+        assert [entry.serial for entry in document.revocations] == [old_leaf.serial_number]
+        crl = x509.load_der_x509_crl(h.fetch("GET", "/crl")[1])
+        assert crl.issuer == ca.intermediate_cert.subject
+    finally:
+        h.watcher.stopService()

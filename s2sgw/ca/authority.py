@@ -242,6 +242,22 @@ class CertificateAuthority:
             passphrase=passphrase,
         )
 
+    def signing_pair(self) -> tuple[x509.Certificate, PrivateKey]:
+        """The issuing CA's certificate and key, read together while another thread may swap
+        them (``IssuingReload`` sets the key first, then the certificate)."""
+        while True:
+            cert = self.intermediate_cert
+            key = self.intermediate_key
+            if cert is self.intermediate_cert:
+                return cert, key
+
+    def issuer_of(self, leaf: x509.Certificate) -> x509.Certificate:
+        """The issuing CA (current or previous) that signed ``leaf``: what its chain carries."""
+        for issuing in self.issuers:
+            if issuing.cert.subject == leaf.issuer:
+                return issuing.cert
+        return self.intermediate_cert
+
     def key_bytes(self, key: PrivateKey) -> bytes:
         """A new CA key as it is written to disk: encrypted when this CA has a passphrase."""
         return encrypted_pem(key, self.passphrase)
@@ -286,7 +302,7 @@ class CertificateAuthority:
         record = self.certify(name, key.public_key(), sans, lifetime=lifetime, now=now)
         return IssuedIdentity(
             record=record,
-            chain_pem=record.pem + cert_pem(self.intermediate_cert),
+            chain_pem=record.pem + cert_pem(self.issuer_of(record.certificate())),
             key_pem=key_pem(key),
         )
 
@@ -329,15 +345,16 @@ class CertificateAuthority:
             not_after = now + lifetime
         except OverflowError:
             raise CAError(f"the lifetime of {lifetime} is too long") from None
-        if not_after > self.intermediate_cert.not_valid_after_utc:
+        issuer_cert, issuer_key = self.signing_pair()
+        if not_after > issuer_cert.not_valid_after_utc:
             raise CAError(
                 f"a lifetime of {lifetime.total_seconds() / 3600:g} hours would outlive the issuing CA "
-                f"(valid until {self.intermediate_cert.not_valid_after_utc:%Y-%m-%d})"
+                f"(valid until {issuer_cert.not_valid_after_utc:%Y-%m-%d})"
             )
         for _attempt in range(8):
             cert = leaf_builder(
-                name, public_key, list(sans), self.serial_source(), not_before, not_after, self.intermediate_cert, self.url
-            ).sign(self.intermediate_key, self.hash_algorithm)
+                name, public_key, list(sans), self.serial_source(), not_before, not_after, issuer_cert, self.url
+            ).sign(issuer_key, hash_for(issuer_key))
             row = row_for(cert, LEAF, name, san_strings(sans), issued_via)
             try:
                 self.store.insert(row, claim=claim)
@@ -405,14 +422,15 @@ class CertificateAuthority:
             raise CAError(f"the CRL lifetime must be at most {MAX_CRL_HOURS:g} hours")
         now = _utc(now)
         number, rows = self.store.next_crl_number()
+        issuer_cert, issuer_key = self.signing_pair()
         builder = (
             x509.CertificateRevocationListBuilder()
-            .issuer_name(self.intermediate_cert.subject)
+            .issuer_name(issuer_cert.subject)
             .last_update(now)
             .next_update(now + datetime.timedelta(hours=hours))
             .add_extension(x509.CRLNumber(number), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(subject_key_id(self.intermediate_cert)),
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(subject_key_id(issuer_cert)),
                 critical=False,
             )
         )
@@ -423,7 +441,7 @@ class CertificateAuthority:
             if row.reason and row.reason != x509.ReasonFlags.unspecified.value:
                 entry = entry.add_extension(x509.CRLReason(x509.ReasonFlags(row.reason)), critical=False)
             builder = builder.add_revoked_certificate(entry.build())
-        return builder.sign(self.intermediate_key, self.hash_algorithm)
+        return builder.sign(issuer_key, hash_for(issuer_key))
 
 
 def _unique(items: Iterable) -> list:

@@ -66,6 +66,7 @@ class StatusPublisher:
     feed: Any = None  # the RevocationFeed build_root attached, for health
     root_crl: Any = None  # the RootCRLFile build_root attached: followed on every refresh
     signer_renewal: Any = None  # a SignerRenewal: checked on every refresh
+    issuing_reload: Any = None  # an IssuingReload: checked on every refresh
 
     _statuses: dict[int, SerialStatus] = attrs.field(factory=dict)
     _generation: int = 0
@@ -234,6 +235,8 @@ class StatusPublisher:
         self.responder.refresh(self.now())
         if self.root_crl is not None:
             self.root_crl.poll()
+        if self.issuing_reload is not None:
+            self.issuing_reload.check()
         if self.signer_renewal is not None:
             self.signer_renewal.check()
         if self.crl_this_update is not None and self.crl_next_update is not None:

@@ -14,6 +14,7 @@ from twisted.python import usage
 from s2sgw.ca.monitoring import add_endpoints
 from s2sgw.ca.responders import responders_for
 from s2sgw.ca.publisher import StatusPublisher, StoreWatcher, thread_runner
+from s2sgw.ca.issuing_reload import IssuingReload, issuing_stamp
 from s2sgw.ca.signer_renewal import SignerRenewal
 from s2sgw.ca.server import DEFAULT_MAX_BODY, DEFAULT_TIMEOUT, StatusSite, build_root
 
@@ -144,6 +145,7 @@ def makeService(options: Options, reactor: Any = None, registry: CollectorRegist
         crl_hours=options["crl-hours"],
     )
     publisher.signer_renewal = SignerRenewal(publisher, options["ocsp-lifetime"])
+    publisher.issuing_reload = IssuingReload(publisher, issuing_stamp(ca.directory))
     top = MultiService()
     # The watcher puts the publisher's gauges in ``registry`` while it runs; /metrics serves it.
     StoreWatcher(publisher, reactor, poll_interval=options["poll-interval"], registry=registry).setServiceParent(top)
