@@ -24,6 +24,7 @@ from s2sgw.routes.gate import GatedRoute
 from s2sgw.reload import ReloadService
 from s2sgw.status.stapling import StapleMetrics, StapleService, inbound_targets, stapling_enabled
 from s2sgw.status.checker import make_status_checker
+from s2sgw.status.root_crl import IntermediateCheck, RootCRLFollower, root_crl_url
 from s2sgw.status.ocsp import StatusMetrics
 from s2sgw.truststore import TrustStore
 
@@ -102,6 +103,15 @@ def build_gateway(
     judging, cache = checker, IStatusCache(checker, None)
     if cache is None and url is not None:
         judging = cache = PushedRevocations(checker, reactor)
+    # The root's CRL, fetched beside the CA's status URL: a revoked issuing CA refuses its leaves.
+    root_follower = None
+    root_url = root_crl_url(config.status)
+    if root_url is not None:
+        root_follower = RootCRLFollower(
+            root_url, reactor, lambda: trust_store.material.ca_certificates,
+            interval=config.status.crl_refresh, timeout=config.status.timeout,
+        )
+        judging = IntermediateCheck(judging, root_follower, reactor)
     authorizer = Authorizer(
         judging,
         trust_store.trust_domain or "",
@@ -194,6 +204,9 @@ def build_gateway(
         )
         operations.monitor.sections["crl_refresh"] = refresher.status
         refresher.setServiceParent(top)
+    if root_follower is not None:
+        operations.monitor.sections["root_crl"] = root_follower.status
+        root_follower.setServiceParent(top)
     operations.setServiceParent(top)  # last: READY=1 after every bind, STOPPING=1 before draining
     return top, Gateway(config, trust_store, authorizer, routes, enforcer, feed, stapler)
 
