@@ -210,6 +210,8 @@ class _Parser:
 
     def name(self, value: Any, key: str) -> str:
         value = self.string(value, key)
+        if len(value) > 63:
+            raise self.fail(key, f"is {len(value)} characters long; a name has at most 63 (one DNS label)")
         if not _NAME.match(value):
             raise self.fail(key, "expected a name of letters, digits, '.', '_' or '-'")
         return value

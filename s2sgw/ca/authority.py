@@ -363,8 +363,19 @@ class CertificateAuthority:
             return CertRecord._from_row(row)
         raise CAError("could not find an unused serial number")
 
-    def write_identity(self, identity: IssuedIdentity, out_dir: Path | str) -> tuple[Path, Path]:
-        """Write ``NAME.pem`` (chain) and ``NAME.key`` (0600) into ``out_dir``, both or neither."""
+    def write_identity(
+        self,
+        identity: IssuedIdentity,
+        out_dir: Path | str,
+        *,
+        owner: tuple[int, int] | None = None,
+        key_mode: int = 0o600,
+    ) -> tuple[Path, Path]:
+        """Write ``NAME.pem`` (chain) and ``NAME.key`` into ``out_dir``, both or neither.
+
+        A file that is there already is replaced by one with its owner, group and mode; new ones
+        get ``owner`` (uid, gid) and ``key_mode`` for the key (0644 for the chain).
+        """
         out_dir = Path(out_dir)
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -372,7 +383,9 @@ class CertificateAuthority:
             raise CAError(f"cannot create {out_dir}: {error.strerror}") from None
         name = identity.record.name
         pem_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
-        write_ca_files([(key_path, identity.key_pem, 0o600), (pem_path, identity.chain_pem, 0o644)])
+        write_ca_files(
+            [(key_path, identity.key_pem, key_mode), (pem_path, identity.chain_pem, 0o644)], keep_owner=True, owner=owner
+        )
         return pem_path, key_path
 
     # -- revocation and status
