@@ -198,6 +198,10 @@ def test_root_crl_needs_the_matching_root_key(offline: tuple[Path, Path], tmp_pa
     )
     assert run("ca", "crl", "--dir", ca_dir, "--root", other) == 1
     assert "does not match its certificate" in capsys.readouterr().err
+    inside = ca_dir / "root.key"
+    inside.write_bytes(other.read_bytes())
+    assert run("ca", "crl", "--dir", ca_dir, "--root", inside) == 1
+    assert "outside the CA directory" in capsys.readouterr().err
     assert not (ca_dir / "root.crl").exists()
 
 

@@ -17,7 +17,15 @@ import attrs
 import pytest
 
 from s2sgw.ca.authority import CertificateAuthority
-from tests.e2e import EchoServer, Pki, Processes, free_port, gateway_config, service_block, wait_for
+from tests.e2e import (
+    EchoServer,
+    Pki,
+    Processes,
+    free_port,
+    gateway_config,
+    service_block,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 

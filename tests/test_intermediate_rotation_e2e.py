@@ -20,7 +20,16 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tests.e2e import EchoServer, Pki, Processes, callers_of, free_port, gateway_config, service_block, wait_for
+from tests.e2e import (
+    EchoServer,
+    Pki,
+    Processes,
+    callers_of,
+    free_port,
+    gateway_config,
+    service_block,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 

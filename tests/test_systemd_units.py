@@ -40,3 +40,13 @@ def test_gateway_unit_waits_for_the_gateways_own_readiness_notification() -> Non
     assert "\nType=notify\n" in text
     assert "\nNotifyAccess=main\n" in text
     assert "--nodaemon" in text  # twistd itself is the main process that notifies
+
+
+def test_ca_unit_takes_the_key_passphrase_as_a_systemd_credential() -> None:
+    """The passphrase comes from LoadCredential= (the name the server reads), never the command line."""
+    from s2sgw.ca.passphrase import CREDENTIAL
+
+    text = (UNITS / "s2sgw-ca.service").read_text()
+    assert f"\nLoadCredential={CREDENTIAL}:/etc/s2sgw/ca-passphrase\n" in text
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    assert "passphrase" not in exec_start

@@ -47,15 +47,14 @@ from s2sgw.ca.ceremony import (
     DATABASE,
     INTERMEDIATE_CERT,
     INTERMEDIATE_KEY,
+    ISSUING_FILES,
     MAX_CRL_HOURS,
     OCSP_CERT,
     OCSP_KEY,
-    ISSUING_FILES,
     ROOT_CERT,
     create_ca_files,
     inside,
 )
-from s2sgw.ca.passphrase import Passphrase, encrypted_pem
 from s2sgw.ca.inputs import (
     KEY_TYPES,
     REVOCATION_REASONS,
@@ -69,6 +68,7 @@ from s2sgw.ca.inputs import (
     validate_trust_domain,
     validate_url,
 )
+from s2sgw.ca.passphrase import Passphrase, encrypted_pem
 from s2sgw.ca.records import CertRecord, IssuedIdentity, row_for, san_strings
 from s2sgw.ca.store import LEAF, CAError, CAStore, Row, SerialInUse
 

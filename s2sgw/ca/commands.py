@@ -16,8 +16,6 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from s2sgw.ca.intermediate_commands import open_ca, register_intermediate, root_options, sign_root_crl_from_args
-from s2sgw.ca.passphrase import CREDENTIAL, read_passphrase
 from s2sgw.ca.authority import (
     KEY_TYPES,
     REVOCATION_REASONS,
@@ -31,6 +29,13 @@ from s2sgw.ca.authority import (
     validate_service_name,
     write_atomically,
 )
+from s2sgw.ca.intermediate_commands import (
+    open_ca,
+    register_intermediate,
+    root_options,
+    sign_root_crl_from_args,
+)
+from s2sgw.ca.passphrase import CREDENTIAL, read_passphrase
 
 
 def register(sub: argparse._SubParsersAction) -> None:
