@@ -5,10 +5,11 @@ synchronous (key generation, files, SQLite): on a reactor, call it through ``def
 An instance holds only immutable material and opens a new database connection per call,
 so one instance may be shared by threads.
 
-A CA directory holds ``root.pem root.key`` (the offline root), ``intermediate.pem
-intermediate.key`` (the issuing CA), ``ocsp.pem ocsp.key`` (the delegated OCSP signer),
-``bundle.pem`` (the trust bundle: the root) and ``ca.db``. ``ca.db`` appears last, so a
-directory with it is a complete CA.
+A CA directory holds ``root.pem`` (and ``root.key`` unless ``init`` wrote the root's key
+elsewhere: it belongs offline), ``intermediate.pem intermediate.key`` (the issuing CA),
+``ocsp.pem ocsp.key`` (the delegated OCSP signer), ``bundle.pem`` (the trust bundle: the root),
+``ca.db``, and while an issuing CA is being replaced ``previous/SERIAL/``. ``ca.db`` appears
+last, so a directory with it is a complete CA. Keys may be encrypted (:mod:`s2sgw.ca.passphrase`).
 """
 
 from __future__ import annotations
@@ -99,48 +100,6 @@ def _utc(now: datetime.datetime | None) -> datetime.datetime:
     elif now.tzinfo is None:
         now = now.replace(tzinfo=datetime.timezone.utc)
     return now.astimezone(datetime.timezone.utc).replace(microsecond=0)
-
-
-
-
-
-
-# -- keys and certificates ---------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# -- files -------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # -- the authority -----------------------------------------------------------------------
@@ -462,7 +421,5 @@ def _unique(items: Iterable) -> list:
     for item in items:
         seen.setdefault(item, None)
     return list(seen)
-
-
 
 
