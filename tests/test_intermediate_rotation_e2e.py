@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
 from tests.e2e import (
+    ClientLoop,
     EchoServer,
     Pki,
     Processes,
@@ -40,42 +38,6 @@ def s2sgw(*args: str | Path) -> str:
     result = subprocess.run([S2SGW, *map(str, args)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
-
-
-class ClientLoop:
-    """Calls through a route one after another until stopped; counts calls and failures."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.calls = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            payload = f"call {self.calls}\n".encode()
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
-                    sock.settimeout(10)
-                    sock.sendall(payload)
-                    answer = b""
-                    while len(answer) < len(payload):
-                        chunk = sock.recv(100)
-                        if not chunk:
-                            break
-                        answer += chunk
-                if answer != payload:
-                    self.failures.append(f"call {self.calls}: got {answer!r}")
-            except OSError as error:
-                self.failures.append(f"call {self.calls}: {error}")
-            self.calls += 1
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
 
 
 def _issuer_of(pem: Path) -> x509.Name:
