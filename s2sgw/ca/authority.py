@@ -197,7 +197,10 @@ class CertificateAuthority:
             ocsp_cert=ocsp_cert,
             ocsp_key=ocsp_key,
             store=store,
-            previous=load_previous(directory, ISSUING_FILES, passphrase),
+            previous=tuple(  # a copy of the current one left by an interrupted rotation is not another CA
+                p for p in load_previous(directory, ISSUING_FILES, passphrase)
+                if p.cert.serial_number != intermediate_cert.serial_number
+            ),
             passphrase=passphrase,
         )
 
