@@ -25,7 +25,14 @@ from s2sgw.interfaces import IStatusChecker
 from s2sgw.ops.metrics import MetricSet
 from s2sgw.interfaces import IStapleSource, IStatusCache, IStatusCacheStats, IStatusProbe
 from s2sgw.timeutil import utc
-from s2sgw.wire.http import MAX_RESPONSE_BYTES, ResponseTooLarge, http_client, read_limited
+from s2sgw.wire.http import (
+    KEEPALIVE_SECONDS,
+    MAX_RESPONSE_BYTES,
+    ResponseTooLarge,
+    http_client,
+    read_limited,
+    retry_on_fresh,
+)
 from s2sgw.wire.ocsp import (
     DEFAULT_LEEWAY,
     OCSP_REQUEST_TYPE,
@@ -129,12 +136,15 @@ class OCSPStatusChecker:
 
     Good and revoked answers are cached per (issuer key hash, serial) until their nextUpdate,
     capped at ``max_cache_age`` seconds, so repeated connections of one peer cost no query.
-    Concurrent checks of one certificate share one query.
+    Concurrent checks of one certificate share one query. A query whose kept-alive connection
+    the server closed under it is sent once more on a fresh connection (``fresh_http``).
     """
 
     url: str
     clock: IReactorTime
     http: object = None  # treq-like: .post(url, data=, headers=); default treq over an Agent
+    fresh_http: object = None  # the same, one connection per request; default ``http`` if that is given
+    keepalive: float = KEEPALIVE_SECONDS  # idle kept-alive connections are closed after this
     timeout: float = 2.0
     max_cache_age: float = 300.0
     cache_size: int = 10000
@@ -154,7 +164,11 @@ class OCSPStatusChecker:
 
     def __attrs_post_init__(self) -> None:
         if self.http is None:
-            self.http, self._pool = http_client(self.clock, max_per_host=4)
+            self.http, self._pool = http_client(self.clock, max_per_host=4, idle_timeout=self.keepalive)
+            if self.fresh_http is None:
+                self.fresh_http, _ = http_client(self.clock, persistent=False)
+        if self.fresh_http is None:
+            self.fresh_http = self.http
 
     def close(self) -> Deferred[None]:
         """Close kept-alive connections to the status server (a service's stopService)."""
@@ -291,17 +305,20 @@ class OCSPStatusChecker:
     # -- internals
 
     def _ask(self, query: OCSPQuery, issuer: x509.Certificate) -> Deferred[tuple[bytes, CertStatus]]:
-        """The one OCSP exchange: POST, read a bounded body, time out, verify -> (DER, status)."""
-        d = defer.maybeDeferred(
-            self.http.post,
-            self.url,
-            data=query.der,
-            headers={b"Content-Type": [OCSP_REQUEST_TYPE], b"Accept": [b"application/ocsp-response"]},
-        )
+        """The one OCSP exchange: POST (again on a fresh connection if a kept-alive one was closed
+        under it), read a bounded body, time out, verify -> (DER, status)."""
+        d = retry_on_fresh(lambda: self._post(self.http, query), lambda: self._post(self.fresh_http, query))
         d.addCallback(self._read_body)
         d.addTimeout(self.timeout, self.clock, onTimeoutCancel=self._timed_out)
         d.addCallback(lambda body: (body, self._verify(body, query, issuer)))
         return d
+
+    def _post(self, http: object, query: OCSPQuery) -> Deferred[object]:
+        return http.post(
+            self.url,
+            data=query.der,
+            headers={b"Content-Type": [OCSP_REQUEST_TYPE], b"Accept": [b"application/ocsp-response"]},
+        )
 
     def _query(self, key: tuple[bytes, int], query: OCSPQuery, issuer: x509.Certificate) -> None:
         started = self.clock.seconds()
