@@ -116,7 +116,8 @@ class IStapleSource(Interface):
 class IStatusProbe(Interface):
     """Readiness: is the CA status server answering? A real query past any cache."""
 
-    url = Attribute("str: the status server asked (named in the log)")
+    def in_use() -> str:
+        """The status servers asked now, in words (named in the log)."""
 
     def probe(leaf: x509.Certificate, issuer: x509.Certificate):  # -> Deferred[CertStatus]
         """Ask about ``leaf`` now, past the cache, with a fresh nonce; store nothing."""

@@ -8,71 +8,18 @@ timeout, queried at that spacing.
 
 from __future__ import annotations
 
-import datetime
 import random
 
 import pytest
 import pytest_twisted
 from cryptography import x509
 from twisted.internet import task
-from twisted.web import http
-from twisted.web.resource import Resource
 
 from s2sgw.status.ocsp import OCSPStatusChecker
 from s2sgw.wire.http import KEEPALIVE_SECONDS, http_client
+from tests.responderkit import CAResponder, closing_on_reuse, serve
 
 pytestmark = pytest.mark.e2e
-
-
-class CAResponder(Resource):
-    """The CA's OCSP answers for the certificates of ``ca``."""
-
-    isLeaf = True
-
-    def __init__(self, ca) -> None:
-        super().__init__()
-        from s2sgw.ca.ocsp import Responder, SerialStatus
-
-        self.responder = Responder(ca.intermediate_cert, ca.ocsp_cert, ca.ocsp_key)
-        self.lookup = lambda serial: SerialStatus.from_record(ca.lookup(serial))
-        self.answered = 0
-
-    def render_POST(self, request):
-        self.answered += 1
-        now = datetime.datetime.now(datetime.UTC)
-        request.setHeader(b"content-type", b"application/ocsp-response")
-        return self.responder.answer(request.content.read(), now, self.lookup).der
-
-
-def _closing_on_reuse(site_class):
-    """A site whose connections serve one request, stay open, and close as a second one arrives."""
-
-    class OneRequestChannel(http.HTTPChannel):
-        served = 0
-
-        def dataReceived(self, data: bytes) -> None:
-            if self.served:
-                if not self.transport.disconnecting:
-                    self.site.closed_under_request += 1
-                    self.transport.loseConnection()
-                return
-            super().dataReceived(data)
-
-        def requestDone(self, request) -> None:
-            self.served += 1
-            super().requestDone(request)
-
-    class Site(site_class):
-        closed_under_request = 0
-
-        def buildProtocol(self, addr):
-            channel = OneRequestChannel()
-            channel.requestFactory = self.requestFactory
-            channel.site = self
-            channel.factory = self
-            return channel
-
-    return Site
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +34,6 @@ def _leaf_and_issuer(ca) -> tuple[x509.Certificate, x509.Certificate]:
     return chain[0], chain[1]
 
 
-async def _serve(site):
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
-
-    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
-    return port, f"http://127.0.0.1:{port.getHost().port}/ocsp"
-
-
 @pytest_twisted.ensureDeferred
 async def test_every_query_is_answered_when_the_ca_closes_each_reused_connection_under_it(ca):
     """100 of 100 checks (the callers' path) and 100 of 100 probes (the readiness path) come back
@@ -104,8 +43,8 @@ async def test_every_query_is_answered_when_the_ca_closes_each_reused_connection
     from s2sgw.ca.server import StatusSite
 
     responder = CAResponder(ca)
-    site = _closing_on_reuse(StatusSite)(responder, reactor=reactor)
-    port, url = await _serve(site)
+    site = closing_on_reuse(StatusSite)(responder, reactor=reactor)
+    port, url = await serve(site)
     leaf, issuer = _leaf_and_issuer(ca)
     checker = OCSPStatusChecker(url, reactor, timeout=5)
     try:
@@ -132,7 +71,7 @@ async def test_queries_spaced_at_the_cas_idle_timeout_are_all_answered(ca):
     from s2sgw.ca.server import StatusSite
 
     responder = CAResponder(ca)
-    port, url = await _serve(StatusSite(responder, timeout=1.0, reactor=reactor))
+    port, url = await serve(StatusSite(responder, timeout=1.0, reactor=reactor))
     leaf, issuer = _leaf_and_issuer(ca)
     checker = OCSPStatusChecker(url, reactor, timeout=5)
     jitter = random.Random(21)
@@ -153,3 +92,43 @@ def test_kept_alive_status_connections_are_closed_before_the_cas_default_idle_ti
 
     _, pool = http_client(task.Clock())
     assert pool.cachedConnectionTimeout == KEEPALIVE_SECONDS < DEFAULT_TIMEOUT
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_query_the_first_status_server_cannot_take_is_answered_by_the_next_and_the_first_is_used_again(ca):
+    """``status.url`` lists two servers; the first's port is closed: the caller's check is answered
+    by the second, which stays in use until a background check finds the first listening again."""
+    from twisted.internet import reactor
+
+    from s2sgw.ca.server import StatusSite
+    from tests.e2e import free_port
+
+    first_port_number = free_port()
+    first_url = f"http://127.0.0.1:{first_port_number}/ocsp"
+    second = CAResponder(ca)
+    second_port, second_url = await serve(StatusSite(second, reactor=reactor))
+    leaf, issuer = _leaf_and_issuer(ca)
+    checker = OCSPStatusChecker((first_url, second_url), reactor, timeout=5)
+    servers = checker.servers_for(issuer)
+    servers.recheck = 0.2
+    first_port = None
+    try:
+        assert (await checker.check(leaf, issuer)).state == "good"
+        assert second.answered == 1 and servers.current == second_url
+        first = CAResponder(ca)
+        from twisted.internet.endpoints import serverFromString
+
+        first_port = await serverFromString(reactor, f"tcp:{first_port_number}:interface=127.0.0.1").listen(
+            StatusSite(first, reactor=reactor)
+        )
+        for _ in range(50):
+            if servers.current == first_url:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        assert servers.current == first_url and servers.failovers == 1
+        assert (await checker.probe(leaf, issuer)).state == "good" and first.answered == 1
+    finally:
+        await checker.close()
+        await second_port.stopListening()
+        if first_port is not None:
+            await first_port.stopListening()
