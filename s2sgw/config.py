@@ -78,7 +78,7 @@ class StatusConfig:
 class TimeoutsConfig:
     """Seconds; the same for every route in the process."""
 
-    handshake: float = 10.0  # TCP accept -> TLS handshake and authorization done
+    handshake: float = 5.0  # TCP accept -> TLS handshake and authorization done
     connect: float = 5.0  # dialing a backend or a remote gateway
     idle: float = 300.0  # no byte either way
     drain: float = 10.0  # graceful stop: how long live connections may finish
@@ -93,9 +93,13 @@ class InboundRoute:
     listen: str  # server endpoint string
     backend: str  # client endpoint string
     allow: tuple[str, ...] = ()  # service names or spiffe:// IDs; empty refuses all
-    max_connections: int = 1024
+    max_connections: int = 1024  # authorized (relayed) connections
     identity: IdentityMode = "none"  # what the backend learns about the caller (s2sgw/identity/policy.py)
     jwt_forward: bool = False  # identity = "jwt": pass the verified token on instead of removing it
+    # Connections accepted but not yet through TLS and authorization, counted apart from the
+    # authorized ones: in total, and from one source address.
+    max_pending: int = 1024
+    max_pending_per_source: int = 256
 
 
 @attrs.frozen
@@ -561,7 +565,12 @@ class _Parser:
 
     def inbound(self, value: Any, key: str, service: str, index: int) -> InboundRoute:
         table = self.table(
-            value, key, {"name", "listen", "backend", "allow", "max_connections", "identity", "jwt_forward"}
+            value,
+            key,
+            {
+                "name", "listen", "backend", "allow", "max_connections", "identity", "jwt_forward",
+                "max_pending", "max_pending_per_source",
+            },
         )
         identity = self.optional(table, "identity", key, self.choice(("none", "proxy-v2", "http-headers", "jwt")), "none")
         jwt_forward = self.optional(table, "jwt_forward", key, self.boolean, False)
@@ -576,6 +585,8 @@ class _Parser:
             backend=self.required(table, "backend", key, self.client_endpoint),
             allow=self.optional(table, "allow", key, self.allow_list, ()),
             max_connections=self.optional(table, "max_connections", key, self.count, 1024),
+            max_pending=self.optional(table, "max_pending", key, self.count, 1024),
+            max_pending_per_source=self.optional(table, "max_pending_per_source", key, self.count, 256),
         )
 
     def outbound(self, value: Any, key: str, service: str) -> OutboundRoute:
