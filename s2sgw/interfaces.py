@@ -40,6 +40,7 @@ class Reason:
     CA_UNREACHABLE = "ca_unreachable"
     # resources and dialing
     TOO_MANY_CONNECTIONS = "too_many_connections"
+    NO_DESCRIPTORS = "no_descriptors"  # closed at accept: the process ran out of file descriptors
     TOO_MANY_PENDING = "too_many_pending"  # inbound: max_pending connections not yet authorized
     TOO_MANY_PENDING_FROM_SOURCE = "too_many_pending_from_source"  # inbound: max_pending_per_source from one address
     BACKEND_UNREACHABLE = "backend_unreachable"

@@ -19,6 +19,7 @@ from s2sgw.status.enforce import Enforcer, LiveCloseMetrics, PushedRevocations
 from s2sgw.status.feeds import FeedFollowers
 from s2sgw.status.responders import feed_urls
 from s2sgw.status.settings import StatusSettings
+from s2sgw.ops.descriptors import DescriptorLimitService
 from s2sgw.ops.metrics import MetricsService, RouteMetrics
 from s2sgw.ops.operations import Operations
 from s2sgw.routes.inbound import InboundListener
@@ -117,6 +118,9 @@ def build_gateway(
         metrics=staple_metrics,
     )
     top = MultiService()
+    # Before the listeners bind: room for every connection the routes may hold.
+    descriptors = DescriptorLimitService(config)
+    descriptors.setServiceParent(top)
     # First: registered before any part starts, unregistered after every part has stopped.
     counted = (route_metrics, status_metrics, staple_metrics, crl_metrics, close_metrics)
     MetricsService(counted, registry).setServiceParent(top)
@@ -217,6 +221,7 @@ def build_gateway(
         )
         operations.monitor.sections["crl_refresh"] = refresher.status
         refresher.setServiceParent(top)
+    operations.monitor.sections["descriptors"] = descriptors.status
     operations.setServiceParent(top)  # last: READY=1 after every bind, STOPPING=1 before draining
     return top, Gateway(config, trust_store, authorizer, routes, enforcer, feed, stapler)
 

@@ -235,6 +235,15 @@ class RouteGate:
         session.refuse(*refusal)
         self.end(session)
 
+    def no_descriptors(self, addr: Any) -> None:
+        """A connection closed at accept (or left unaccepted) because descriptors ran out."""
+        detail = "out of file descriptors at accept (raise LimitNOFILE)"
+        if addr is None:
+            self._log.warn("route {route}: could not accept a connection: {detail}", route=self.route.name, detail=detail)
+            self.metrics.connections.labels(self.route.name, "refused", Reason.NO_DESCRIPTORS).inc()
+            return
+        self.refuse_excess(addr, (Reason.NO_DESCRIPTORS, detail))
+
     def listen_on(self, endpoint: IStreamServerEndpoint, factory: Any) -> Deferred[IListeningPort]:
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
@@ -339,7 +348,7 @@ class GatedRoute:
     def listen(self, endpoint: IStreamServerEndpoint | None = None) -> Deferred[IListeningPort]:
         """Start accepting on ``endpoint`` (default: ``route.listen``); fires with the port."""
         if endpoint is None:
-            endpoint = server_endpoint(self.reactor, self.route.listen)
+            endpoint = server_endpoint(self.reactor, self.route.listen, on_no_descriptors=self.gate.no_descriptors)
         return self.gate.listen_on(endpoint, self.factory)
 
     def stop_listening(self) -> Deferred[None]:
