@@ -42,6 +42,7 @@ class Reason:
     TOO_MANY_CONNECTIONS = "too_many_connections"
     BACKEND_UNREACHABLE = "backend_unreachable"
     REMOTE_UNREACHABLE = "remote_unreachable"
+    REMOTE_REFUSED = "remote_refused"  # outbound: the remote gateway refused us with a TLS alert
     # closes of admitted connections
     IDLE_TIMEOUT = "idle_timeout"
     SHUTDOWN = "shutdown"

@@ -70,7 +70,7 @@ def users_config(pki: Pki, ports: dict[str, int], extra: str = "") -> str:
         name = "users-in"
         listen = "tcp:{ports['users_gw']}:interface=127.0.0.1"
         backend = "tcp:127.0.0.1:{ports['backend']}"
-        allow = ["orders"]
+        allow = ["orders", "revokee"]
         """,
     )
     return gateway_config(pki, ports["ca"], users, extra=extra)
@@ -80,7 +80,7 @@ def users_config(pki: Pki, ports: dict[str, int], extra: str = "") -> str:
 def world(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("operations-e2e")
     ports = {name: free_port() for name in ("ca", "users_gw", "backend", "orders", "billing", "admin", "callers_admin")}
-    pki = Pki.create(root, f"http://127.0.0.1:{ports['ca']}", ("users", "orders", "billing"))
+    pki = Pki.create(root, f"http://127.0.0.1:{ports['ca']}", ("users", "orders", "billing", "revokee"))
     (root / "www").mkdir()
     (root / "www" / "hello").write_text("hello")
     procs = Processes(root)
@@ -158,8 +158,52 @@ def test_metrics_count_allowed_and_refused_handshakes_by_route_and_reason(world:
     assert [key for key in users if key[0] == "s2sgw_trust_bundle_expiry_seconds"]
     callers = scrape(f"http://127.0.0.1:{world.ports['callers_admin']}/metrics")
     assert callers[("s2sgw_handshakes_total", (("reason", "ok"), ("result", "ok"), ("route", "orders-to-users")))] >= 1
-    # the refusal happens on the users side; billing's connector sees the remote close
+    # the refusal happens on the users side; billing's gateway reads why from the TLS alert
+    assert callers[("s2sgw_remote_refusals_total", (("alert", "access_denied"), ("route", "billing-to-users")))] >= 1
+    refused_remotely = (("outcome", "refused"), ("reason", "remote_refused"), ("route", "billing-to-users"))
+    assert callers[("s2sgw_connections_total", refused_remotely)] >= 1
+    assert ("s2sgw_handshakes_total", (("reason", "ok"), ("result", "ok"), ("route", "billing-to-users"))) not in callers
     assert ("s2sgw_certificate_expiry_seconds", (("service", "billing"),)) in callers
+
+
+def test_caller_gateway_records_the_remote_refusal_and_its_alert(world: World) -> None:
+    assert curl(world.ports["billing"], "hello").returncode != 0
+    line = world.procs.wait_audit("callers-gw", "billing-to-users", "outcome=refused", "reason=remote_refused ")
+    assert "alert=access_denied" in line
+    assert "peer=spiffe://e2e.s2sgw.test/users" in line
+
+
+def s_client(world: World, name: str) -> str:
+    """openssl s_client presenting ``name``'s certificate to users-gw; its whole output."""
+    identity = world.pki.certs / f"{name}.pem"
+    result = subprocess.run(
+        [
+            "openssl", "s_client", "-connect", f"127.0.0.1:{world.ports['users_gw']}", "-CAfile", str(world.pki.bundle),
+            "-cert", str(identity), "-cert_chain", str(identity), "-key", str(identity.with_suffix(".key")), "-ign_eof",
+        ],
+        input=b"GET /hello HTTP/1.0\r\n\r\n",
+        capture_output=True,
+        timeout=30,
+    )
+    return (result.stdout + result.stderr).decode("utf-8", "replace")
+
+
+def test_openssl_client_not_on_the_allow_list_receives_access_denied(world: World) -> None:
+    output = s_client(world, "billing")
+    assert "alert access denied" in output, output
+    assert "hello" not in output.split("---")[-1]
+
+
+def test_openssl_client_with_a_revoked_certificate_receives_certificate_revoked(world: World) -> None:
+    subprocess.run(
+        [str(BIN / "s2sgw"), "ca", "revoke", "--dir", str(world.pki.directory / "ca"), "revokee", "--reason", "keyCompromise"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    output = s_client(world, "revokee")
+    assert "alert certificate revoked" in output, output
+    world.procs.wait_audit("users-gw", "users-in", "reason=revoked ", "peer=spiffe://e2e.s2sgw.test/revokee")
 
 
 def test_status_shows_identities_routes_and_status_cache(world: World) -> None:

@@ -46,6 +46,7 @@ class AuditRecord:
     bytes_out: int = 0
     duration: float = 0.0  # seconds from accept to close
     detail: str = ""  # plain words for a human (never secrets)
+    alert: str = "-"  # the TLS alert a remote gateway refused an outbound connection with
 
 
 class AuditLog:
@@ -59,6 +60,6 @@ class AuditLog:
         fields = attrs.asdict(record)
         fields["duration"] = round(record.duration, 3)
         if record.outcome == "refused":
-            self._log.warn(AUDIT_FORMAT + " detail={detail}", audit=True, **fields)
+            self._log.warn(AUDIT_FORMAT + " alert={alert} detail={detail}", audit=True, **fields)
         else:
             self._log.info(AUDIT_FORMAT, audit=True, **fields)

@@ -162,6 +162,12 @@ class RouteMetrics(MetricSet):
             ["route", "outcome", "reason"],
             registry=None,
         )
+        self.remote_refusals = Counter(
+            "s2sgw_remote_refusals",
+            "Outbound connections the remote gateway refused, by the TLS alert it sent.",
+            ["route", "alert"],
+            registry=None,
+        )
         self.active = Gauge("s2sgw_active_connections", "Connections open now.", ["route"], registry=None)
         self.duration = Histogram(
             "s2sgw_connection_duration_seconds",
@@ -171,10 +177,15 @@ class RouteMetrics(MetricSet):
             registry=None,
         )
         self._bytes = _RelayBytes()
-        self.members = (self.handshakes, self.connections, self.active, self.duration, self._bytes)
+        self.members = (
+            self.handshakes, self.connections, self.remote_refusals, self.active, self.duration, self._bytes
+        )
 
     def handshake(self, route: str, allowed: bool, reason: str) -> None:
         self.handshakes.labels(route, "ok" if allowed else "refused", bounded_reason(reason)).inc()
+
+    def remote_refused(self, route: str, alert: str) -> None:
+        self.remote_refusals.labels(route, alert).inc()
 
     def opened(self, route: str) -> None:
         self.active.labels(route).inc()

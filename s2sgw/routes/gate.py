@@ -52,6 +52,7 @@ class Session:
     outcome: str | None = None  # "refused" once refused; "closed" when a relay ends
     reason: str | None = None
     detail: str = ""
+    alert: str = "-"  # the TLS alert a remote gateway refused us with (outbound)
     relay: Relay | None = None
     ended: bool = False
     abort: Any = None  # callable(reason): drop the connection now (set by the owner)
@@ -147,6 +148,7 @@ class RouteGate:
                 bytes_out=session.bytes_out,
                 duration=duration,
                 detail=session.detail,
+                alert=session.alert,
             )
         )
         if not self.live:
