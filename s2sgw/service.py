@@ -11,7 +11,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from s2sgw.routes.authz import Authorizer
-from s2sgw.config import GatewayConfig
+from s2sgw.config import GatewayConfig, InboundRoute
+from s2sgw.errors import StartupError, listen_problem
 from s2sgw.interfaces import IStapleSource, IStatusCache, IStatusCacheStats, IStatusProbe
 from s2sgw.routes.outbound import OutboundConnector
 from s2sgw.status.crl_refresh import CRLRefreshMetrics, CRLRefreshService, reload_following_crl
@@ -44,8 +45,12 @@ class RouteService(Service):
         failures: list = []
         self.route.listen().addCallbacks(self._listening, failures.append)
         if failures:
-            # Endpoints bind synchronously: surface "address in use" and friends as a start-up error.
-            failures[0].raiseException()
+            # Endpoints bind synchronously: "address in use" and friends stop the start, in one line.
+            route = self.route.route
+            key = f"[[service.{'inbound' if isinstance(route, InboundRoute) else 'outbound'}]] listen"
+            error = StartupError(listen_problem(f"route {self.label} of service {route.service}", key, route.listen,
+                                 failures[0].getErrorMessage()))
+            raise error
 
     def _listening(self, port: Any) -> None:
         self._port = port

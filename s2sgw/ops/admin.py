@@ -20,6 +20,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
+from s2sgw.errors import StartupError, listen_problem
 from s2sgw.ops.health import Monitor
 from s2sgw.ops.status_page import status_document
 
@@ -111,8 +112,9 @@ class AdminService(Service):
         site = AdminSite(build_admin_root(self.monitor, self.registry))
         failures: list = []
         serverFromString(self.reactor, self.listen).listen(site).addCallbacks(self._listening, failures.append)
-        if failures:
-            failures[0].raiseException()  # "address in use" is a start-up error, as for routes
+        if failures:  # "address in use" is a start-up error, as for routes
+            error = StartupError(listen_problem("the admin endpoint", "[admin] listen", self.listen, failures[0].getErrorMessage()))
+            raise error
 
     def _listening(self, port: Any) -> None:
         self.port = port

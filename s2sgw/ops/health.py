@@ -14,6 +14,7 @@ MultiService for :func:`s2sgw.service.build_gateway`.
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -285,8 +286,14 @@ class Monitor(Service):
                     reasons.append("the CA status server has not been probed yet")
             else:
                 if not probe.reachable and fail_closed:
-                    what = "answers invalid status" if probe.invalid else "is unreachable"
-                    reasons.append(f"the CA status server {what} ({probe.error}): peers are refused (fail = closed)")
+                    answered = re.search(r"answered (HTTP \d+)", probe.error or "")
+                    if probe.invalid:
+                        what = f"answers invalid status ({probe.error})"
+                    elif answered is not None:  # it is up, but says no: not the same fix as a dead host
+                        what = f"answered {answered.group(1)}"
+                    else:
+                        what = f"is unreachable ({probe.error})"
+                    reasons.append(f"the CA status server {what}: peers are refused (fail = closed)")
                 for name, state in probe.states.items():
                     if state == "revoked":
                         reasons.append(f"certificate of service {name} is revoked at the CA: peers refuse it")
