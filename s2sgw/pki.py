@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.logger import Logger
 
 from s2sgw.errors import S2sgwError
+from s2sgw.serials import serial_text
 from s2sgw.verify.crlrules import crl_problem
 
 _log = Logger(namespace="s2sgw.pki")
@@ -248,7 +249,7 @@ def is_ca(certificate: x509.Certificate) -> bool:
 
 
 def serial_hex(certificate: x509.Certificate) -> str:
-    return format(certificate.serial_number, "x")
+    return serial_text(certificate.serial_number)
 
 
 def validity_problem(certificate: x509.Certificate, now: datetime.datetime) -> str | None:

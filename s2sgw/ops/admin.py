@@ -92,6 +92,8 @@ def build_admin_root(monitor: Monitor, registry: CollectorRegistry = REGISTRY) -
 class AdminSite(server.Site):
     """A Site without access logging."""
 
+    noisy = False
+
     def log(self, request: server.Request) -> None:
         pass
 

@@ -55,7 +55,7 @@ class HealthCollector:
         )
         for root in material.roots:
             roots.add_metric(
-                [root.subject.rfc4514_string(), fingerprint(root)[:16]],
+                [root.subject.rfc4514_string(), fingerprint(root)],
                 (root.not_valid_after_utc - now).total_seconds(),
             )
         yield roots

@@ -25,6 +25,7 @@ from s2sgw.interfaces import Decision, Reason
 from s2sgw.ops.audit import AuditLog, AuditRecord, Direction
 from s2sgw.ops.metrics import RouteMetrics
 from s2sgw.relay import Relay
+from s2sgw.serials import serial_text
 from s2sgw.transport import TLSFactory, server_endpoint
 
 
@@ -74,7 +75,7 @@ class Session:
         if decision.identity:
             self.peer = decision.identity
         if decision.serial is not None:
-            self.serial = f"{decision.serial:x}"
+            self.serial = serial_text(decision.serial)
 
 
 

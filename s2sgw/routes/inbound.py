@@ -126,7 +126,7 @@ class InboundSide(RelaySide):
             return
         self._cancel_timer()
         tlsalert.forget_secret(self.transport)
-        dialing = listener.backend.connect(Factory.forProtocol(BackendSide))
+        dialing = listener.backend.connect(_BackendFactory())
         dialing.addTimeout(listener.timeouts.connect, listener.clock)
         self._dialing = dialing
         dialing.addCallbacks(self._backend_connected, self._backend_failed)
@@ -222,7 +222,14 @@ class InboundSide(RelaySide):
         self.listener.gate.end(session)
 
 
+class _BackendFactory(Factory):
+    noisy = False  # no "Starting factory" line per dial
+    protocol = BackendSide
+
+
 class _InboundFactory(Factory):
+    noisy = False  # no "Starting factory" line per listener
+
     def __init__(self, listener: InboundListener) -> None:
         self.listener = listener
 

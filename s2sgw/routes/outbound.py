@@ -264,6 +264,8 @@ class RemoteSide(RelaySide):
 
 
 class _LocalFactory(Factory):
+    noisy = False  # no "Starting factory" line per listener
+
     def __init__(self, connector: OutboundConnector) -> None:
         self.connector = connector
 
@@ -308,4 +310,6 @@ class OutboundConnector(GatedRoute):
 
     def tls_factory_for(self, local: LocalSide) -> TLSFactory:
         """A TLS client factory whose one connection belongs to ``local``."""
-        return TLSFactory(self.creator, True, Factory.forProtocol(lambda: RemoteSide(local)))
+        remote_factory = Factory.forProtocol(lambda: RemoteSide(local))
+        remote_factory.noisy = False  # one per dial: no "Starting factory" line each time
+        return TLSFactory(self.creator, True, remote_factory)

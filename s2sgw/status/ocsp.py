@@ -24,6 +24,7 @@ from zope.interface import implementer
 from s2sgw.interfaces import IStatusChecker
 from s2sgw.ops.metrics import MetricSet
 from s2sgw.interfaces import IStapleSource, IStatusCache, IStatusCacheStats, IStatusProbe
+from s2sgw.serials import serial_text
 from s2sgw.timeutil import utc
 from s2sgw.wire.http import MAX_RESPONSE_BYTES, ResponseTooLarge, http_client, read_limited
 from s2sgw.wire.ocsp import (
@@ -353,7 +354,7 @@ class OCSPStatusChecker:
             self.metrics.queries.labels(outcome).inc()
             self._log.info(
                 "status query for serial {serial} failed: {error}",
-                serial=f"{key[1]:x}",
+                serial=serial_text(key[1]),
                 error=result.getErrorMessage(),
             )
         else:
