@@ -7,7 +7,7 @@ from typing import Any
 import attrs
 from prometheus_client import REGISTRY, CollectorRegistry
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from s2sgw.routes.authz import Authorizer
@@ -39,6 +39,8 @@ class RouteService(Service):
     drain: float
     _log = Logger()
     _port: Any = attrs.field(default=None, init=False)
+    _stopped: bool = attrs.field(default=False, init=False)
+    _stop_waiters: list[Deferred[None]] = attrs.field(factory=list, init=False)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -61,7 +63,22 @@ class RouteService(Service):
         d = self.route.stop_listening()
         d.addCallback(lambda _: self.route.drain(self.drain))
         d.addErrback(lambda failure: self._log.failure("stopping route {route}", failure, route=self.label))
+        d.addCallback(self._finished)
         return d
+
+    def _finished(self, _: object) -> None:
+        self._stopped = True
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def wait_stopped(self) -> Deferred[None]:
+        """Fires once this route has stopped and drained (at once if it has)."""
+        if self._stopped:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._stop_waiters.append(waiter)
+        return waiter
 
 
 def _describe(port: Any) -> str:
@@ -129,8 +146,9 @@ def build_gateway(
             routes[outbound.name] = OutboundConnector(
                 outbound, trust_store, authorizer, reactor, config.timeouts, metrics=route_metrics
             )
-    for name, route in routes.items():
-        RouteService(route, name, config.timeouts.drain).setServiceParent(top)
+    route_services = [RouteService(route, name, config.timeouts.drain) for name, route in routes.items()]
+    for route_service in route_services:
+        route_service.setServiceParent(top)
     # Every reload (SIGHUP, timer, CRL refresh) also hands a new CRL to the status checker.
     reload = reload_following_crl(trust_store, checker)
     operations = Operations.build(
@@ -142,6 +160,8 @@ def build_gateway(
         cache_stats=IStatusCacheStats(checker, None),
         prober=IStatusProbe(checker, None),
     )
+    if operations.admin is not None:  # the admin endpoint outlives the drain
+        operations.admin.drained = lambda: DeferredList([rs.wait_stopped() for rs in route_services])
     # Live connections: pushed revocations, re-validation at nextUpdate, peers untrusted by a reload.
     enforcer = Enforcer.for_routes(
         routes, judging, reactor, fail=config.status.fail, verify_chain=trust_store.verify_chain, cache=cache,

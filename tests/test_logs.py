@@ -43,7 +43,7 @@ def test_factory_start_and_stop_lines_are_dropped() -> None:
     log.info("Starting factory {factory!r}", factory=object())
     log.info("Stopping factory {factory!r}", factory=object())
     log.info("route {route} listening", route="users-in")
-    logs.stopService()
+    logs.restore()
     assert "factory" not in out.getvalue()
     assert "route users-in listening" in out.getvalue()
 
@@ -53,13 +53,13 @@ def test_log_level_drops_less_severe_events() -> None:
     log = Logger(namespace="s2sgw.test", observer=publisher)
     log.info("quiet {n}", n=1)
     log.warn("loud {n}", n=2)
-    logs.stopService()
+    logs.restore()
     assert "quiet" not in out.getvalue() and "loud 2" in out.getvalue()
 
 
 def test_stopping_restores_the_original_observers() -> None:
     publisher, out, logs = setup(level="error")
-    logs.stopService()
+    logs.restore()
     Logger(namespace="s2sgw.test", observer=publisher).info("after {n}", n=3)
     assert "after 3" in out.getvalue()
 
@@ -70,7 +70,7 @@ def test_json_format_writes_one_object_per_line_with_the_audit_fields() -> None:
     audit._log.observer = publisher
     audit.connection(refusal('not on the allow-list "users"'))
     Logger(namespace="s2sgw.test", observer=publisher).info("hello {who}", who="you")
-    logs.stopService()
+    logs.restore()
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
     first, second = (json.loads(line) for line in lines)

@@ -125,3 +125,90 @@ def test_readyz_says_the_ca_answered_an_http_error_rather_than_unreachable(pki: 
         assert not any("unreachable" in reason for reason in reasons), reasons
     finally:
         procs.stop_all()
+
+
+def test_an_outbound_listener_on_every_interface_is_refused_at_start(pki: Pki, tmp_path: Path) -> None:
+    orders_to_users = service_block(
+        pki,
+        "users",
+        f"""
+        [[service.outbound]]
+        listen = "tcp:{free_port()}"
+        remote = "tcp:127.0.0.1:9"
+        peer = "users"
+        """,
+    )
+    code, output = run_gateway_to_exit(tmp_path, gateway_config(pki, None, orders_to_users, mode="off"))
+    assert code != 0
+    assert "service[0].outbound[0].listen" in output and "allow_remote = true" in output, output
+    assert "Traceback" not in output
+
+
+def test_on_sigterm_the_admin_endpoint_answers_stopping_while_connections_drain(pki: Pki, tmp_path: Path) -> None:
+    """One gateway relays to itself (outbound -> its own inbound -> an echo backend); with a live
+    connection open, SIGTERM closes the listeners while /readyz keeps answering 503 "stopping".
+    The gateway logs JSON lines, none of them factory chatter."""
+    from tests.e2e import EchoServer
+
+    echo = EchoServer()
+    procs = Processes(tmp_path)
+    ports = {"admin": free_port(), "users": free_port(), "orders": free_port()}
+    pki.issue("orders")
+    services = service_block(
+        pki,
+        "users",
+        f"""
+        [[service.inbound]]
+        name = "users-in"
+        listen = "tcp:{ports['users']}:interface=127.0.0.1"
+        backend = "tcp:127.0.0.1:{echo.port}"
+        allow = ["orders"]
+        """,
+    ) + service_block(
+        pki,
+        "orders",
+        f"""
+        [[service.outbound]]
+        listen = "tcp:{ports['orders']}:interface=127.0.0.1"
+        remote = "tcp:127.0.0.1:{ports['users']}"
+        peer = "users"
+        """,
+    )
+    admin = f'\n[admin]\nlisten = "tcp:{ports["admin"]}:interface=127.0.0.1"\n'
+    config = gateway_config(pki, None, services, mode="off").replace("drain = 2", "drain = 8") + admin
+    (tmp_path / "gw.toml").write_text(config)
+    try:
+        gateway = procs.twistd("gw", "s2sgw", "--config", str(tmp_path / "gw.toml"), "--log-format", "json")
+        procs.wait_port(ports["admin"])
+        procs.wait_port(ports["orders"])
+        with socket.create_connection(("127.0.0.1", ports["orders"]), timeout=10) as client:
+            client.sendall(b"ping")
+            assert client.recv(4) == b"ping"
+            procs.signal("gw", 15)
+            reasons: list[str] = []
+
+            def stopping() -> bool:
+                try:
+                    code, body = http_get(f"http://127.0.0.1:{ports['admin']}/readyz")
+                except OSError:
+                    return False
+                reasons[:] = json.loads(body)["reasons"]
+                return code == 503 and any(reason.startswith("stopping") for reason in reasons)
+
+            wait_for(stopping, timeout=5)
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", ports["users"]), timeout=2).close()
+            client.sendall(b"pong")  # the live connection still relays during the drain
+            assert client.recv(4) == b"pong"
+        gateway.wait(timeout=20)
+        assert gateway.returncode in (0, -15)  # twistd re-raises the signal it stopped for
+        lines = procs.log("gw").splitlines()
+        first_json = next(i for i, line in enumerate(lines) if line.startswith("{"))
+        assert first_json <= 3, lines  # only twistd's banner and the options check come before
+        events = [json.loads(line) for line in lines[first_json:]]
+        assert not [e for e in events if e["message"].startswith(("Starting factory", "Stopping factory"))], lines
+        closes = [e for e in events if e["namespace"] == "s2sgw.audit" and e["route"] == "users-in"]
+        assert closes and closes[-1]["outcome"] == "closed" and closes[-1]["bytes_in"] == 8
+    finally:
+        procs.stop_all()
+        echo.close()

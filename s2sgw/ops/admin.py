@@ -10,6 +10,7 @@ drown the audit trail).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -106,6 +107,8 @@ class AdminService(Service):
     monitor: Monitor
     reactor: Any
     registry: CollectorRegistry = REGISTRY
+    # Fires once the routes have drained: the endpoint answers (/readyz: 503 "stopping") until then.
+    drained: Callable[[], Deferred[Any]] = attrs.field(default=lambda: succeed(None))
     port: Any = attrs.field(default=None, init=False)
     _log = Logger()
 
@@ -124,7 +127,11 @@ class AdminService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
-        return maybeDeferred(port.stopListening)
+
+        def close(_: object) -> Deferred[None]:
+            port, self.port = self.port, None
+            if port is None:
+                return succeed(None)
+            return maybeDeferred(port.stopListening)
+
+        return maybeDeferred(self.drained).addBoth(close)

@@ -115,6 +115,7 @@ class Monitor(Service):
     on_change: Callable[[Readiness], None] | None = None
     probe: ProbeResult | None = None
     reload_error: str | None = None  # why the latest reload failed; None after a good one
+    stopping: bool = False  # the process is stopping (draining): never ready again
     # More /status fields from other parts (e.g. "revocation_feed"): name -> () -> JSON value.
     sections: dict[str, Callable[[], Any]] = attrs.field(factory=dict)
     # More fields per service (e.g. "renewal"): name -> (service name) -> JSON value or None.
@@ -142,6 +143,7 @@ class Monitor(Service):
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        self.stopping = True
         for timer in self._timers:
             if timer.running:
                 timer.stop()
@@ -243,6 +245,8 @@ class Monitor(Service):
     def readiness(self) -> Readiness:
         """Ready, or the reasons why not, in words."""
         reasons: list[str] = []
+        if self.stopping:
+            reasons.append("stopping: live connections are draining")
         now = self.now()
         for name, route in self.routes.items():
             gate = route.gate

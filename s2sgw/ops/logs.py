@@ -5,7 +5,8 @@ before services start, and offers a plugin no hook into it. So :class:`LogSetup`
 service to start, wraps the observers already on the publisher: a filter for the level and for
 Twisted's ``Starting factory``/``Stopping factory`` lines (one pair per dial, most of a busy log),
 and, for ``json``, a writer of one JSON object per line to the same file. Audit events keep
-their fields as JSON keys.
+their fields as JSON keys. What twistd writes before services start (its own banner, the trust
+material loaded while options are checked) stays in its text form.
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ class LogSetup(Service):
             self.publisher.addObserver(wrapped)
             self._swapped.append((observer, wrapped))
 
-    def stopService(self) -> None:
-        super().stopService()
+    def restore(self) -> None:
+        """Put the original observers back. Not done on stop: the drain and the last lines of a
+        stopping gateway are logged the same way as everything before."""
         swapped, self._swapped = self._swapped, []
         for observer, wrapped in swapped:
             self.publisher.removeObserver(wrapped)
