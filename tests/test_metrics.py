@@ -32,6 +32,9 @@ Family = tuple[str, str, str, tuple[str, ...]]  # name, type, help, label names
 
 ALWAYS: set[Family] = {
     ("s2sgw_active_connections", "gauge", "Connections open now.", ("route",)),
+    ("s2sgw_build_info", "gauge", "The running s2sgw version (always 1).", ("version",)),
+    ("s2sgw_certificate_expiry_timestamp_seconds", "gauge", "Unix time at which each service's own certificate expires.", ("service",)),
+    ("s2sgw_trust_bundle_expiry_timestamp_seconds", "gauge", "Unix time at which each root certificate of the trust bundle expires.", ("fingerprint", "root")),
     ("s2sgw_certificate_expiry_seconds", "gauge", "Seconds until each service's own certificate expires (negative: expired).", ("service",)),
     ("s2sgw_connection_duration_seconds", "histogram", "Lifetime of relayed connections.", ("route",)),
     ("s2sgw_connections", "counter", "Connections ended, by outcome (closed | refused) and reason.", ("outcome", "reason", "route")),
@@ -62,6 +65,7 @@ BY_MODE: dict[str, set[Family]] = {
     "crl": {
         ("s2sgw_crl_expiry_seconds", "gauge", "Seconds until the loaded CRL's nextUpdate (negative: stale).", ()),
         ("s2sgw_crl_number", "gauge", "CRL number of the loaded CRL.", ()),
+        ("s2sgw_crl_expiry_timestamp_seconds", "gauge", "Unix time of the loaded CRL's nextUpdate.", ()),
     },
     "off": set(),
 }  # fmt: skip

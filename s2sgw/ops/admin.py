@@ -23,6 +23,7 @@ from twisted.web import http, resource, server
 
 from s2sgw.errors import StartupError, listen_problem
 from s2sgw.ops.health import Monitor
+from s2sgw.ops.metrics import WithoutCreated
 from s2sgw.ops.status_page import status_document
 
 JSON = b"application/json"
@@ -73,12 +74,13 @@ class StatusResource(resource.Resource):
 
 
 def metrics_resource(registry: CollectorRegistry = REGISTRY) -> resource.Resource:
-    """prometheus_client's Twisted resource (a WSGI app in the reactor's thread pool)."""
+    """prometheus_client's Twisted resource (a WSGI app in the reactor's thread pool), without
+    ``_created`` series."""
     from prometheus_client.twisted import (
         MetricsResource,  # imports the global reactor: late
     )
 
-    return MetricsResource(registry=registry)
+    return MetricsResource(registry=WithoutCreated(registry))
 
 
 def build_admin_root(monitor: Monitor, registry: CollectorRegistry = REGISTRY) -> resource.Resource:
