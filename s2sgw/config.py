@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 import attrs
 
 from s2sgw.errors import S2sgwError
+from s2sgw.names import service_name_problem
 
 StatusMode = Literal["ocsp", "crl", "off"]
 FailMode = Literal["closed", "open"]
@@ -213,6 +214,14 @@ class _Parser:
         value = self.string(value, key)
         if not _NAME.match(value):
             raise self.fail(key, "expected a name of letters, digits, '.', '_' or '-'")
+        return value
+
+    def service_name(self, value: Any, key: str) -> str:
+        """The rule ``s2sgw ca issue`` applies: the name becomes a DNS label and a SPIFFE path."""
+        value = self.string(value, key)
+        problem = service_name_problem(value)
+        if problem is not None:
+            raise self.fail(key, f"invalid service name {value!r}: {problem}")
         return value
 
     def seconds(self, value: Any, key: str) -> float:
@@ -510,7 +519,7 @@ class _Parser:
         renew = self.optional(table, "renew", key, self.boolean, enrolled)
         if renew and not enrolled:
             raise self.fail(f"{key}.renew", "renewal needs an [enrollment] table (url, fingerprint)")
-        name = self.required(table, "name", key, self.name)
+        name = self.required(table, "name", key, self.service_name)
         cert = self.required(table, "cert", key, self.existing_file)
         private_key = self.required(table, "key", key, self.existing_file)
         inbound = [

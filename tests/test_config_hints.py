@@ -83,3 +83,69 @@ def test_an_outbound_listener_on_loopback_or_unix_needs_nothing(directory: Path,
     path = directory / "gateway.toml"
     path.write_text(HEAD + route)
     assert load_config(path).services[0].outbound[0].allow_remote is False
+
+
+CHECKED = 'trust = "bundle.pem"\n[status]\nmode = "off"\n[[service]]\nname = "orders"\ncert = "certs.pem"\nkey = "certs.key"\n'
+
+
+def test_a_service_whose_certificate_names_another_identity_is_warned_about(tmp_path: Path, capsys) -> None:
+    """check-config and the gateway's start say so: peers expecting orders would refuse users."""
+    from twisted.logger import globalLogPublisher
+
+    from s2sgw.cli import main
+    from s2sgw.truststore import TrustStore
+    from tests.pkifactory import TestCA
+
+    ca = TestCA.create()
+    (tmp_path / "bundle.pem").write_bytes(ca.bundle_pem())
+    ca.issue("users").write(tmp_path, "certs")
+    path = tmp_path / "gateway.toml"
+    path.write_text(CHECKED)
+    assert main(["check-config", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: service orders: its certificate names spiffe://example.org/users" in err
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        TrustStore.load(load_config(path))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warned = [e.get("warning", "") for e in events if e.get("log_namespace", "").startswith("s2sgw.truststore")]
+    assert any("its certificate names spiffe://example.org/users" in text for text in warned), events
+
+
+def test_a_service_with_its_own_certificate_gets_no_identity_warning(tmp_path: Path, capsys) -> None:
+    from s2sgw.cli import main
+    from tests.pkifactory import TestCA
+
+    ca = TestCA.create()
+    (tmp_path / "bundle.pem").write_bytes(ca.bundle_pem())
+    ca.issue("orders").write(tmp_path, "certs")
+    path = tmp_path / "gateway.toml"
+    path.write_text(CHECKED)
+    assert main(["check-config", str(path)]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [("Orders", "use a-z, 0-9 and '-'"), ("orders.v2", "use a-z, 0-9 and '-'"), ("a" * 64, "64 characters long")],
+)
+def test_service_names_follow_the_rule_the_ca_issues_by(directory: Path, name: str, words: str) -> None:
+    from s2sgw.ca.inputs import validate_service_name
+    from s2sgw.ca.store import CAError
+
+    message = error_for(directory, HEAD.replace('name = "orders"', f'name = "{name}"'))
+    assert "service[0].name" in message and words in message
+    with pytest.raises(CAError):
+        validate_service_name(name)
+
+
+def test_a_name_the_ca_issues_is_a_valid_service_name(directory: Path) -> None:
+    from s2sgw.ca.inputs import validate_service_name
+
+    name = "billing-2" + "x" * 54  # 63 characters
+    assert validate_service_name(name) == name
+    path = directory / "gateway.toml"
+    path.write_text(HEAD.replace('name = "orders"', f'name = "{name}"'))
+    assert load_config(path).services[0].name == name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import sys
 from pathlib import Path
 
 from s2sgw import pki
@@ -32,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_check_config(args: argparse.Namespace) -> int:
-    from s2sgw.material import load_material
+    from s2sgw.material import identity_warnings, load_material
 
     config = load_config(args.file)
     # A command, not the reactor: the wall clock is the right "now" here.
@@ -42,6 +43,8 @@ def run_check_config(args: argparse.Namespace) -> int:
         if problems:
             raise S2sgwError("\n".join(problems))
     print(summary(config, material))
+    for warning in identity_warnings(material):
+        print(f"s2sgw: warning: {warning}", file=sys.stderr)
     return 0
 
 
