@@ -33,7 +33,13 @@ from s2sgw.config import (
     load_config,
 )
 from s2sgw.interfaces import ITrustStore
-from s2sgw.material import ServiceMaterial, TrustMaterial, _check_crl, identity_warnings, load_material
+from s2sgw.material import (
+    ServiceMaterial,
+    TrustMaterial,
+    _check_crl,
+    identity_warnings,
+    load_material,
+)
 from s2sgw.reload import Coalesced
 from s2sgw.status.stapling import StapleCache, stapling_enabled
 

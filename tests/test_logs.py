@@ -7,7 +7,12 @@ import json
 import re
 
 import pytest
-from twisted.logger import FileLogObserver, Logger, LogPublisher, formatEventAsClassicLogText
+from twisted.logger import (
+    FileLogObserver,
+    Logger,
+    LogPublisher,
+    formatEventAsClassicLogText,
+)
 
 from s2sgw.ops.audit import AUDIT_FIELDS, AuditLog, AuditRecord
 from s2sgw.ops.logs import LogSetup

@@ -11,14 +11,21 @@ import json
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.e2e import BIN, Pki, Processes, free_port, gateway_config, service_block, wait_for
+from tests.e2e import (
+    BIN,
+    Pki,
+    Processes,
+    free_port,
+    gateway_config,
+    service_block,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 

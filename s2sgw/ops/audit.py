@@ -9,9 +9,8 @@ TLS parameters and counters.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import json
+from typing import Literal
 
 import attrs
 from twisted.logger import Logger
