@@ -324,6 +324,12 @@ class _Parser:
         kind = value.split(":", 1)[0].lower()
         if kind == "ssl":
             raise self.fail(key, "ssl: endpoints are not supported; use tcp: or unix:, the gateway adds TLS")
+        fields = value.split(":")
+        if kind == "tcp" and len(fields) == 3 and not fields[1].isdigit() and fields[2].isdigit():
+            raise self.fail(
+                key, f"bad endpoint {value!r}: a listening endpoint names the port first "
+                f"(write tcp:{fields[2]}:interface={fields[1]})"
+            )
         try:
             parsed = _parseServer(value, None)
         except Exception as error:  # the parsers raise ValueError, TypeError, IndexError, KeyError

@@ -149,3 +149,11 @@ def test_a_name_the_ca_issues_is_a_valid_service_name(directory: Path) -> None:
     path = directory / "gateway.toml"
     path.write_text(HEAD.replace('name = "orders"', f'name = "{name}"'))
     assert load_config(path).services[0].name == name
+
+
+def test_a_listen_address_written_host_first_says_how_to_write_it(directory: Path) -> None:
+    message = error_for(
+        directory,
+        HEAD + '[[service.inbound]]\nlisten = "tcp:127.0.0.1:8443"\nbackend = "tcp:127.0.0.1:8080"\n',
+    )
+    assert "service[0].inbound[0].listen" in message and "write tcp:8443:interface=127.0.0.1" in message
