@@ -174,9 +174,9 @@ def test_caller_gateway_records_the_remote_refusal_and_its_alert(world: World) -
     assert "peer=spiffe://e2e.s2sgw.test/users" in line
 
 
-def s_client(world: World, name: str) -> str:
+def s_client(world: World, name: str, certs: Path | None = None) -> str:
     """openssl s_client presenting ``name``'s certificate to users-gw; its whole output."""
-    identity = world.pki.certs / f"{name}.pem"
+    identity = (certs or world.pki.certs) / f"{name}.pem"
     result = subprocess.run(
         [
             "openssl", "s_client", "-connect", f"127.0.0.1:{world.ports['users_gw']}", "-CAfile", str(world.pki.bundle),
@@ -193,6 +193,13 @@ def test_openssl_client_not_on_the_allow_list_receives_access_denied(world: Worl
     output = s_client(world, "billing")
     assert "alert access denied" in output, output
     assert "hello" not in output.split("---")[-1]
+
+
+def test_openssl_client_with_an_expired_certificate_receives_certificate_expired(world: World, tmp_path: Path) -> None:
+    world.pki.issue_expired("orders", tmp_path)
+    output = s_client(world, "orders", tmp_path)
+    assert "alert certificate expired" in output, output
+    world.procs.wait_audit("users-gw", "users-in", "reason=expired ")
 
 
 def test_openssl_client_with_a_revoked_certificate_receives_certificate_revoked(world: World) -> None:
@@ -242,7 +249,7 @@ def test_status_shows_identities_routes_and_status_cache(world: World) -> None:
     status = json.loads(body)
     users = status["services"]["users"]
     assert users["identity"] == "spiffe://e2e.s2sgw.test/users"
-    assert int(users["serial"], 16) == world.pki.ca.records()[0].serial
+    assert int(users["serial"], 16) == next(r.serial for r in world.pki.ca.records() if r.name == "users")
     assert users["not_after"] and users["seconds_left"] > 0
     assert status["routes"]["users-in"]["listening"] is True
     assert status["routes"]["users-in"]["address"] == f"127.0.0.1:{world.ports['users_gw']}"
