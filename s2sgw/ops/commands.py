@@ -62,9 +62,10 @@ def listens(config: GatewayConfig) -> list[tuple[str, str, str]]:
 
 
 def bind_problems(config: GatewayConfig) -> list[str]:
-    """Listen on each address and stop again; one line per address that cannot be had.
+    """Listen on each TCP address and stop again; one line per address that cannot be had.
 
-    Addresses systemd hands over (``systemd:``) are skipped: only systemd can open them.
+    Only ``tcp:`` addresses are tried: systemd hands over ``systemd:`` ones, and trying a
+    ``unix:`` one would leave its socket and lock files behind (the reactor does not run here).
     """
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
@@ -72,7 +73,7 @@ def bind_problems(config: GatewayConfig) -> list[str]:
 
     problems = []
     for what, key, listen in listens(config):
-        if listen.startswith("systemd:"):
+        if listen.split(":", 1)[0].lower() != "tcp":
             continue
         ports: list = []
         failures: list = []
