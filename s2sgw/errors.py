@@ -7,11 +7,12 @@ class S2sgwError(Exception):
     """An error whose message is fit for the user: printed as one line, no traceback."""
 
 
-class StartupError(SystemExit):
+class StartupError(SystemExit, Exception):
     """A service that cannot start (a port in use): the process exits with this one line.
 
-    A ``SystemExit`` because twistd re-raises what ``startService`` raises: Python then prints
-    the message alone, with no traceback, and exits with status 1.
+    An ``Exception``, so a daemonizing twistd reports it to the waiting parent and removes its
+    pid file; a ``SystemExit``, so when twistd re-raises it Python prints the message alone, with
+    no traceback, and exits with status 1.
     """
 
     def __init__(self, message: str) -> None:

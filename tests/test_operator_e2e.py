@@ -219,3 +219,21 @@ def test_on_sigterm_the_admin_endpoint_answers_stopping_while_connections_drain(
     finally:
         procs.stop_all()
         echo.close()
+
+
+def test_a_daemonizing_gateway_reports_a_port_in_use_to_the_terminal_and_leaves_no_pid_file(pki: Pki, tmp_path: Path) -> None:
+    path = tmp_path / "gw.toml"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        path.write_text(users_config(pki, port))
+        result = subprocess.run(
+            [str(BIN / "twistd"), f"--pidfile={tmp_path / 'gw.pid'}", f"--logfile={tmp_path / 'gw.log'}", "s2sgw", "--config", str(path)],
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=60,
+        )
+    output = (result.stdout + result.stderr).decode("utf-8", "replace")
+    assert result.returncode == 1
+    assert "route users-in of service users cannot listen" in output, output
+    assert "Traceback" not in output
+    assert not (tmp_path / "gw.pid").exists()
