@@ -7,16 +7,20 @@ from typing import Any
 import attrs
 from prometheus_client import REGISTRY, CollectorRegistry
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from s2sgw.routes.authz import Authorizer
-from s2sgw.config import GatewayConfig
+from s2sgw.config import GatewayConfig, InboundRoute
+from s2sgw.errors import StartupError, listen_problem
 from s2sgw.interfaces import IStapleSource, IStatusCache, IStatusCacheStats, IStatusProbe
 from s2sgw.routes.outbound import OutboundConnector
 from s2sgw.status.crl_refresh import CRLRefreshMetrics, CRLRefreshService, reload_following_crl
 from s2sgw.status.enforce import Enforcer, LiveCloseMetrics, PushedRevocations
-from s2sgw.status.feed import FeedSubscriber, feed_url
+from s2sgw.status.feeds import FeedFollowers
+from s2sgw.status.responders import feed_urls
+from s2sgw.status.settings import StatusSettings
+from s2sgw.ops.descriptors import DescriptorLimitService
 from s2sgw.ops.metrics import MetricsService, RouteMetrics
 from s2sgw.ops.operations import Operations
 from s2sgw.routes.inbound import InboundListener
@@ -24,8 +28,8 @@ from s2sgw.routes.gate import GatedRoute
 from s2sgw.reload import ReloadService
 from s2sgw.status.stapling import StapleMetrics, StapleService, inbound_targets, stapling_enabled
 from s2sgw.status.checker import make_status_checker
-from s2sgw.status.root_crl import IntermediateCheck, RootCRLFollower, root_crl_url
-from s2sgw.status.ocsp import StatusMetrics
+from s2sgw.status.ocsp import OCSPStatusChecker, StatusMetrics
+from s2sgw.status.root_crl import IntermediateCheck, RootCRLFollower, root_crl_urls
 from s2sgw.truststore import TrustStore
 
 
@@ -39,14 +43,20 @@ class RouteService(Service):
     drain: float
     _log = Logger()
     _port: Any = attrs.field(default=None, init=False)
+    _stopped: bool = attrs.field(default=False, init=False)
+    _stop_waiters: list[Deferred[None]] = attrs.field(factory=list, init=False)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         failures: list = []
         self.route.listen().addCallbacks(self._listening, failures.append)
         if failures:
-            # Endpoints bind synchronously: surface "address in use" and friends as a start-up error.
-            failures[0].raiseException()
+            # Endpoints bind synchronously: "address in use" and friends stop the start, in one line.
+            route = self.route.route
+            key = f"[[service.{'inbound' if isinstance(route, InboundRoute) else 'outbound'}]] listen"
+            error = StartupError(listen_problem(f"route {self.label} of service {route.service}", key, route.listen,
+                                 failures[0].getErrorMessage()))
+            raise error
 
     def _listening(self, port: Any) -> None:
         self._port = port
@@ -57,7 +67,22 @@ class RouteService(Service):
         d = self.route.stop_listening()
         d.addCallback(lambda _: self.route.drain(self.drain))
         d.addErrback(lambda failure: self._log.failure("stopping route {route}", failure, route=self.label))
+        d.addCallback(self._finished)
         return d
+
+    def _finished(self, _: object) -> None:
+        self._stopped = True
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def wait_stopped(self) -> Deferred[None]:
+        """Fires once this route has stopped and drained (at once if it has)."""
+        if self._stopped:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._stop_waiters.append(waiter)
+        return waiter
 
 
 def _describe(port: Any) -> str:
@@ -78,7 +103,7 @@ class Gateway:
     authorizer: Authorizer
     routes: dict[str, InboundListener | OutboundConnector]
     enforcer: Enforcer | None = None
-    feed: FeedSubscriber | None = None
+    feed: FeedFollowers | None = None
     stapler: StapleService | None = None
 
 
@@ -95,23 +120,28 @@ def build_gateway(
     """
     route_metrics, status_metrics, staple_metrics = RouteMetrics(), StatusMetrics(), StapleMetrics()
     crl_metrics, close_metrics = CRLRefreshMetrics(), LiveCloseMetrics()
-    checker = make_status_checker(config.status, reactor, trust_store.material.ca_certificates, status_metrics)
-    url = feed_url(config.status)
+    checker = make_status_checker(
+        config.status, reactor, trust_store.material.ca_certificates, status_metrics, roots=lambda: trust_store.roots
+    )
+    # Feeds follow the responders in force: a reload may add the first one (not in mode off).
+    follows_feeds = config.status.mode != "off"
+    feeds_at_start = any(feed_urls(r, config.status.mode) for r in config.status.responders)
     staples = IStapleSource(checker, None)
     # Revocations pushed by the feed are answered by the checker the authorizer asks: one with a
     # cache keeps them itself, the others get PushedRevocations in front.
     judging, cache = checker, IStatusCache(checker, None)
-    if cache is None and url is not None:
+    if cache is None and feeds_at_start:
         judging = cache = PushedRevocations(checker, reactor)
     # The root's CRL, fetched beside the CA's status URL: a revoked issuing CA refuses its leaves.
-    root_follower = None
-    root_url = root_crl_url(config.status)
-    if root_url is not None:
-        root_follower = RootCRLFollower(
+    root_followers = [
+        RootCRLFollower(
             root_url, reactor, lambda: trust_store.material.ca_certificates,
             interval=config.status.crl_refresh, timeout=config.status.timeout,
         )
-        judging = IntermediateCheck(judging, root_follower, reactor)
+        for root_url in root_crl_urls(config.status)
+    ]
+    if root_followers:
+        judging = IntermediateCheck(judging, root_followers, reactor)
     authorizer = Authorizer(
         judging,
         trust_store.trust_domain or "",
@@ -121,6 +151,9 @@ def build_gateway(
         metrics=staple_metrics,
     )
     top = MultiService()
+    # Before the listeners bind: room for every connection the routes may hold.
+    descriptors = DescriptorLimitService(config)
+    descriptors.setServiceParent(top)
     # First: registered before any part starts, unregistered after every part has stopped.
     counted = (route_metrics, status_metrics, staple_metrics, crl_metrics, close_metrics)
     MetricsService(counted, registry).setServiceParent(top)
@@ -134,8 +167,9 @@ def build_gateway(
             routes[outbound.name] = OutboundConnector(
                 outbound, trust_store, authorizer, reactor, config.timeouts, metrics=route_metrics
             )
-    for name, route in routes.items():
-        RouteService(route, name, config.timeouts.drain).setServiceParent(top)
+    route_services = [RouteService(route, name, config.timeouts.drain) for name, route in routes.items()]
+    for route_service in route_services:
+        route_service.setServiceParent(top)
     # Every reload (SIGHUP, timer, CRL refresh) also hands a new CRL to the status checker.
     reload = reload_following_crl(trust_store, checker)
     operations = Operations.build(
@@ -147,6 +181,8 @@ def build_gateway(
         cache_stats=IStatusCacheStats(checker, None),
         prober=IStatusProbe(checker, None),
     )
+    if operations.admin is not None:  # the admin endpoint outlives the drain
+        operations.admin.drained = lambda: DeferredList([rs.wait_stopped() for rs in route_services])
     # Live connections: pushed revocations, re-validation at nextUpdate, peers untrusted by a reload.
     enforcer = Enforcer.for_routes(
         routes, judging, reactor, fail=config.status.fail, verify_chain=trust_store.verify_chain, cache=cache,
@@ -164,8 +200,23 @@ def build_gateway(
         stapler.setServiceParent(top)
 
     renewal = None
+    # Every [status] setting a reload brings goes to the parts that use it (or was refused by name).
+    settings = StatusSettings(lambda: trust_store.config.status)
+    settings.parts.append(lambda status: setattr(authorizer, "fail", status.fail))
+    settings.parts.append(lambda status: setattr(enforcer, "fail", status.fail))
+    responders = None
+    if isinstance(checker, OCSPStatusChecker):
+        settings.parts.append(checker.configure)
+        responders = checker.responders
+        if responders is not None:
+            operations.monitor.sections["status_servers"] = responders.status
+    if stapler is not None:
+        settings.parts.append(lambda status: setattr(stapler, "max_age", status.max_cache_age))
 
     def reloaded(generation: int) -> None:
+        if responders is not None:
+            responders.forget_roots()
+        settings.reloaded(generation)
         operations.reloaded(generation)
         enforcer.trust_reloaded(generation)
         if stapler is not None:
@@ -184,14 +235,16 @@ def build_gateway(
         renewal = attach_renewal(config, trust_store, reloader.reload_now, operations.monitor, reactor, registry)
         renewal.setServiceParent(top)
     feed = None
-    if url is not None:
-        feed = FeedSubscriber(
-            url, reactor, issuers=lambda: trust_store.material.ca_certificates, on_revocations=enforcer.revoked,
+    if follows_feeds:
+        feed = FeedFollowers(
+            reactor, issuers=lambda: trust_store.material.ca_certificates, on_revocations=enforcer.revoked,
             registry=registry,
         )
+        feed.configure(config.status)
+        settings.parts.append(feed.configure)
         operations.monitor.sections["revocation_feed"] = feed.status
         feed.setServiceParent(top)
-    if config.status.mode == "crl" and config.status.crl_url is not None:
+    if config.status.mode == "crl" and any(r.crl_urls for r in config.status.responders):
         # A CRL-driven reload is a reload: live connections and the summary follow it too.
         refresher = CRLRefreshService(
             trust_store,
@@ -204,9 +257,11 @@ def build_gateway(
         )
         operations.monitor.sections["crl_refresh"] = refresher.status
         refresher.setServiceParent(top)
-    if root_follower is not None:
-        operations.monitor.sections["root_crl"] = root_follower.status
-        root_follower.setServiceParent(top)
+    if root_followers:
+        operations.monitor.sections["root_crl"] = lambda: [follower.status() for follower in root_followers]
+        for follower in root_followers:
+            follower.setServiceParent(top)
+    operations.monitor.sections["descriptors"] = descriptors.status
     operations.setServiceParent(top)  # last: READY=1 after every bind, STOPPING=1 before draining
     return top, Gateway(config, trust_store, authorizer, routes, enforcer, feed, stapler)
 

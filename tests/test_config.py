@@ -15,6 +15,7 @@ from s2sgw.config import (
     GatewayConfig,
     InboundRoute,
     OutboundRoute,
+    ResponderConfig,
     StatusConfig,
     TimeoutsConfig,
     load_config,
@@ -100,8 +101,8 @@ def test_full_config_loads_into_the_contract_classes(directory: Path) -> None:
     assert config.trust == directory / "bundle.pem"
     assert config.reload_interval == 600.0
     assert config.status == StatusConfig(
-        mode="ocsp", url="http://127.0.0.1:8080/ocsp", fail="open", crl=None,
-        timeout=1.5, max_cache_age=60.0, cache_size=100,
+        mode="ocsp", fail="open", crl=None, timeout=1.5, max_cache_age=60.0, cache_size=100,
+        responders=(ResponderConfig(urls=("http://127.0.0.1:8080/ocsp",)),),
     )
     assert config.timeouts == TimeoutsConfig(handshake=5.0, connect=2.0, idle=30.0, drain=1.0)
     assert config.admin == AdminConfig(listen="tcp:9900:interface=127.0.0.1")
@@ -171,7 +172,7 @@ def test_absolute_and_home_relative_paths_are_kept(directory: Path) -> None:
         ('cert = "certs/orders.pem"', "", "service[0].cert: missing required key"),
         ('key = "certs/users.key"', 'key = "certs/nope.key"', "service[1].key: no such file"),
         ('name = "users"\n', 'name = "orders"\n', "service[1].name: duplicate service name 'orders'"),
-        ('name = "orders"\n', 'name = "or ders"\n', "service[0].name: expected a name"),
+        ('name = "orders"\n', 'name = "or ders"\n', "service[0].name: invalid service name 'or ders'"),
         ('backend = "tcp:127.0.0.1:8080"', 'backend = "tcp:127.0.0.1"',
          "service[0].inbound[0].backend: bad endpoint"),
         ('backend = "tcp:127.0.0.1:8080"', 'backend = "carrier-pigeon:coop"',

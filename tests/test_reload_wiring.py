@@ -110,7 +110,7 @@ def test_the_ocsp_checker_is_handed_to_the_parts_using_its_cache_stapling_probe_
     assert isinstance(judging, IntermediateCheck)
     checker = judging.inner
     assert isinstance(checker, OCSPStatusChecker)
-    assert judging.follower.url == "http://127.0.0.1:1/root.crl"
+    assert [follower.url for follower in judging.followers] == ["http://127.0.0.1:1/root.crl"]
     assert gateway.authorizer.staples is checker
     assert gateway.enforcer.checker is judging and gateway.enforcer.cache is checker
     assert gateway.stapler is not None and gateway.stapler.source is checker
@@ -131,5 +131,5 @@ def test_a_crl_checker_without_the_feed_is_asked_directly_and_keeps_no_cache(tmp
     _, gateway, operations = _wired(tmp_path, 'mode = "crl"\ncrl = "ca.crl"')
     assert isinstance(gateway.authorizer.status_checker, CRLStatusChecker)
     assert gateway.enforcer.checker is gateway.authorizer.status_checker and gateway.enforcer.cache is None
-    assert gateway.feed is None and gateway.stapler is None
+    assert gateway.feed is not None and gateway.feed.subscribers == {} and gateway.stapler is None
     assert operations.monitor.prober is None and operations.monitor.cache_stats is None

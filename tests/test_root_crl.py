@@ -16,12 +16,12 @@ from twisted.web import resource
 from s2sgw.ca.authority import CertificateAuthority
 from s2sgw.ca.cafiles import load_key
 from s2sgw.ca.rotation import new_intermediate, sign_root_crl
-from s2sgw.config import StatusConfig
+from s2sgw.config import ResponderConfig, StatusConfig
 from s2sgw.status.root_crl import (
     IntermediateCheck,
     RootCRLFollower,
     RootCRLRefused,
-    root_crl_url,
+    root_crl_urls,
     verify_root_crl,
 )
 from s2sgw.wire.ocsp import CertStatus, StatusUnavailable
@@ -42,11 +42,20 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def test_urls_are_derived_from_the_status_origin() -> None:
-    assert root_crl_url(StatusConfig(mode="ocsp", url="http://ca:8080/ocsp")) == "http://ca:8080/root.crl"
-    assert root_crl_url(StatusConfig(mode="crl", crl="/x", crl_url="https://ca/pki/crl")) == "https://ca/root.crl"
-    assert root_crl_url(StatusConfig(mode="crl", crl="/x")) is None  # a CRL file kept by hand holds it
-    assert root_crl_url(StatusConfig(mode="off")) is None
+def test_urls_are_derived_from_each_responders_origin() -> None:
+    ocsp = StatusConfig(
+        mode="ocsp",
+        responders=(
+            ResponderConfig(urls=("http://ca-1:8080/ocsp", "http://ca-2:8080/ocsp")),
+            ResponderConfig(fingerprint=b"\x01" * 32, urls=("http://old-ca:8080/ocsp",)),
+            ResponderConfig(fingerprint=b"\x02" * 32, urls=("http://ca-1:8080/other",)),
+        ),
+    )
+    assert root_crl_urls(ocsp) == ["http://ca-1:8080/root.crl", "http://old-ca:8080/root.crl"]
+    crl = StatusConfig(mode="crl", crl=Path("/x"), responders=(ResponderConfig(crl_urls=("https://ca/pki/crl",)),))
+    assert root_crl_urls(crl) == ["https://ca/root.crl"]
+    assert root_crl_urls(StatusConfig(mode="crl", crl=Path("/x"))) == []  # a CRL file kept by hand holds it
+    assert root_crl_urls(StatusConfig(mode="off")) == []
 
 
 def test_a_forged_stale_or_replayed_root_crl_is_refused(rotated) -> None:
@@ -101,7 +110,7 @@ def test_follower_and_check_refuse_leaves_of_a_revoked_intermediate(rotated) -> 
         "http://ca/root.crl", clock, lambda: (ca.root_cert,), http=StubTreq(served)
     )
     inner = Inner()
-    check = IntermediateCheck(inner, follower, clock)
+    check = IntermediateCheck(inner, [follower], clock)
 
     result_of(follower.refresh())
     assert follower.published is False and follower.crl is None  # an older CA: no root CRL

@@ -50,3 +50,9 @@ def test_ca_unit_takes_the_key_passphrase_as_a_systemd_credential() -> None:
     assert f"\nLoadCredential={CREDENTIAL}:/etc/s2sgw/ca-passphrase\n" in text
     exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
     assert "passphrase" not in exec_start
+
+
+@pytest.mark.parametrize("unit", ["s2sgw@.service", "s2sgw-ca.service"])
+def test_units_give_room_for_many_connections(unit: str) -> None:
+    """Not systemd's default soft limit of 1,024 descriptors: the gateway raises its soft limit to this."""
+    assert "\nLimitNOFILE=65536\n" in (UNITS / unit).read_text()

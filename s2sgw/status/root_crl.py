@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import urllib.parse
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -44,20 +45,21 @@ ROOT_CRL_PATH = "/root.crl"
 MAX_ROOT_CRL_BYTES = 1024 * 1024
 
 
-def root_crl_url(status: Any) -> str | None:
-    """``/root.crl`` on the origin of ``status.url`` (mode ocsp) or ``status.crl_url`` (mode crl)."""
-    if status.mode == "ocsp":
-        base = status.url
-    elif status.mode == "crl":
-        base = status.crl_url
-    else:
-        return None
-    if isinstance(base, (list, tuple)):
-        base = base[0] if base else None
-    if not base:
-        return None
-    parts = urllib.parse.urlsplit(base)
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, ROOT_CRL_PATH, "", ""))
+def root_crl_urls(status: Any) -> list[str]:
+    """``/root.crl`` on the origin of each responder's first OCSP URL (mode ocsp) or first CRL URL
+    (mode crl), once per origin: every root a gateway trusts may have revoked an issuing CA."""
+    if status.mode not in ("ocsp", "crl"):
+        return []
+    found: list[str] = []
+    for responder in status.responders:
+        bases = responder.urls if status.mode == "ocsp" else responder.crl_urls
+        if not bases:
+            continue
+        parts = urllib.parse.urlsplit(bases[0])
+        url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, ROOT_CRL_PATH, "", ""))
+        if url not in found:
+            found.append(url)
+    return found
 
 
 class RootCRLRefused(Exception):
@@ -201,7 +203,7 @@ class IntermediateCheck:
     """Asks the root CRL about the peer's intermediate, then ``inner`` about its leaf."""
 
     inner: Any  # IStatusChecker
-    follower: RootCRLFollower
+    followers: Sequence[RootCRLFollower]
     clock: Any
     _log = Logger()
 
@@ -218,13 +220,17 @@ class IntermediateCheck:
         return self.inner.close()
 
     def _intermediate(self, issuer: x509.Certificate) -> CertStatus | None:
-        crl = self.follower.crl
-        if crl is None or issuer.issuer == issuer.subject or crl.issuer != issuer.issuer:
+        if issuer.issuer == issuer.subject:
             return None
+        follower = next((f for f in self.followers if f.crl is not None and f.crl.issuer == issuer.issuer), None)
+        if follower is None:
+            return None
+        crl = follower.crl
+        assert crl is not None
         now = utc(self.clock.seconds())
         if crl.next_update_utc is None or crl.next_update_utc + DEFAULT_LEEWAY < now:
             raise StatusUnavailable("the root CRL held is stale; cannot tell whether the issuing CA is revoked")
-        root = next((r for r in self.follower.roots() if r.subject == crl.issuer), None)
+        root = next((r for r in follower.roots() if r.subject == crl.issuer), None)
         try:
             if root is None:
                 return None
