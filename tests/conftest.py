@@ -51,3 +51,18 @@ def logged_errors():
     unexpected = observer.unexpected()
     if unexpected:
         pytest.fail("errors were logged:\n" + "\n---\n".join(unexpected), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One PostgreSQL cluster for the session (initdb as an unprivileged user, a free port)."""
+    from tests.pgcluster import running_cluster
+
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_url(pg_cluster) -> str:
+    """The URL of a fresh, empty database in the session's cluster."""
+    return pg_cluster.new_database()
