@@ -14,9 +14,9 @@ directory with it is a complete CA.
 from __future__ import annotations
 
 import datetime
-import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 from cryptography import x509
@@ -65,7 +65,9 @@ from s2sgw.ca.inputs import (
     validate_url,
 )
 from s2sgw.ca.records import CertRecord, IssuedIdentity, row_for, san_strings
-from s2sgw.ca.store import LEAF, CAError, CAStore, Row, SerialInUse
+from s2sgw.ca.store import LEAF, CAError, Row, SerialInUse
+from s2sgw.ca.stores import STORE_FILE, check_store_owner, check_store_url, open_store
+from s2sgw.interfaces import ICAStore
 
 __all__ = [
     "KEY_TYPES",
@@ -154,7 +156,7 @@ class CertificateAuthority:
     intermediate_key: PrivateKey = attrs.field(repr=False)
     ocsp_cert: x509.Certificate
     ocsp_key: PrivateKey = attrs.field(repr=False)
-    store: CAStore = attrs.field(repr=False)
+    store: ICAStore = attrs.field(repr=False)
     serial_source: Callable[[], int] = attrs.field(default=random_serial, repr=False, kw_only=True)
 
     # -- creating and opening
@@ -168,8 +170,12 @@ class CertificateAuthority:
         key_type: str = "ecdsa-p256",
         url: str | None = None,
         now: datetime.datetime | None = None,
+        store: str | None = None,
     ) -> CertificateAuthority:
-        """Create root, intermediate and OCSP signer in ``directory`` (new or empty of CA files)."""
+        """Create root, intermediate and OCSP signer in ``directory`` (new or empty of CA files).
+
+        The state goes to ``DIR/ca.db``, or to the empty PostgreSQL database ``store`` names.
+        """
         directory = Path(directory)
         validate_trust_domain(trust_domain)
         validate_key_type(key_type)
@@ -177,27 +183,30 @@ class CertificateAuthority:
             url = validate_url(url)
         if directory.exists() and not directory.is_dir():
             raise CAError(f"{directory} is not a directory")
-        existing = [name for name in CA_FILES if (directory / name).exists()]
+        if store is not None:
+            store = check_store_url(store)
+        existing = [name for name in (*CA_FILES, STORE_FILE) if (directory / name).exists()]
         if existing:
             raise CAError(f"{directory} already holds a CA ({existing[0]} exists)")
 
-        create_ca_files(directory, trust_domain, key_type, url, _utc(now))
+        create_ca_files(directory, trust_domain, key_type, url, _utc(now), store_url=store)
         return cls.open(directory)
 
     @classmethod
-    def open(cls, directory: Path | str) -> CertificateAuthority:
-        """Load a CA directory; CAError if it is not one or its material is missing or corrupt."""
+    def open(cls, directory: Path | str, *, store: str | None = None) -> CertificateAuthority:
+        """Load a CA directory; CAError if it is not one or its material is missing or corrupt.
+
+        ``store`` (a postgresql:// URL) replaces the store the directory records.
+        """
         directory = Path(directory)
         if not directory.is_dir():
             raise CAError(f"{directory} is not a directory")
-        database = directory / DATABASE
-        if not database.is_file():
-            raise CAError(f"{directory} is not a CA directory (no {DATABASE}; run `s2sgw ca init`)")
-        store = CAStore(database)
-        store.migrate()
-        meta = store.meta()
+        opened = open_store(directory, directory / DATABASE, store)
+        opened.migrate()
+        meta = opened.meta()
         root_cert = load_cert(directory / ROOT_CERT, "root certificate")
         intermediate_cert = load_cert(directory / INTERMEDIATE_CERT, "intermediate certificate")
+        check_store_owner(meta, intermediate_cert, directory)
         ocsp_cert = load_cert(directory / OCSP_CERT, "OCSP signer certificate")
         intermediate_key = load_key(directory / INTERMEDIATE_KEY, intermediate_cert, "CA key")
         ocsp_key = load_key(directory / OCSP_KEY, ocsp_cert, "OCSP signer key")
@@ -212,7 +221,7 @@ class CertificateAuthority:
             intermediate_key=intermediate_key,
             ocsp_cert=ocsp_cert,
             ocsp_key=ocsp_key,
-            store=store,
+            store=opened,
         )
 
     @property
@@ -270,7 +279,7 @@ class CertificateAuthority:
         lifetime: datetime.timedelta,
         now: datetime.datetime | None = None,
         issued_via: str = "cli",
-        claim: Callable[[sqlite3.Connection, Row], None] | None = None,
+        claim: Callable[[Any, Row], None] | None = None,
     ) -> CertRecord:
         """Sign and record a leaf for ``public_key`` (made elsewhere: by ``issue`` or by the service).
 

@@ -26,6 +26,7 @@ from s2sgw.ca.building import (
 from s2sgw.ca.cafiles import undo_on_error, write_ca_files
 from s2sgw.ca.records import row_for
 from s2sgw.ca.store import OCSP_SIGNER, CAError, CAStore, StoreError
+from s2sgw.ca.stores import STORE_FILE, create_pg_store
 
 ROOT_LIFETIME = datetime.timedelta(days=3650)
 INTERMEDIATE_LIFETIME = datetime.timedelta(days=1825)
@@ -41,10 +42,14 @@ BUNDLE, DATABASE = "bundle.pem", "ca.db"
 CA_FILES = (ROOT_CERT, ROOT_KEY, INTERMEDIATE_CERT, INTERMEDIATE_KEY, OCSP_CERT, OCSP_KEY, BUNDLE, DATABASE)
 
 
-def create_ca_files(directory: Path, trust_domain: str, key_type: str, url: str | None, now: datetime.datetime) -> None:
+def create_ca_files(
+    directory: Path, trust_domain: str, key_type: str, url: str | None, now: datetime.datetime,
+    *, store_url: str | None = None,
+) -> None:
     """Make root, intermediate and OCSP signer and write them with a new store, all or nothing.
 
-    The store is renamed into place last: its presence marks a complete CA directory.
+    The store is renamed into place last: its presence marks a complete CA directory. With
+    ``store_url`` the state goes to that (empty) PostgreSQL database and ``store.url`` comes last.
     """
     not_before = now - BACKDATE
     root_key, intermediate_key, ocsp_key = (generate_key(key_type) for _ in range(3))
@@ -88,28 +93,33 @@ def create_ca_files(directory: Path, trust_domain: str, key_type: str, url: str 
     except OSError as error:
         raise CAError(f"cannot create {directory}: {error.strerror}") from None
 
+    material = [
+        (directory / ROOT_KEY, key_pem(root_key), 0o600),
+        (directory / INTERMEDIATE_KEY, key_pem(intermediate_key), 0o600),
+        (directory / OCSP_KEY, key_pem(ocsp_key), 0o600),
+        (directory / ROOT_CERT, cert_pem(root_cert), 0o644),
+        (directory / INTERMEDIATE_CERT, cert_pem(intermediate_cert), 0o644),
+        (directory / OCSP_CERT, cert_pem(ocsp_cert), 0o644),
+        (directory / BUNDLE, cert_pem(root_cert), 0o644),
+    ]
+    meta = {"trust_domain": trust_domain, "url": url, "key_type": key_type}
+    signer_row = row_for(ocsp_cert, OCSP_SIGNER, "ocsp-signer", ())
+    written = [path for path, _, _ in material]
+    if store_url is not None:
+        with undo_on_error(written, directory, created_directory):
+            write_ca_files(material)
+            create_pg_store(store_url, meta, intermediate_cert, [signer_row])
+            write_ca_files([(directory / STORE_FILE, store_url.encode("utf-8") + b"\n", 0o600)])  # last
+        return
     database = directory / DATABASE
     temp_db = directory / f".{DATABASE}.{secrets.token_hex(6)}.tmp"
-    written = [directory / name for name in CA_FILES if name != DATABASE]
     with undo_on_error([temp_db, *written], directory, created_directory):
         try:
-            store = CAStore.create(
-                temp_db, {"trust_domain": trust_domain, "url": url, "key_type": key_type}
-            )
-            store.insert(row_for(ocsp_cert, OCSP_SIGNER, "ocsp-signer", ()))
+            store = CAStore.create(temp_db, meta)
+            store.insert(signer_row)
         except (OSError, sqlite3.Error, StoreError) as error:  # not writable, disk full
             raise CAError(f"cannot create the CA database in {directory}: {error}") from None
-        write_ca_files(
-            [
-                (directory / ROOT_KEY, key_pem(root_key), 0o600),
-                (directory / INTERMEDIATE_KEY, key_pem(intermediate_key), 0o600),
-                (directory / OCSP_KEY, key_pem(ocsp_key), 0o600),
-                (directory / ROOT_CERT, cert_pem(root_cert), 0o644),
-                (directory / INTERMEDIATE_CERT, cert_pem(intermediate_cert), 0o644),
-                (directory / OCSP_CERT, cert_pem(ocsp_cert), 0o644),
-                (directory / BUNDLE, cert_pem(root_cert), 0o644),
-            ]
-        )
+        write_ca_files(material)
         try:
             os.chmod(temp_db, 0o600)
             os.replace(temp_db, database)  # last: its presence marks a complete CA

@@ -112,6 +112,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _dir_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", required=True, metavar="DIR", type=Path, help="the CA directory")
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="a PostgreSQL database (postgresql://...) for the CA's state; with init, recorded in "
+        "DIR/store.url for later commands (default: DIR/ca.db, SQLite)",
+    )
+
+
+def _open(args: argparse.Namespace) -> CertificateAuthority:
+    return CertificateAuthority.open(args.dir, store=args.store)
 
 
 def _now() -> datetime.datetime:
@@ -127,7 +137,9 @@ def _time(moment: datetime.datetime) -> str:
 
 
 def run_init(args: argparse.Namespace) -> int:
-    ca = CertificateAuthority.init(args.dir, args.trust_domain, key_type=args.key_type, url=args.url)
+    ca = CertificateAuthority.init(
+        args.dir, args.trust_domain, key_type=args.key_type, url=args.url, store=args.store
+    )
     _out(f"created CA for trust domain {ca.trust_domain} in {ca.directory} ({ca.key_type})")
     _out(f"trust bundle: {ca.directory / 'bundle.pem'}")
     if ca.url:
@@ -147,7 +159,7 @@ def _prepare_out_dir(out_dir: Path) -> None:
 
 
 def run_issue(args: argparse.Namespace) -> int:
-    ca = CertificateAuthority.open(args.dir)
+    ca = _open(args)
     validate_service_name(args.name)
     for name in args.dns:
         validate_dns_name(name)
@@ -173,7 +185,7 @@ def run_token(args: argparse.Namespace) -> int:
         ttl = datetime.timedelta(seconds=parse_duration(args.ttl))
     except ValueError as error:
         raise CAError(f"--ttl: {error}") from None
-    ca = CertificateAuthority.open(args.dir)
+    ca = _open(args)
     _out(TokenBook(ca.store).create(args.name, dns=args.dns, ttl=ttl, now=_now()))
     return 0
 
@@ -181,7 +193,7 @@ def run_token(args: argparse.Namespace) -> int:
 def run_revoke(args: argparse.Namespace) -> int:
     if (args.name is None) == (args.serial is None):
         raise CAError("revoke needs exactly one of NAME or --serial HEX")
-    ca = CertificateAuthority.open(args.dir)
+    ca = _open(args)
     serial = None if args.serial is None else parse_serial(args.serial)
     for record in ca.revoke(name=args.name, serial=serial, reason=args.reason):
         _out(f"revoked {record.name} serial {record.serial_hex} ({record.reason})")
@@ -189,7 +201,7 @@ def run_revoke(args: argparse.Namespace) -> int:
 
 
 def run_crl(args: argparse.Namespace) -> int:
-    ca = CertificateAuthority.open(args.dir)
+    ca = _open(args)
     crl = ca.make_crl()
     encoding = serialization.Encoding.PEM if args.pem else serialization.Encoding.DER
     write_atomically(args.out, crl.public_bytes(encoding), 0o644)
@@ -207,7 +219,7 @@ def status_text(record: CertRecord, now: datetime.datetime) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    ca = CertificateAuthority.open(args.dir)
+    ca = _open(args)
     now = _now()
     rows = [("SERIAL", "NAME", "NOT AFTER", "ISSUED", "STATUS")]
     rows += [(r.serial_hex, r.name, _time(r.not_after), r.issued_via, status_text(r, now)) for r in ca.records()]

@@ -17,9 +17,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import attrs
+from zope.interface import implementer
 
 from s2sgw.ca.batching import GroupCommit
 from s2sgw.errors import S2sgwError
+from s2sgw.interfaces import ICAStore
 
 SCHEMA_VERSION = 2  # 2: certificates.issued_via and enrollment_tokens
 BUSY_TIMEOUT_MS = 30_000
@@ -128,6 +130,7 @@ def _row(values: Sequence) -> Row:
     )
 
 
+@implementer(ICAStore)
 @attrs.frozen
 class CAStore:
     """The SQLite file ``ca.db`` of one CA directory."""
@@ -195,6 +198,10 @@ class CAStore:
             connection.close()
             raise StoreError(f"cannot open CA database {self.path}: {error}") from None
         self._idle.append(connection)
+
+    def watch(self, on_change: Callable[[], None], on_error: Callable[[str], None]) -> None:
+        """SQLite cannot tell other processes' connections about a commit: servers poll."""
+        return None
 
     def migrate(self) -> None:
         """Bring a store made by an earlier version up to this schema (no-op when current)."""

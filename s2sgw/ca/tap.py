@@ -43,7 +43,7 @@ def _positive(kind: type, what: str):
 
 class Options(usage.Options):
     synopsis = (
-        "--dir DIR [--listen ENDPOINT] [--validity SECONDS] [--max-body BYTES] "
+        "--dir DIR [--store URL] [--listen ENDPOINT] [--validity SECONDS] [--max-body BYTES] "
         "[--est ENDPOINT [--est-name NAME ...] [--est-lifetime 24h] [--est-rate-limit N]]"
     )
     longdesc = (
@@ -55,6 +55,8 @@ class Options(usage.Options):
     )
     optParameters = [
         ["dir", "d", None, "CA directory made by `s2sgw ca init`.", str],
+        ["store", None, None, "PostgreSQL database (postgresql://...) shared by several status servers "
+         "(default: what DIR records: DIR/store.url, else DIR/ca.db).", str],
         ["listen", "l", "tcp:8080:interface=127.0.0.1", "Endpoint to listen on.", str],
         ["validity", None, 300.0, "Seconds from thisUpdate to nextUpdate of OCSP answers.",
          _positive(float, "--validity")],
@@ -115,7 +117,7 @@ class Options(usage.Options):
         from s2sgw.ca.authority import CAError, CertificateAuthority
 
         try:
-            self.ca = CertificateAuthority.open(self["dir"])
+            self.ca = CertificateAuthority.open(self["dir"], store=self["store"])
         except CAError as error:
             raise usage.UsageError(f"--dir {self['dir']} is not a usable CA directory: {error}") from None
 
