@@ -341,16 +341,13 @@ class _Listener:
     on_change: Callable[[], None]
     on_error: Callable[[str], None]
     _stopping: threading.Event = attrs.field(factory=threading.Event)
-    _thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="s2sgw-ca-listen", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, name="s2sgw-ca-listen", daemon=True).start()
 
     def stop(self) -> None:
+        """Never blocks: the thread sees the flag within half a second and closes its connection."""
         self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         delay = 0.1
@@ -362,7 +359,8 @@ class _Listener:
                     self.on_change()  # whatever happened while nobody listened
                     while not self._stopping.is_set():
                         # Wakes at the first notification (or every half second to see a stop).
-                        if any(True for _ in connection.notifies(timeout=0.5, stop_after=1)):
+                        news = any(True for _ in connection.notifies(timeout=0.5, stop_after=1))
+                        if news and not self._stopping.is_set():
                             self.on_change()
             except psycopg.Error as error:
                 if self._stopping.is_set():

@@ -65,6 +65,8 @@ class StatusPublisher:
     _statuses: dict[int, SerialStatus] = attrs.field(factory=dict)
     _generation: int = 0
     _poll_failing: bool = False
+    _polling: defer.Deferred[None] | None = None
+    _poll_again: bool = False
     _crl_busy: bool = False
 
     _log = Logger()
@@ -150,14 +152,33 @@ class StatusPublisher:
         return d
 
     def poll(self) -> defer.Deferred[None]:
-        """One watcher step; never fails (a failing store is logged once, then retried)."""
+        """One watcher step; never fails (a failing store is logged once, then retried).
+
+        Steps never overlap: a poll asked for while one runs (a change notification during a
+        timed poll) runs once that one is done, however many were asked for meanwhile.
+        """
+        if self._polling is not None:
+            self._poll_again = True
+            return defer.succeed(None)
         if self.marker is None:
             d = self.load()
         else:
             d = self.in_thread(_read_changes, self.ca, self.marker, self.last_seq)
             d.addCallback(self._changes_read)
         d.addCallbacks(self._poll_ok, self._poll_failed)
-        return d
+        done: defer.Deferred[None] = defer.Deferred()
+        self._polling = done
+
+        def finished(_: object) -> None:
+            self._polling = None
+            if self._poll_again:
+                self._poll_again = False
+                self.poll().chainDeferred(done)
+            else:
+                done.callback(None)
+
+        d.addBoth(finished)
+        return done
 
     def _changes_read(self, result: tuple[int, list[Any]] | None) -> defer.Deferred[None] | None:
         if result is None:
@@ -298,8 +319,14 @@ class StoreWatcher(Service):
     poll_interval: float = 0.25
     refresh_interval: float = 1.0
     registry: CollectorRegistry = REGISTRY
+    # A store that pushes its changes (``ICAStore.watch``, PostgreSQL's LISTEN): each one is
+    # polled for at once, and the timed poll slows to ``pushed_poll_interval``, a safety net.
+    watch: Callable[..., Callable[[], None] | None] | None = None
+    call_from_thread: Callable[..., None] | None = None
+    pushed_poll_interval: float = 2.0
     _loops: list[task.LoopingCall] = attrs.field(factory=list)
     _collector: PublisherCollector | None = attrs.field(default=None, init=False)
+    _stop_watching: Callable[[], None] | None = attrs.field(default=None, init=False)
 
     _log = Logger()
 
@@ -307,14 +334,32 @@ class StoreWatcher(Service):
         Service.startService(self)
         self._collector = PublisherCollector(self.publisher)
         self.registry.register(self._collector)
+        poll_interval = self.poll_interval
+        if self.watch is not None and self.call_from_thread is not None:
+            self._stop_watching = self.watch(self._changed, self._watch_failed)
+            if self._stop_watching is not None:
+                poll_interval = max(poll_interval, self.pushed_poll_interval)
+        # Healthy means "polled lately": lately is relative to how often it polls.
+        self.publisher.stale_after = max(self.publisher.stale_after, 3 * poll_interval)
         poll = task.LoopingCall(self.publisher.poll)
         refresh = task.LoopingCall(self.publisher.refresh)
-        for loop, interval in ((poll, self.poll_interval), (refresh, self.refresh_interval)):
+        for loop, interval in ((poll, poll_interval), (refresh, self.refresh_interval)):
             loop.clock = self.clock
             self._loops.append(loop)
             loop.start(interval, now=True).addErrback(
                 lambda failure: self._log.failure("store watcher stopped", failure)
             )
+
+    def _changed(self) -> None:
+        """From the store's listening thread: a change was committed somewhere."""
+        assert self.call_from_thread is not None
+        self.call_from_thread(self.publisher.poll)
+
+    def _watch_failed(self, reason: str) -> None:
+        assert self.call_from_thread is not None
+        self.call_from_thread(
+            self._log.warn, "listening for CA store changes failed ({reason}); reconnecting", reason=reason
+        )
 
     def stopService(self) -> None:
         for loop in self._loops:
@@ -324,6 +369,9 @@ class StoreWatcher(Service):
         collector, self._collector = self._collector, None
         if collector is not None:
             self.registry.unregister(collector)
+        stop, self._stop_watching = self._stop_watching, None
+        if stop is not None:
+            stop()
         Service.stopService(self)
 
 

@@ -141,7 +141,10 @@ def makeService(options: Options, reactor: Any = None, registry: CollectorRegist
     )
     top = MultiService()
     # The watcher puts the publisher's gauges in ``registry`` while it runs; /metrics serves it.
-    StoreWatcher(publisher, reactor, poll_interval=options["poll-interval"], registry=registry).setServiceParent(top)
+    StoreWatcher(
+        publisher, reactor, poll_interval=options["poll-interval"], registry=registry,
+        watch=ca.store.watch, call_from_thread=reactor.callFromThread,
+    ).setServiceParent(top)
     root = build_root(publisher)
     add_endpoints(root, publisher, registry)  # /readyz and /metrics
     site = StatusSite(root, max_body=options["max-body"], timeout=options["timeout"], reactor=reactor)
