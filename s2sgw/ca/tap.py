@@ -143,7 +143,7 @@ def makeService(options: Options, reactor: Any = None, registry: CollectorRegist
     # The watcher puts the publisher's gauges in ``registry`` while it runs; /metrics serves it.
     StoreWatcher(
         publisher, reactor, poll_interval=options["poll-interval"], registry=registry,
-        watch=ca.store.watch, call_from_thread=reactor.callFromThread,
+        watch=ca.store.watch, call_from_thread=lambda *args, **kwargs: reactor.callFromThread(*args, **kwargs),
     ).setServiceParent(top)
     root = build_root(publisher)
     add_endpoints(root, publisher, registry)  # /readyz and /metrics
