@@ -219,8 +219,17 @@ class ICAStore(Interface):
     def next_crl_number():  # -> tuple[int, list[Row]]
         """A CRL number greater than every one taken before, with every revoked leaf."""
 
+    def crl_number() -> int:
+        """The last CRL number taken (0 before the first)."""
+
+    def publish_crl(number: int, der: bytes) -> None:
+        """Offer a signed CRL to the other status servers on this store (kept if the highest)."""
+
+    def published_crl(above: int):  # -> tuple[int, bytes] | None
+        """The highest CRL a status server published, if numbered above ``above``."""
+
     def change_marker() -> int:
-        """A counter bumped by every issue and revoke."""
+        """A counter bumped by every issue, revoke and CRL number taken."""
 
     def transaction():  # -> context manager of a connection taking "?" placeholders
         """A write transaction for tables beside the certificates (enrollment tokens)."""

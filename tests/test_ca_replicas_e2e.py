@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
 import pytest
+from cryptography import x509
 
 from s2sgw.wire.feed import check_sequence
 from tests.e2e import Processes
@@ -107,3 +109,27 @@ def test_a_revocation_through_one_replica_reaches_every_replica_within_a_second(
     moved = feed(second.url, issuers, latest, wait=False)
     check_sequence(moved, latest)
     assert moved.revocations[0].seq == latest + 1
+
+
+def _crl_numbers(setup: Setup) -> list[int]:
+    numbers = []
+    for replica in setup.replicas.replicas:
+        with urllib.request.urlopen(f"{replica.url}/crl", timeout=5) as answer:
+            crl = x509.load_der_x509_crl(answer.read())
+        numbers.append(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    return numbers
+
+
+def test_every_replica_serves_the_same_highest_crl_and_they_settle(setup: Setup) -> None:
+    """Each server signs a CRL after a revocation; all then serve the highest one, and stop there."""
+    s2sgw("ca", "issue", "--dir", setup.replicas.source, "--out", setup.certs, "dave")
+    s2sgw("ca", "revoke", "--dir", setup.replicas.replicas[2].directory, "dave")
+    deadline = time.monotonic() + 5
+    while len(set(numbers := _crl_numbers(setup))) != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(set(numbers)) == 1, numbers
+    dave = load_cert(setup.certs / "dave.pem")
+    with urllib.request.urlopen(f"{setup.replicas.replicas[0].url}/crl", timeout=5) as answer:
+        assert x509.load_der_x509_crl(answer.read()).get_revoked_certificate_by_serial_number(dave.serial_number)
+    time.sleep(1.0)
+    assert _crl_numbers(setup) == numbers  # no server keeps outbidding the others

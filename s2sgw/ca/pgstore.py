@@ -67,6 +67,11 @@ CREATE TABLE certificates (
     issued_via TEXT NOT NULL DEFAULT 'cli'
 );
 CREATE INDEX certificates_name ON certificates (name);
+CREATE TABLE published_crl (
+    only_row BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (only_row),
+    number BIGINT NOT NULL,
+    der BYTEA NOT NULL
+);
 CREATE TABLE enrollment_tokens (
     digest TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -305,16 +310,51 @@ class PgStore:
         return [_row(values) for values in found]
 
     def next_crl_number(self) -> tuple[int, list[Row]]:
-        """Take the next CRL number and, in the same transaction, every revoked leaf."""
+        """Take the next CRL number and, in the same transaction, every revoked leaf.
+
+        Like the SQLite store it moves the change marker, so the status servers notice a CRL
+        made by hand and publish above it.
+        """
         with self._write() as connection:
             (number,) = connection.execute(
                 "UPDATE counters SET value = value + 1 WHERE name = 'crl_number' RETURNING value"
             ).fetchone()
+            self._changed(connection)
             found = connection.execute(
                 f"SELECT {_COLUMNS} FROM certificates WHERE kind = 'leaf' AND revocation_seq IS NOT NULL "
                 "ORDER BY revocation_seq"
             ).fetchall()
         return number, [_row(values) for values in found]
+
+    def crl_number(self) -> int:
+        """The last CRL number handed out (0 before the first CRL)."""
+        with self._connect() as connection:
+            (value,) = connection.execute("SELECT value FROM counters WHERE name = 'crl_number'").fetchone()
+        return value
+
+    def publish_crl(self, number: int, der: bytes) -> None:
+        """Offer a signed CRL to the other status servers; kept only if its number is the highest.
+
+        A higher number was taken later, with every revocation the lower one holds: serving the
+        highest everywhere never hides a revocation and never rolls a gateway back.
+        """
+        with self._write() as connection:
+            stored = connection.execute(
+                "INSERT INTO published_crl (only_row, number, der) VALUES (TRUE, %s, %s) "
+                "ON CONFLICT (only_row) DO UPDATE SET number = excluded.number, der = excluded.der "
+                "WHERE published_crl.number < excluded.number",
+                (number, der),
+            ).rowcount
+            if stored:
+                self._changed(connection)
+
+    def published_crl(self, above: int) -> tuple[int, bytes] | None:
+        """The highest CRL a status server published, if its number is above ``above``."""
+        with self._connect() as connection:
+            found = connection.execute(
+                "SELECT number, der FROM published_crl WHERE number > %s", (above,)
+            ).fetchone()
+        return None if found is None else (found[0], bytes(found[1]))
 
     def change_marker(self) -> int:
         with self._connect() as connection:

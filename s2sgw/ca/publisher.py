@@ -26,13 +26,16 @@ from s2sgw.ca.ocsp import TRY_LATER_ANSWER, Answer, Query, Responder, SerialStat
 from s2sgw.timeutil import utc
 
 
-def _read_changes(ca: Any, marker: int | None, last_seq: int) -> tuple[int, list[Any], int] | None:
+def _read_changes(
+    ca: Any, marker: int | None, last_seq: int, crl_number: int | None
+) -> tuple[int, list[Any], int, tuple[int, bytes] | None] | None:
     """Thread side of one watcher step: None when nothing changed since ``marker``, else the
-    new marker, the revocations since ``last_seq`` and the last CRL number taken."""
+    new marker, the revocations since ``last_seq``, the last CRL number taken and a CRL that
+    another status server on the same store published above ``crl_number`` (or None)."""
     current = ca.change_marker()
     if current == marker:
         return None
-    return current, ca.revocations_since(last_seq), ca.store.crl_number()
+    return current, ca.revocations_since(last_seq), ca.store.crl_number(), ca.store.published_crl(crl_number or 0)
 
 
 
@@ -167,7 +170,7 @@ class StatusPublisher:
         if self.marker is None:
             d = self.load()
         else:
-            d = self.in_thread(_read_changes, self.ca, self.marker, self.last_seq)
+            d = self.in_thread(_read_changes, self.ca, self.marker, self.last_seq, self.crl_number)
             d.addCallback(self._changes_read)
         d.addCallbacks(self._poll_ok, self._poll_failed)
         done: defer.Deferred[None] = defer.Deferred()
@@ -184,10 +187,16 @@ class StatusPublisher:
         d.addBoth(finished)
         return done
 
-    def _changes_read(self, result: tuple[int, list[Any], int] | None) -> defer.Deferred[None] | None:
+    def _changes_read(
+        self, result: tuple[int, list[Any], int, tuple[int, bytes] | None] | None
+    ) -> defer.Deferred[None] | None:
         if result is None:
             return None
-        marker, revocations, crl_number = result
+        marker, revocations, crl_number, published = result
+        if published is not None:
+            # Another status server on this store signed a newer CRL: serve that one, so every
+            # server hands out the same, highest number (a gateway refuses a lower one).
+            self._take_crl(published[1], "taken from the store")
         self._apply(marker, revocations)
         if revocations or self._overtaken(crl_number):
             return self.regenerate_crl()
@@ -268,22 +277,13 @@ class StatusPublisher:
         self._crl_again = False
 
         def make() -> bytes:
-            return self.ca.make_crl(hours=self.crl_hours, now=utc(self.clock.seconds())).public_bytes(
-                serialization.Encoding.DER
-            )
+            crl = self.ca.make_crl(hours=self.crl_hours, now=utc(self.clock.seconds()))
+            der = crl.public_bytes(serialization.Encoding.DER)
+            self.ca.store.publish_crl(_crl_number(crl), der)  # for the other servers on this store
+            return der
 
         def done(der: bytes) -> None:
-            crl = x509.load_der_x509_crl(der)
-            self.crl_der = der
-            self.crl_etag = '"' + hashlib.sha256(der).hexdigest()[:32] + '"'
-            self.crl_this_update = crl.last_update_utc
-            self.crl_next_update = crl.next_update_utc
-            self.crl_number = _crl_number(crl)
-            self._log.info(
-                "CRL {number} published, next update {next_update}",
-                number=self.crl_number,
-                next_update=self.crl_next_update.isoformat() if self.crl_next_update else None,
-            )
+            self._take_crl(der, "published")
 
         def finished(result: object) -> object:
             self._crl_busy = False
@@ -295,6 +295,24 @@ class StatusPublisher:
         d.addCallback(done)
         d.addBoth(finished)
         return d
+
+    def _take_crl(self, der: bytes, how: str) -> None:
+        """Serve ``der`` unless a CRL with a higher number is served already (never roll back)."""
+        crl = x509.load_der_x509_crl(der)
+        number = _crl_number(crl)
+        if self.crl_number is not None and (number is None or number <= self.crl_number):
+            return
+        self.crl_der = der
+        self.crl_etag = '"' + hashlib.sha256(der).hexdigest()[:32] + '"'
+        self.crl_this_update = crl.last_update_utc
+        self.crl_next_update = crl.next_update_utc
+        self.crl_number = number
+        self._log.info(
+            "CRL {number} {how}, next update {next_update}",
+            number=number,
+            how=how,
+            next_update=self.crl_next_update.isoformat() if self.crl_next_update else None,
+        )
 
     def health(self) -> dict[str, object]:
         now = self.clock.seconds()

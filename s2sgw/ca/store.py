@@ -394,6 +394,12 @@ class CAStore:
             (value,) = connection.execute("SELECT value FROM meta WHERE key = 'crl_number'").fetchone()
         return value
 
+    def publish_crl(self, number: int, der: bytes) -> None:
+        """Nothing to share: one SQLite file serves one status server (see ``PgStore``)."""
+
+    def published_crl(self, above: int) -> tuple[int, bytes] | None:
+        return None
+
     def change_marker(self) -> int:
         """A counter bumped by every issue, revoke and CRL number taken; one indexed read."""
         with self._connect() as connection:
