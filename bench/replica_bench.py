@@ -12,10 +12,10 @@ client; GET for the cache, since only GET answers are cacheable), answers per se
 replicas' CPU per answer; ``openssl ocsp`` closes the connection after each answer, so it is
 measured with a new connection per query, as in bench/ocsp_bench.py.
 
-Feed: ``--subscribers`` long polls held on one replica (raw sockets, one thread), then a
-revocation written to the store (the write ``s2sgw ca revoke`` makes, from this process, so its
-own start-up is not counted); the time from its commit to the last subscriber's answer, and the
-replica's RSS growth per held subscriber.
+Feed: ``--subscribers`` long polls held on one replica (raw sockets, one thread), then a revocation:
+once written from this process (time from its commit to the last subscriber's answer), once with
+``s2sgw ca revoke`` as a command (time from its start and from its exit; negative: before it had
+exited); and the replica's RSS growth per held subscriber.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -152,17 +153,18 @@ def measure(pool, jobs: list[tuple], warmup: float, seconds: float, pids: list[i
     }
 
 
-def feed_reach(ca: CertificateAuthority, port: int, pid: int, subscribers: int, victim: int) -> dict:
-    """Hold ``subscribers`` long polls, revoke ``victim``; time to the last answer, RSS per subscriber."""
+def _latest(port: int) -> int:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as probe:
         probe.sendall(b"GET /revocations?since=0&wait=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         data = b""
         while chunk := probe.recv(65536):
             data += chunk
-    latest = json.loads(base64.b64decode(json.loads(data.split(b"\r\n\r\n", 1)[1])["payload"]))["latest"]
-    time.sleep(0.5)
-    rss_before = _rss_kib(pid)
-    request = f"GET /revocations?since={latest} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    return json.loads(base64.b64decode(json.loads(data.split(b"\r\n\r\n", 1)[1])["payload"]))["latest"]
+
+
+def _hold(port: int, subscribers: int) -> tuple[selectors.BaseSelector, list[socket.socket]]:
+    """``subscribers`` long polls for what comes after the feed's latest, held by the server."""
+    request = f"GET /revocations?since={_latest(port)} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
     selector = selectors.DefaultSelector()
     socks = []
     for _ in range(subscribers):
@@ -177,24 +179,55 @@ def feed_reach(ca: CertificateAuthority, port: int, pid: int, subscribers: int, 
             if health["feed_waiting"] >= subscribers:
                 break
         time.sleep(0.1)
-    rss_held = _rss_kib(pid)
-    ca.revoke(serial=victim, reason="keyCompromise")
-    committed = time.monotonic()
-    answered: set[int] = set()
-    last = committed
-    while len(answered) < subscribers and time.monotonic() - committed < 30:
-        for key, _ in selector.select(timeout=1):
-            sock = key.fileobj
-            if sock.recv(65536):
-                answered.add(sock.fileno())
+    return selector, socks
+
+
+def _last_answer(selector: selectors.BaseSelector, socks: list[socket.socket]) -> tuple[int, float | None]:
+    """Wait for every held request's answer: (how many answered, monotonic time of the last)."""
+    answered, last = 0, None
+    deadline = time.monotonic() + 60
+    while answered < len(socks) and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=0.5):
+            if key.fileobj.recv(65536):
+                answered += 1
                 last = time.monotonic()
-            selector.unregister(sock)
+            selector.unregister(key.fileobj)
     for sock in socks:
         sock.close()
+    return answered, last
+
+
+def feed_reach(ca: CertificateAuthority, port: int, pid: int, subscribers: int, victims: list[int]) -> dict:
+    """Hold ``subscribers`` long polls and revoke; time to the last answer, RSS per subscriber.
+
+    First the revocation is written from this process (the time counts from its commit), then
+    with ``s2sgw ca revoke`` as a command (from its start, and from its exit)."""
+    time.sleep(0.5)
+    rss_before = _rss_kib(pid)
+    selector, socks = _hold(port, subscribers)
+    rss_held = _rss_kib(pid)
+    ca.revoke(serial=victims[0], reason="keyCompromise")
+    committed = time.monotonic()
+    answered, last = _last_answer(selector, socks)
+    selector, socks = _hold(port, subscribers)
+    exited: list[float] = []
+    started = time.monotonic()
+    command = subprocess.Popen(
+        [str(Path(sys.executable).parent / "s2sgw"), "ca", "revoke", "--dir", str(ca.directory),
+         "--serial", format(victims[1], "x"), "--reason", "keyCompromise"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    waiter = threading.Thread(target=lambda: (command.wait(), exited.append(time.monotonic())))
+    waiter.start()
+    answered_cli, last_cli = _last_answer(selector, socks)
+    waiter.join(timeout=60)
     return {
         "subscribers": subscribers,
-        "answered": len(answered),
-        "last_notified_ms": 1000 * (last - committed),
+        "answered": min(answered, answered_cli),
+        "last_after_commit_ms": 1000 * (last - committed) if last else None,
+        "command_ms": 1000 * (exited[0] - started),
+        "last_after_command_start_ms": 1000 * (last_cli - started) if last_cli else None,
+        "last_after_command_exit_ms": 1000 * (last_cli - exited[0]) if last_cli else None,
         "rss_kib_per_subscriber": (rss_held - rss_before) / subscribers,
     }
 
@@ -230,8 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="replica-bench-") as tmp, running_cluster() as cluster:
         work = Path(tmp)
         ca = CertificateAuthority.init(work / "ca", "bench.test", store=cluster.new_database())
-        records = [ca.issue(f"svc-{i}").record for i in range(args.certs + 1)]
-        victim, records = records[-1], records[:-1]
+        records = [ca.issue(f"svc-{i}").record for i in range(args.certs + 2)]
+        victims, records = records[-2:], records[:-2]
         certs = [record.certificate() for record in records]
         plain, _ = build_requests(ca, certs, nonces=0)
         write_index(ca, work / "index.txt")
@@ -269,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for _ in range(args.rounds):
                     for name, (jobs, scenario_pids) in scenarios.items():
                         figures.setdefault(name, []).append(measure(pool, jobs, w, sec, scenario_pids))
-            feed = feed_reach(ca, ports[0], pids[0], args.subscribers, victim.serial)
+            feed = feed_reach(ca, ports[0], pids[0], args.subscribers, [v.serial for v in victims])
         finally:
             for process in processes:
                 process.terminate()
@@ -290,8 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         errors = sum(run["errors"] for run in figures[name])
         print(f"{name:<20}{median(name, 'rps'):>11.0f}{median(name, 'cpu_us_per_answer'):>12.0f}{errors:>8}")
     print(
-        f"feed: {feed['answered']}/{feed['subscribers']} subscribers notified, last {feed['last_notified_ms']:.0f} ms "
-        f"after the revocation committed; {feed['rss_kib_per_subscriber']:.1f} KiB RSS per held subscriber"
+        f"feed: {feed['answered']}/{feed['subscribers']} subscribers notified, the last "
+        f"{feed['last_after_commit_ms']:.0f} ms after the revocation committed; with `s2sgw ca revoke` "
+        f"({feed['command_ms']:.0f} ms, Python start-up included): {feed['last_after_command_start_ms']:.0f} ms "
+        f"after it started, {feed['last_after_command_exit_ms']:.0f} ms after it exited; "
+        f"{feed['rss_kib_per_subscriber']:.1f} KiB RSS per held subscriber"
     )
     if args.json:
         print(json.dumps({"figures": figures, "feed": feed}))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import stat
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -76,3 +78,35 @@ def test_an_unreachable_or_foreign_database_is_a_clear_error(tmp_path: Path, pg_
         CertificateAuthority.open(ca.directory, store=empty)
     with pytest.raises(CAError, match="must be a postgresql:// URL"):
         CertificateAuthority.open(ca.directory, store="mysql://x/y")
+
+
+def test_the_listener_reconnects_and_reads_what_it_may_have_missed(tmp_path: Path, pg_url: str) -> None:
+    """A change notifies the listener; a broken listening connection is reported, then replaced,
+    and the listener calls back once connected again (notifications sent meanwhile are lost)."""
+    ca = CertificateAuthority.init(tmp_path / "ca", DOMAIN, store=pg_url)
+    changes, errors = [], []
+    changed = threading.Event()
+
+    def on_change() -> None:
+        changes.append(time.monotonic())
+        changed.set()
+
+    stop = ca.store.watch(on_change, errors.append)
+    try:
+        assert changed.wait(10)  # connected: read once
+        changed.clear()
+        ca.issue("orders")
+        assert changed.wait(2)  # NOTIFY at commit
+        changed.clear()
+        with psycopg.connect(pg_url, autocommit=True) as connection:
+            connection.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE query LIKE 'LISTEN%%' AND pid <> pg_backend_pid()"
+            )
+        assert changed.wait(10)  # reconnected: read once more
+        assert errors, "the broken connection was not reported"
+        changed.clear()
+        ca.revoke(name="orders")
+        assert changed.wait(2)
+    finally:
+        stop()
