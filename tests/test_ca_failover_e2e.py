@@ -23,7 +23,6 @@ from tests.e2e import TRUST_DOMAIN, EchoServer, Processes, free_port, wait_for
 from tests.replicas import Replica, ReplicaSet, s2sgw
 
 
-
 def _status_url_lists_supported() -> bool:
     """Gateways that take a list of status servers (failover) are what this module tests."""
     from s2sgw.config import parse_config
