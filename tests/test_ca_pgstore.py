@@ -110,3 +110,18 @@ def test_the_listener_reconnects_and_reads_what_it_may_have_missed(tmp_path: Pat
         assert changed.wait(2)
     finally:
         stop()
+
+
+def test_twistd_options_take_the_store_and_refuse_a_bad_one(tmp_path: Path, pg_url: str) -> None:
+    from twisted.python import usage
+
+    from s2sgw.ca import tap
+
+    plain = CertificateAuthority.init(tmp_path / "plain", DOMAIN)
+    shared = CertificateAuthority.init(tmp_path / "shared", DOMAIN, store=pg_url)
+    options = tap.Options()
+    options.parseOptions(["--dir", str(shared.directory)])
+    assert isinstance(options.ca.store, PgStore)  # what the directory records
+    options = tap.Options()
+    with pytest.raises(usage.UsageError, match="belongs to another CA"):
+        options.parseOptions(["--dir", str(plain.directory), "--store", pg_url])
