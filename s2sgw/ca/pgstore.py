@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from s2sgw.ca.store import (
     _COLUMNS,
+    INTERMEDIATE,
     LEAF,
     SCHEMA_VERSION,
     NotRevocable,
@@ -308,6 +309,28 @@ class PgStore:
                 f"SELECT {_COLUMNS} FROM certificates WHERE serial = ANY(%s) ORDER BY revocation_seq", (pending,)
             ).fetchall()
         return [_row(values) for values in found]
+
+    def revoke_intermediate(self, serial: int, *, reason: str, revoked_at: datetime.datetime) -> Row:
+        """Mark an issuing CA revoked, for the root's CRL (no ``revocation_seq``: the feed,
+        OCSP answers and the CRL of leaves speak only of leaves)."""
+        with self._write() as connection:
+            found = connection.execute(
+                "SELECT revoked_at FROM certificates WHERE kind = %s AND serial = %s FOR UPDATE",
+                (INTERMEDIATE, serial_hex(serial)),
+            ).fetchone()
+            if found is None:
+                raise NotRevocable(f"no issuing CA with serial {serial_hex(serial)}")
+            if found[0] is not None:
+                raise NotRevocable(f"issuing CA {serial_hex(serial)} is already revoked")
+            connection.execute(
+                "UPDATE certificates SET revoked_at = %s, reason = %s WHERE serial = %s",
+                (_iso(revoked_at), reason, serial_hex(serial)),
+            )
+            self._changed(connection)
+            values = connection.execute(
+                f"SELECT {_COLUMNS} FROM certificates WHERE serial = %s", (serial_hex(serial),)
+            ).fetchone()
+        return _row(values)
 
     def next_crl_number(self) -> tuple[int, list[Row]]:
         """Take the next CRL number and, in the same transaction, every revoked leaf.

@@ -50,24 +50,25 @@ def open_store(directory: Path, database: Path, url: str | None = None):  # -> I
     return PgStore(url)
 
 
-def issuer_fingerprint(intermediate: x509.Certificate) -> str:
-    return intermediate.fingerprint(hashes.SHA256()).hex()
+def root_fingerprint(root: x509.Certificate) -> str:
+    return root.fingerprint(hashes.SHA256()).hex()
 
 
-def check_store_owner(meta: dict[str, object], intermediate: x509.Certificate, directory: Path) -> None:
-    """A shared database records the issuing CA it belongs to: refuse another CA's database."""
-    recorded = meta.get("issuer_sha256")
-    if recorded is not None and recorded != issuer_fingerprint(intermediate):
-        raise CAError(f"the store of {directory} belongs to another CA (its issuing CA differs)")
+def check_store_owner(meta: dict[str, object], root: x509.Certificate, directory: Path) -> None:
+    """A shared database records the root of the CA it belongs to (the root outlives every
+    issuing CA rotation): refuse another CA's database."""
+    recorded = meta.get("root_sha256")
+    if recorded is not None and recorded != root_fingerprint(root):
+        raise CAError(f"the store of {directory} belongs to another CA (its root differs)")
 
 
-def create_pg_store(url: str, meta: dict[str, object], intermediate: x509.Certificate, first_rows: list) -> None:
+def create_pg_store(url: str, meta: dict[str, object], root: x509.Certificate, first_rows: list) -> None:
     """Make the schema of a new CA in the empty database ``url`` and record ``first_rows``."""
     from s2sgw.ca.pgstore import PgStore
 
     store = PgStore(url)
     try:
-        store.create({**meta, "issuer_sha256": issuer_fingerprint(intermediate)})
+        store.create({**meta, "root_sha256": root_fingerprint(root)})
         for row in first_rows:
             store.insert(row)
     finally:
