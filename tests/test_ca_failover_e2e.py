@@ -22,23 +22,7 @@ from s2sgw.ca.authority import CertificateAuthority
 from tests.e2e import TRUST_DOMAIN, EchoServer, Processes, free_port, wait_for
 from tests.replicas import Replica, ReplicaSet, s2sgw
 
-
-def _status_url_lists_supported() -> bool:
-    """Gateways that take a list of status servers (failover) are what this module tests."""
-    from s2sgw.config import parse_config
-    from s2sgw.errors import S2sgwError
-
-    try:
-        parse_config({"trust": __file__, "status": {"mode": "ocsp", "url": ["http://a/ocsp", "http://b/ocsp"]}}, Path("x"))
-    except S2sgwError as error:
-        return "status.url" not in str(error)
-    return True
-
-
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not _status_url_lists_supported(), reason="gateways here take one status.url only"),
-]
+pytestmark = pytest.mark.e2e
 
 CALLERS = ("orders", "reports", "billing")
 
@@ -146,6 +130,9 @@ def test_a_revocation_through_replica_a_closes_live_connections_at_gateways_foll
     assert closed_after < 1.0, f"live connection closed {closed_after:.3f} s after the revocation"
     assert not world.call("reports")
     assert time.monotonic() - revoked_at < 1.5
+    line = world.processes.wait_audit("users-gw", "users-in", "outcome=closed", "reason=revoked ")
+    assert "peer=spiffe://e2e.s2sgw.test/reports" in line
+    assert "from the revocation feed" in world.processes.log("users-gw")
     orders.settimeout(5)
     orders.sendall(b"still here\n")
     assert orders.recv(100) == b"still here\n"
