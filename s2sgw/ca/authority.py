@@ -1,14 +1,15 @@
 """The certificate authority as a library: init, issue, revoke, CRLs, status look-ups.
 
 The ``s2sgw ca`` commands, the status server and the demo all drive this one class. It is
-synchronous (key generation, files, SQLite): on a reactor, call it through ``deferToThread``.
+synchronous (key generation, files, the store): on a reactor, call it through ``deferToThread``.
 An instance holds only immutable material and opens a new database connection per call,
 so one instance may be shared by threads.
 
 A CA directory holds ``root.pem root.key`` (the offline root), ``intermediate.pem
 intermediate.key`` (the issuing CA), ``ocsp.pem ocsp.key`` (the delegated OCSP signer),
 ``bundle.pem`` (the trust bundle: the root) and ``ca.db``. ``ca.db`` appears last, so a
-directory with it is a complete CA.
+directory with it is a complete CA. A directory whose state is in PostgreSQL holds ``store.url``
+in its place (:mod:`s2sgw.ca.stores`).
 """
 
 from __future__ import annotations
@@ -101,48 +102,6 @@ def _utc(now: datetime.datetime | None) -> datetime.datetime:
     elif now.tzinfo is None:
         now = now.replace(tzinfo=datetime.timezone.utc)
     return now.astimezone(datetime.timezone.utc).replace(microsecond=0)
-
-
-
-
-
-
-# -- keys and certificates ---------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# -- files -------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # -- the authority -----------------------------------------------------------------------

@@ -34,7 +34,6 @@ from s2sgw.ca.store import (
     _COLUMNS,
     INTERMEDIATE,
     LEAF,
-    SCHEMA_VERSION,
     NotRevocable,
     Row,
     SerialInUse,
@@ -45,6 +44,7 @@ from s2sgw.ca.store import (
 )
 from s2sgw.interfaces import ICAStore
 
+SCHEMA_VERSION = 1  # of this PostgreSQL schema; the SQLite file has its own numbering
 CHANNEL = "s2sgw_ca"
 MAX_IDLE = 8
 CONNECT_TIMEOUT = 10
@@ -198,7 +198,8 @@ class PgStore:
                 )
 
     def migrate(self) -> None:
-        """No earlier PostgreSQL schema exists: the first is the current one."""
+        """No earlier PostgreSQL schema exists: version 1 is the current one. A later version
+        adds its steps here, under ``pg_advisory_xact_lock`` like ``create``."""
 
     def meta(self) -> dict[str, object]:
         with self._connect() as connection:
