@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -105,3 +106,35 @@ def test_polls_asked_for_while_one_runs_make_one_more_poll(tmp_path: Path) -> No
     assert len(held.pending) == 1  # exactly one more read, for what came meanwhile
     held.finish_all()
     assert held.pending == []
+
+
+def test_a_crl_signed_by_another_server_on_the_store_is_served_and_never_rolled_back(
+    tmp_path: Path, pg_url: str
+) -> None:
+    first = CertificateAuthority.init(tmp_path / "a", "example.org", store=pg_url)
+    shutil.copytree(first.directory, tmp_path / "b")
+    second = CertificateAuthority.open(tmp_path / "b")
+    clock = task.Clock()
+    clock.advance(datetime.datetime.now(datetime.UTC).timestamp())
+    held_a, held_b = Held(), Held()
+    a, b = _publisher(first, clock, held_a), _publisher(second, clock, held_b)
+    for publisher, held in ((a, held_a), (b, held_b)):
+        publisher.poll()
+        while held.finish_all():
+            pass
+    older = b.crl_der
+    first.issue("orders")
+    first.revoke(name="orders")
+    a.poll()  # a sees the revocation and signs a CRL, which it offers through the store
+    while held_a.finish_all():
+        pass
+    assert a.crl_number > b.crl_number
+    b.poll()  # b takes a's CRL (and, for the revocation it saw, signs a newer one)
+    held_b.finish_all()
+    assert b.crl_der == a.crl_der and b.crl_number == a.crl_number
+    while held_b.finish_all():
+        pass
+    assert b.crl_number > a.crl_number
+    newest = b.crl_der
+    b._take_crl(older, "late")  # a slow, older CRL arriving now changes nothing
+    assert b.crl_der == newest
