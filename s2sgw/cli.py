@@ -14,13 +14,13 @@ from s2sgw.errors import S2sgwError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from s2sgw import demo
-    from s2sgw.ops import commands
-    from s2sgw.ops import explain
+    from s2sgw import __version__, demo
     from s2sgw.ca import commands as ca_commands
     from s2sgw.enroll import command as enroll_command
+    from s2sgw.ops import commands, explain
 
     parser = argparse.ArgumentParser(prog="s2sgw", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"s2sgw {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ca_commands.register(sub)
     commands.register(sub)

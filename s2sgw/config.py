@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 import attrs
 
 from s2sgw.errors import S2sgwError
+from s2sgw.names import service_name_problem
 
 StatusMode = Literal["ocsp", "crl", "off"]
 FailMode = Literal["closed", "open"]
@@ -113,6 +114,7 @@ class OutboundRoute:
     peer: str  # the identity the remote must prove: a service name or a spiffe:// ID
     max_connections: int = 1024
     identity: OutboundIdentityMode = "none"  # "jwt": sign each HTTP request for the peer
+    allow_remote: bool = False  # explicitly allow a non-loopback listen address
 
 
 @attrs.frozen
@@ -180,7 +182,7 @@ def load_config(path: str | Path) -> GatewayConfig:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+        raise ConfigError(f"{path.absolute()}: invalid TOML: {error}") from None
     return parse_config(data, path)
 
 
@@ -238,6 +240,14 @@ class _Parser:
         value = self.string(value, key)
         if not _NAME.match(value):
             raise self.fail(key, "expected a name of letters, digits, '.', '_' or '-'")
+        return value
+
+    def service_name(self, value: Any, key: str) -> str:
+        """The rule ``s2sgw ca issue`` applies: the name becomes a DNS label and a SPIFFE path."""
+        value = self.string(value, key)
+        problem = service_name_problem(value)
+        if problem is not None:
+            raise self.fail(key, f"invalid service name {value!r}: {problem}")
         return value
 
     def seconds(self, value: Any, key: str) -> float:
@@ -322,7 +332,12 @@ class _Parser:
 
     def tables(self, value: Any, key: str) -> list[dict[str, Any]]:
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-            raise self.fail(key, f"expected an array of tables ([[{key.rsplit('.', 1)[-1]}]])")
+            header = re.sub(r"\[\d+\]", "", key)
+            if isinstance(value, dict):
+                raise self.fail(
+                    key, f"written as a single table [{header}]; write [[{header}]] (one per entry, double brackets)"
+                )
+            raise self.fail(key, f"expected an array of tables ([[{header}]])")
         return value
 
     # -- endpoints ----------------------------------------------------------------------------
@@ -335,6 +350,12 @@ class _Parser:
         kind = value.split(":", 1)[0].lower()
         if kind == "ssl":
             raise self.fail(key, "ssl: endpoints are not supported; use tcp: or unix:, the gateway adds TLS")
+        fields = value.split(":")
+        if kind == "tcp" and len(fields) == 3 and not fields[1].isdigit() and fields[2].isdigit():
+            raise self.fail(
+                key, f"bad endpoint {value!r}: a listening endpoint names the port first "
+                f"(write tcp:{fields[2]}:interface={fields[1]})"
+            )
         try:
             parsed = _parseServer(value, None)
         except Exception as error:  # the parsers raise ValueError, TypeError, IndexError, KeyError
@@ -363,6 +384,12 @@ class _Parser:
         value = self.string(value, key)
         if value.split(":", 1)[0].lower() == "ssl":
             raise self.fail(key, "ssl: endpoints are not supported; use tcp: or unix:, the gateway adds TLS")
+        fields = value.split(":")
+        if len(fields) == 2 and fields[0].lower() == "tcp" and fields[1].strip().isdigit():
+            raise self.fail(
+                key, f"bad endpoint {value!r}: the host is missing (write tcp:HOST:{fields[1].strip()}, "
+                f"e.g. tcp:127.0.0.1:{fields[1].strip()})"
+            )
         try:
             clientFromString(MemoryReactor(), value)
         except Exception as error:
@@ -548,7 +575,7 @@ class _Parser:
         renew = self.optional(table, "renew", key, self.boolean, enrolled)
         if renew and not enrolled:
             raise self.fail(f"{key}.renew", "renewal needs an [enrollment] table (url, fingerprint)")
-        name = self.required(table, "name", key, self.name)
+        name = self.required(table, "name", key, self.service_name)
         cert = self.required(table, "cert", key, self.existing_file)
         private_key = self.required(table, "key", key, self.existing_file)
         inbound = [
@@ -590,18 +617,30 @@ class _Parser:
         )
 
     def outbound(self, value: Any, key: str, service: str) -> OutboundRoute:
-        table = self.table(value, key, {"name", "listen", "remote", "peer", "max_connections", "identity"})
+        table = self.table(
+            value, key, {"name", "listen", "remote", "peer", "max_connections", "identity", "allow_remote"}
+        )
         peer = self.required(table, "peer", key, self.peer_name)
+        listen = self.required(table, "listen", key, self.server_endpoint)
+        allow_remote = self.optional(table, "allow_remote", key, self.boolean, False)
+        if not allow_remote and not _local_endpoint(listen):
+            raise self.fail(
+                f"{key}.listen",
+                f"{listen!r} is not a loopback address or unix socket; whoever can connect to an "
+                "outbound listener speaks as this service (set allow_remote = true in this route "
+                "to listen there anyway)",
+            )
         identity = self.optional(table, "identity", key, self.choice(("none", "jwt")), "none")
         default_name = f"{service}-to-{peer.rstrip('/').rsplit('/', 1)[-1]}"
         return OutboundRoute(
             identity=identity,
             name=self.optional(table, "name", key, self.name, default_name),
             service=service,
-            listen=self.required(table, "listen", key, self.server_endpoint),
+            listen=listen,
             remote=self.required(table, "remote", key, self.client_endpoint),
             peer=peer,
             max_connections=self.optional(table, "max_connections", key, self.count, 1024),
+            allow_remote=allow_remote,
         )
 
 

@@ -45,6 +45,7 @@ class Reason:
     TOO_MANY_PENDING_FROM_SOURCE = "too_many_pending_from_source"  # inbound: max_pending_per_source from one address
     BACKEND_UNREACHABLE = "backend_unreachable"
     REMOTE_UNREACHABLE = "remote_unreachable"
+    REMOTE_REFUSED = "remote_refused"  # outbound: the remote gateway refused us with a TLS alert
     # closes of admitted connections
     IDLE_TIMEOUT = "idle_timeout"
     SHUTDOWN = "shutdown"

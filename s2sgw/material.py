@@ -226,3 +226,25 @@ def _check_crl(
     if old is not None and (number is None or number < old):
         raise ConfigError(f"{source}: CRL number {number} is lower than the current {old} (replayed CRL?)")
 
+
+def identity_warnings(material: TrustMaterial) -> list[str]:
+    """Services whose certificate names another identity: peers expecting the service refuse it."""
+    warnings = []
+    for name, service in material.services.items():
+        leaf = service.leaf
+        spiffe = service.spiffe_id
+        if spiffe is not None:
+            if spiffe.split("/", 3)[3:] != [name]:
+                warnings.append(
+                    f"service {name}: its certificate names {spiffe}, not spiffe://{pki.trust_domain(spiffe)}/{name}; "
+                    f"peers that expect {name} will refuse it"
+                )
+            continue
+        dns = pki.dns_names(leaf)
+        if not any(entry == name or entry.startswith(name + ".") for entry in dns):
+            warnings.append(
+                f"service {name}: its certificate names {', '.join(dns) or 'no identity'}, not {name}; "
+                f"peers that expect {name} will refuse it"
+            )
+    return warnings
+

@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.logger import Logger
 
 from s2sgw.errors import S2sgwError
+from s2sgw.serials import serial_text
 from s2sgw.verify.crlrules import crl_problem
 
 _log = Logger(namespace="s2sgw.pki")
@@ -81,15 +82,47 @@ def parse_private_key(data: bytes, source: str = "<bytes>") -> PrivateKey:
     return key
 
 
-def key_file_problem(path: Path) -> str | None:
-    """Why a private key file's permissions are too open, if they are: group or others may use it."""
+def own_groups() -> frozenset[int]:
+    """The gateway's groups: the effective group and the primary group of the effective user."""
+    groups = {os.getegid()}
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        import pwd
+
+        groups.add(pwd.getpwuid(os.geteuid()).pw_gid)
+    except (ImportError, KeyError):
+        pass
+    return frozenset(groups)
+
+
+def key_file_problem(path: Path, groups: frozenset[int] | None = None) -> str | None:
+    """Why a private key file's permissions are too open, if they are.
+
+    One rule, the one the docs and the systemd unit state: others may not use the file, and its
+    group may read it only when that group is the gateway's own (``root:s2sgw 0640`` is right for
+    a gateway running as ``s2sgw``). ``groups`` defaults to :func:`own_groups`.
+    """
+    try:
+        info = os.stat(path)
     except OSError:
         return None
-    if mode & 0o077:
-        return f"{path}: private key file is accessible by group or others (mode {mode:04o}); chmod 600 it"
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o007:
+        return f"{path}: private key file is accessible by others (mode {mode:04o}); chmod o= it"
+    if mode & 0o070 and info.st_gid not in (own_groups() if groups is None else groups):
+        return (
+            f"{path}: private key file is accessible by group {_group_name(info.st_gid)}, which is not "
+            f"the gateway's (mode {mode:04o}); chgrp it to the gateway's group or chmod g= it"
+        )
     return None
+
+
+def _group_name(gid: int) -> str:
+    try:
+        import grp
+
+        return f"{grp.getgrgid(gid).gr_name} ({gid})"
+    except (ImportError, KeyError):
+        return str(gid)
 
 
 def load_private_key(path: Path) -> PrivateKey:
@@ -248,7 +281,7 @@ def is_ca(certificate: x509.Certificate) -> bool:
 
 
 def serial_hex(certificate: x509.Certificate) -> str:
-    return format(certificate.serial_number, "x")
+    return serial_text(certificate.serial_number)
 
 
 def validity_problem(certificate: x509.Certificate, now: datetime.datetime) -> str | None:

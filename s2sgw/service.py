@@ -7,11 +7,12 @@ from typing import Any
 import attrs
 from prometheus_client import REGISTRY, CollectorRegistry
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from s2sgw.routes.authz import Authorizer
-from s2sgw.config import GatewayConfig
+from s2sgw.config import GatewayConfig, InboundRoute
+from s2sgw.errors import StartupError, listen_problem
 from s2sgw.interfaces import IStapleSource, IStatusCache, IStatusCacheStats, IStatusProbe
 from s2sgw.routes.outbound import OutboundConnector
 from s2sgw.status.crl_refresh import CRLRefreshMetrics, CRLRefreshService, reload_following_crl
@@ -41,14 +42,20 @@ class RouteService(Service):
     drain: float
     _log = Logger()
     _port: Any = attrs.field(default=None, init=False)
+    _stopped: bool = attrs.field(default=False, init=False)
+    _stop_waiters: list[Deferred[None]] = attrs.field(factory=list, init=False)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         failures: list = []
         self.route.listen().addCallbacks(self._listening, failures.append)
         if failures:
-            # Endpoints bind synchronously: surface "address in use" and friends as a start-up error.
-            failures[0].raiseException()
+            # Endpoints bind synchronously: "address in use" and friends stop the start, in one line.
+            route = self.route.route
+            key = f"[[service.{'inbound' if isinstance(route, InboundRoute) else 'outbound'}]] listen"
+            error = StartupError(listen_problem(f"route {self.label} of service {route.service}", key, route.listen,
+                                 failures[0].getErrorMessage()))
+            raise error
 
     def _listening(self, port: Any) -> None:
         self._port = port
@@ -59,7 +66,22 @@ class RouteService(Service):
         d = self.route.stop_listening()
         d.addCallback(lambda _: self.route.drain(self.drain))
         d.addErrback(lambda failure: self._log.failure("stopping route {route}", failure, route=self.label))
+        d.addCallback(self._finished)
         return d
+
+    def _finished(self, _: object) -> None:
+        self._stopped = True
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def wait_stopped(self) -> Deferred[None]:
+        """Fires once this route has stopped and drained (at once if it has)."""
+        if self._stopped:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._stop_waiters.append(waiter)
+        return waiter
 
 
 def _describe(port: Any) -> str:
@@ -134,8 +156,9 @@ def build_gateway(
             routes[outbound.name] = OutboundConnector(
                 outbound, trust_store, authorizer, reactor, config.timeouts, metrics=route_metrics
             )
-    for name, route in routes.items():
-        RouteService(route, name, config.timeouts.drain).setServiceParent(top)
+    route_services = [RouteService(route, name, config.timeouts.drain) for name, route in routes.items()]
+    for route_service in route_services:
+        route_service.setServiceParent(top)
     # Every reload (SIGHUP, timer, CRL refresh) also hands a new CRL to the status checker.
     reload = reload_following_crl(trust_store, checker)
     operations = Operations.build(
@@ -147,6 +170,8 @@ def build_gateway(
         cache_stats=IStatusCacheStats(checker, None),
         prober=IStatusProbe(checker, None),
     )
+    if operations.admin is not None:  # the admin endpoint outlives the drain
+        operations.admin.drained = lambda: DeferredList([rs.wait_stopped() for rs in route_services])
     # Live connections: pushed revocations, re-validation at nextUpdate, peers untrusted by a reload.
     enforcer = Enforcer.for_routes(
         routes, judging, reactor, fail=config.status.fail, verify_chain=trust_store.verify_chain, cache=cache,

@@ -19,11 +19,19 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "Gateway configuration file (TOML).", str],
+        ["log-level", None, "info", "Least severe events logged: debug, info, warn, error or critical.", str],
+        ["log-format", None, "text", "text (twistd's lines) or json (one JSON object per line).", str],
     ]
 
     def postOptions(self) -> None:
+        from s2sgw.ops.logs import FORMATS, LEVELS
+
         if not self["config"]:
             raise usage.UsageError("--config is required")
+        if self["log-level"] not in LEVELS:
+            raise usage.UsageError(f"--log-level must be one of: {', '.join(LEVELS)}")
+        if self["log-format"] not in FORMATS:
+            raise usage.UsageError(f"--log-format must be one of: {', '.join(FORMATS)}")
         # Load and check everything here so errors reach the terminal before twistd daemonizes.
         from s2sgw.truststore import TrustStore
 
@@ -35,9 +43,16 @@ class Options(usage.Options):
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
+    from twisted.application.service import MultiService
+
+    from s2sgw.ops.logs import LogSetup
     from s2sgw.service import build_gateway
 
     if reactor is None:
         from twisted.internet import reactor
     service, _ = build_gateway(options.config, options.trust_store, reactor)
-    return service
+    top = MultiService()
+    # First to start (the log is set up before anything binds) and last to stop.
+    LogSetup(options["log-level"], options["log-format"]).setServiceParent(top)
+    service.setServiceParent(top)
+    return top

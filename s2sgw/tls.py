@@ -32,7 +32,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from s2sgw import pki, tlspolicy
+from s2sgw import pki, tlsalert, tlspolicy
 from s2sgw.interfaces import Reason
 from s2sgw.verify.strict import StrictVerifier
 
@@ -267,6 +267,8 @@ def server_context(
         context.add_client_ca(root)
     if staple is not None:
         context.set_ocsp_server_callback(_StapleServer(staple))
+    # Keeps the secret a refusal alert after the handshake is sealed with (see s2sgw.tlsalert).
+    context.set_keylog_callback(tlsalert.keep_server_secret)
     return context
 
 

@@ -34,7 +34,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from s2sgw import tlsalert
 from s2sgw.interfaces import IConnectionCreators
+from s2sgw.tlsalert import RecordCounter
 
 # Listen backlog of tcp: listeners that name none (nginx's default; the kernel caps it at somaxconn).
 DEFAULT_BACKLOG = 511
@@ -273,6 +275,8 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
 
     _write_shut = False
     _read_eof = False
+    _sealed = False  # a refusal alert went out: OpenSSL's sequence numbers no longer match
+    _app_records: RecordCounter | None = None  # server records sealed with the application secret
 
     def makeConnection(self, transport: Any) -> None:
         set_tcp_nodelay(transport)
@@ -312,6 +316,52 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
         # A close deferred by a producer happens now, again without waiting for the peer.
         if had_producer and self.disconnecting and not self._appSendBuffer and self.transport is not None:
             self.transport.loseConnection()
+
+    def _flushSendBIO(self) -> None:
+        if self._sealed:
+            return
+        if not self._handshakeDone or getattr(self, tlsalert.SECRET, None) is None:
+            super()._flushSendBIO()
+            return
+        try:
+            data = self._tlsConnection.bio_read(2**15)
+        except WantReadError:
+            return
+        if self._app_records is None:
+            self._app_records = tlsalert.RecordCounter()
+        self._app_records.feed(data)  # after the handshake: records under the application secret
+        self.transport.write(data)
+
+    def refuse_with_alert(self, alert: str) -> bool:
+        """Send the fatal ``alert`` (a name in :data:`tlsalert.ALERTS`) and close the connection.
+
+        Possible on the server side of a TLS 1.3 connection whose secret was kept (see
+        :mod:`s2sgw.tlsalert`); False (and nothing sent) otherwise, and the caller closes as usual.
+        """
+        secret = getattr(self, tlsalert.SECRET, None)
+        connection = self._tlsConnection
+        if (
+            secret is None
+            or self._sealed
+            or not self._handshakeDone
+            or self._lostTLSConnection
+            or self.transport is None
+            or connection.get_protocol_version_name() != "TLSv1.3"
+        ):
+            return False
+        self._flushSendBIO()  # tickets still in the send buffer were sealed first
+        sequence = self._app_records.records if self._app_records is not None else 0
+        try:
+            record = tlsalert.sealed_alert(
+                connection.get_cipher_name() or "", secret, sequence, tlsalert.ALERTS[alert]
+            )
+        except (KeyError, ValueError):
+            return False
+        tlsalert.forget_secret(self)
+        self._sealed = self._write_shut = self._lostTLSConnection = True
+        self.transport.write(record)
+        self.transport.loseConnection()
+        return True
 
     def _flushReceiveBIO(self) -> None:
         # Same as TLSMemoryBIOProtocol._flushReceiveBIO, except for ZeroReturnError (see class doc).

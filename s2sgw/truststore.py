@@ -33,7 +33,13 @@ from s2sgw.config import (
     load_config,
 )
 from s2sgw.interfaces import ITrustStore
-from s2sgw.material import ServiceMaterial, TrustMaterial, _check_crl, load_material
+from s2sgw.material import (
+    ServiceMaterial,
+    TrustMaterial,
+    _check_crl,
+    identity_warnings,
+    load_material,
+)
 from s2sgw.reload import Coalesced
 from s2sgw.status.settings import merge_status
 from s2sgw.status.stapling import StapleCache, stapling_enabled
@@ -104,6 +110,8 @@ class TrustStore:
             generation=material.generation,
             services=_describe_services(material),
         )
+        for warning in identity_warnings(material):
+            store._log.warn("{warning}", warning=warning)
         return store
 
     @property
@@ -269,6 +277,8 @@ class TrustStore:
             generation=material.generation,
             services=_describe_services(material),
         )
+        for warning in identity_warnings(material):
+            self._log.warn("{warning}", warning=warning)
         return material.generation
 
     def _failed(self, failure: Failure) -> Failure:

@@ -172,7 +172,7 @@ def test_absolute_and_home_relative_paths_are_kept(directory: Path) -> None:
         ('cert = "certs/orders.pem"', "", "service[0].cert: missing required key"),
         ('key = "certs/users.key"', 'key = "certs/nope.key"', "service[1].key: no such file"),
         ('name = "users"\n', 'name = "orders"\n', "service[1].name: duplicate service name 'orders'"),
-        ('name = "orders"\n', 'name = "or ders"\n', "service[0].name: expected a name"),
+        ('name = "orders"\n', 'name = "or ders"\n', "service[0].name: invalid service name 'or ders'"),
         ('backend = "tcp:127.0.0.1:8080"', 'backend = "tcp:127.0.0.1"',
          "service[0].inbound[0].backend: bad endpoint"),
         ('backend = "tcp:127.0.0.1:8080"', 'backend = "carrier-pigeon:coop"',

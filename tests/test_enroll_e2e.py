@@ -22,6 +22,7 @@ import attrs
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from s2sgw.serials import serial_text
 from s2sgw import pki
 from s2sgw.ca.authority import CertificateAuthority
 from tests.e2e import BIN, TRUST_DOMAIN, Processes, free_port, wait_for
@@ -280,7 +281,7 @@ def test_two_gateways_from_tokens_renew_five_times_each_under_load_without_a_fai
         serials = [seen[0][1]] + [new for _, _, new in seen]
         assert len(set(serials)) == len(serials)  # a new serial each time
         assert all(old == previous for (_, old, _), previous in zip(seen, serials))  # one chain of renewals
-        issued = [r for r in store.records() if r.name == name and r.serial_hex in serials]
+        issued = [r for r in store.records() if r.name == name and serial_text(r.serial) in serials]
         keys = {r.certificate().public_key().public_bytes(*_SPKI) for r in issued}
         assert len(issued) == len(serials) and len(keys) == len(serials)  # a new key each time
         assert "Traceback" not in logs[gateway]

@@ -238,7 +238,7 @@ def test_a_gateway_started_with_a_key_readable_by_others_warns_in_its_log(world:
     gateway = Gateway.start(world.procs, "open-key", toml, [port])
     try:
         line = gateway.wait_log(0, "s2sgw.pki#warn", str(key))
-        assert "accessible by group or others (mode 0644)" in line
+        assert "accessible by others (mode 0644)" in line
         roundtrip(port, world.allowed())
     finally:
         process = world.procs.running.pop("open-key")

@@ -409,7 +409,7 @@ def _config(tmp_path: Any, inbound: dict, outbound: dict | None = None) -> Any:
         (tmp_path / name).write_text("")
     service = {"name": "a", "cert": "a.pem", "key": "a.key", "inbound": [{"listen": "tcp:1", "backend": "tcp:127.0.0.1:2", **inbound}]}
     if outbound is not None:
-        service["outbound"] = [{"listen": "tcp:3", "remote": "tcp:127.0.0.1:4", "peer": "b", **outbound}]
+        service["outbound"] = [{"listen": "tcp:3:interface=127.0.0.1", "remote": "tcp:127.0.0.1:4", "peer": "b", **outbound}]
     return parse_config({"trust": "bundle.pem", "status": {"mode": "off"}, "service": [service]}, tmp_path / "g.toml")
 
 

@@ -32,6 +32,9 @@ Family = tuple[str, str, str, tuple[str, ...]]  # name, type, help, label names
 
 ALWAYS: set[Family] = {
     ("s2sgw_active_connections", "gauge", "Connections open now.", ("route",)),
+    ("s2sgw_build_info", "gauge", "The running s2sgw version (always 1).", ("version",)),
+    ("s2sgw_certificate_expiry_timestamp_seconds", "gauge", "Unix time at which each service's own certificate expires.", ("service",)),
+    ("s2sgw_trust_bundle_expiry_timestamp_seconds", "gauge", "Unix time at which each root certificate of the trust bundle expires.", ("fingerprint", "root")),
     ("s2sgw_certificate_expiry_seconds", "gauge", "Seconds until each service's own certificate expires (negative: expired).", ("service",)),
     ("s2sgw_connection_duration_seconds", "histogram", "Lifetime of relayed connections.", ("route",)),
     ("s2sgw_connections", "counter", "Connections ended, by outcome (closed | refused) and reason.", ("outcome", "reason", "route")),
@@ -39,6 +42,7 @@ ALWAYS: set[Family] = {
     ("s2sgw_handshakes", "counter", "TLS handshakes with authorization, by result (ok | refused) and reason.", ("reason", "result", "route")),
     ("s2sgw_live_closes", "counter", "Live connections closed because their peer's status changed, by reason and cause (feed | revalidation | reload).", ("cause", "reason")),
     ("s2sgw_ready", "gauge", "1 when /readyz would answer 200, else 0.", ()),
+    ("s2sgw_remote_refusals", "counter", "Outbound connections the remote gateway refused, by the TLS alert it sent.", ("alert", "route")),
     ("s2sgw_relay_bytes", "counter", "Bytes relayed; in = read from the accepted connection, out = written to it.", ()),
     ("s2sgw_reloads", "counter", "Trust reloads by result (ok | failed).", ("result",)),
     ("s2sgw_staple_fetches", "counter", "OCSP queries for our own certificates' staples, by outcome.", ("outcome",)),
@@ -61,6 +65,7 @@ BY_MODE: dict[str, set[Family]] = {
     "crl": {
         ("s2sgw_crl_expiry_seconds", "gauge", "Seconds until the loaded CRL's nextUpdate (negative: stale).", ()),
         ("s2sgw_crl_number", "gauge", "CRL number of the loaded CRL.", ()),
+        ("s2sgw_crl_expiry_timestamp_seconds", "gauge", "Unix time of the loaded CRL's nextUpdate.", ()),
     },
     "off": set(),
 }  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -70,7 +71,7 @@ def users_config(pki: Pki, ports: dict[str, int], extra: str = "") -> str:
         name = "users-in"
         listen = "tcp:{ports['users_gw']}:interface=127.0.0.1"
         backend = "tcp:127.0.0.1:{ports['backend']}"
-        allow = ["orders"]
+        allow = ["orders", "revokee"]
         """,
     )
     return gateway_config(pki, ports["ca"], users, extra=extra)
@@ -80,7 +81,7 @@ def users_config(pki: Pki, ports: dict[str, int], extra: str = "") -> str:
 def world(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("operations-e2e")
     ports = {name: free_port() for name in ("ca", "users_gw", "backend", "orders", "billing", "admin", "callers_admin")}
-    pki = Pki.create(root, f"http://127.0.0.1:{ports['ca']}", ("users", "orders", "billing"))
+    pki = Pki.create(root, f"http://127.0.0.1:{ports['ca']}", ("users", "orders", "billing", "revokee"))
     (root / "www").mkdir()
     (root / "www" / "hello").write_text("hello")
     procs = Processes(root)
@@ -146,7 +147,7 @@ def test_metrics_count_allowed_and_refused_handshakes_by_route_and_reason(world:
     world.procs.wait_audit("users-gw", "users-in", "reason=identity_not_allowed ")
     world.procs.wait_audit("users-gw", "users-in", "outcome=closed", "peer=spiffe://e2e.s2sgw.test/orders")
     users = scrape(f"http://127.0.0.1:{world.ports['admin']}/metrics")
-    ok = ("s2sgw_handshakes_total", (("reason", "ok"), ("result", "ok"), ("route", "users-in")))
+    ok = ("s2sgw_handshakes_total", (("reason", ""), ("result", "ok"), ("route", "users-in")))
     refused = ("s2sgw_handshakes_total", (("reason", "identity_not_allowed"), ("result", "refused"), ("route", "users-in")))
     assert users[ok] >= 1 and users[refused] >= 1
     assert users[("s2sgw_connections_total", (("outcome", "refused"), ("reason", "identity_not_allowed"), ("route", "users-in")))] >= 1
@@ -157,9 +158,89 @@ def test_metrics_count_allowed_and_refused_handshakes_by_route_and_reason(world:
     assert users[("s2sgw_status_server_up", ())] == 1
     assert [key for key in users if key[0] == "s2sgw_trust_bundle_expiry_seconds"]
     callers = scrape(f"http://127.0.0.1:{world.ports['callers_admin']}/metrics")
-    assert callers[("s2sgw_handshakes_total", (("reason", "ok"), ("result", "ok"), ("route", "orders-to-users")))] >= 1
-    # the refusal happens on the users side; billing's connector sees the remote close
+    assert callers[("s2sgw_handshakes_total", (("reason", ""), ("result", "ok"), ("route", "orders-to-users")))] >= 1
+    # the refusal happens on the users side; billing's gateway reads why from the TLS alert
+    assert callers[("s2sgw_remote_refusals_total", (("alert", "access_denied"), ("route", "billing-to-users")))] >= 1
+    refused_remotely = (("outcome", "refused"), ("reason", "remote_refused"), ("route", "billing-to-users"))
+    assert callers[("s2sgw_connections_total", refused_remotely)] >= 1
+    assert ("s2sgw_handshakes_total", (("reason", ""), ("result", "ok"), ("route", "billing-to-users"))) not in callers
     assert ("s2sgw_certificate_expiry_seconds", (("service", "billing"),)) in callers
+
+
+def test_caller_gateway_records_the_remote_refusal_and_its_alert(world: World) -> None:
+    assert curl(world.ports["billing"], "hello").returncode != 0
+    line = world.procs.wait_audit("callers-gw", "billing-to-users", "outcome=refused", "reason=remote_refused ")
+    assert "alert=access_denied" in line
+    assert "peer=spiffe://e2e.s2sgw.test/users" in line
+
+
+def s_client(world: World, name: str, certs: Path | None = None) -> str:
+    """openssl s_client presenting ``name``'s certificate to users-gw; its whole output."""
+    identity = (certs or world.pki.certs) / f"{name}.pem"
+    result = subprocess.run(
+        [
+            "openssl", "s_client", "-connect", f"127.0.0.1:{world.ports['users_gw']}", "-CAfile", str(world.pki.bundle),
+            "-cert", str(identity), "-cert_chain", str(identity), "-key", str(identity.with_suffix(".key")), "-ign_eof",
+        ],
+        input=b"GET /hello HTTP/1.0\r\n\r\n",
+        capture_output=True,
+        timeout=30,
+    )
+    return (result.stdout + result.stderr).decode("utf-8", "replace")
+
+
+def test_openssl_client_not_on_the_allow_list_receives_access_denied(world: World) -> None:
+    output = s_client(world, "billing")
+    assert "alert access denied" in output, output
+    assert "hello" not in output.split("---")[-1]
+
+
+def test_openssl_client_with_an_expired_certificate_receives_certificate_expired(world: World, tmp_path: Path) -> None:
+    world.pki.issue_expired("orders", tmp_path)
+    output = s_client(world, "orders", tmp_path)
+    assert "alert certificate expired" in output, output
+    world.procs.wait_audit("users-gw", "users-in", "reason=expired ")
+
+
+def test_openssl_client_with_a_revoked_certificate_receives_certificate_revoked(world: World) -> None:
+    subprocess.run(
+        [str(BIN / "s2sgw"), "ca", "revoke", "--dir", str(world.pki.directory / "ca"), "revokee", "--reason", "keyCompromise"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    output = s_client(world, "revokee")
+    assert "alert certificate revoked" in output, output
+    world.procs.wait_audit("users-gw", "users-in", "reason=revoked ", "peer=spiffe://e2e.s2sgw.test/revokee")
+
+
+def exposed_series(url: str) -> set[str]:
+    """The series names a scrape holds, as the metrics table writes them (counters with _total)."""
+    code, body = http_get(url)
+    assert code == 200
+    names = set()
+    for family in text_string_to_metric_families(body.decode("utf-8")):
+        names.add(family.name + "_total" if family.type == "counter" else family.name)
+        names.update(sample.name for sample in family.samples if sample.name.endswith("_created"))
+    return names
+
+
+def test_the_metrics_table_lists_every_series_the_gateways_expose(world: World) -> None:
+    """docs/operations.rst's table is complete, no ``_created`` series, and the build is labelled."""
+    assert curl(world.ports["orders"], "hello").stdout == b"hello"
+    table = (Path(__file__).resolve().parent.parent / "docs" / "operations.rst").read_text()
+    documented = set(re.findall(r"^``(s2sgw_[a-z_]+)``", table, re.MULTILINE))
+    exposed = set()
+    for port in ("admin", "callers_admin"):
+        exposed |= exposed_series(f"http://127.0.0.1:{world.ports[port]}/metrics")
+    assert not [name for name in exposed if name.endswith("_created")]
+    assert sorted(name for name in exposed - documented if name.startswith("s2sgw_")) == []
+    users = scrape(f"http://127.0.0.1:{world.ports['admin']}/metrics")
+    from s2sgw import __version__
+
+    assert users[("s2sgw_build_info", (("version", __version__),))] == 1
+    expires = users[("s2sgw_certificate_expiry_timestamp_seconds", (("service", "users"),))]
+    assert abs(expires - time.time() - users[("s2sgw_certificate_expiry_seconds", (("service", "users"),))]) < 60
 
 
 def test_status_shows_identities_routes_and_status_cache(world: World) -> None:
@@ -168,7 +249,7 @@ def test_status_shows_identities_routes_and_status_cache(world: World) -> None:
     status = json.loads(body)
     users = status["services"]["users"]
     assert users["identity"] == "spiffe://e2e.s2sgw.test/users"
-    assert int(users["serial"], 16) == world.pki.ca.records()[0].serial
+    assert int(users["serial"], 16) == next(r.serial for r in world.pki.ca.records() if r.name == "users")
     assert users["not_after"] and users["seconds_left"] > 0
     assert status["routes"]["users-in"]["listening"] is True
     assert status["routes"]["users-in"]["address"] == f"127.0.0.1:{world.ports['users_gw']}"

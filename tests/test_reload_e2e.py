@@ -17,6 +17,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from s2sgw.serials import serial_text
 from s2sgw.ca.authority import CertificateAuthority
 from tests.e2e import TRUST_DOMAIN, Pki, Processes, free_port
 from tests.reloadkit import (
@@ -87,7 +88,7 @@ def start_world(root: Path) -> World:
 def serial_hex(pem: Path) -> str:
     from cryptography import x509
 
-    return f"{x509.load_pem_x509_certificate(pem.read_bytes()).serial_number:x}"
+    return serial_text(x509.load_pem_x509_certificate(pem.read_bytes()).serial_number)
 
 
 def hup_and_wait(world: World, name: str, generation: int) -> None:

@@ -476,7 +476,7 @@ def gateway_config(world: World, name: str, routes: str, staple: bool) -> Path:
 
 
 INBOUND = '[[service.inbound]]\nname = "users-in"\nlisten = "tcp:8443"\nbackend = "tcp:127.0.0.1:8080"\nallow = ["orders"]\n'
-OUTBOUND = '[[service.outbound]]\nname = "orders-to-users"\nlisten = "tcp:9001"\nremote = "tcp:users:8443"\npeer = "users"\n'
+OUTBOUND = '[[service.outbound]]\nname = "orders-to-users"\nlisten = "tcp:9001:interface=127.0.0.1"\nremote = "tcp:users:8443"\npeer = "users"\n'
 
 
 @pytest.mark.parametrize("staple", [True, False])

@@ -17,6 +17,7 @@ import urllib.request
 import attrs
 import pytest
 
+from s2sgw.serials import serial_text
 from tests.e2e import (
     EchoServer,
     Pki,
@@ -174,4 +175,4 @@ def test_the_outbound_gateway_asks_the_ca_nothing_when_the_remote_staples(world:
 def test_users_gw_reports_its_staple_in_status(world: World) -> None:
     status = stapling(world)
     assert status["stapling"] is True and status["state"] == "good" and status["failures"] == 0
-    assert status["serial"] == f"{_serial(world, 'users'):x}"
+    assert status["serial"] == serial_text(_serial(world, "users"))  # as openssl x509 -serial prints it

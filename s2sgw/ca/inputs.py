@@ -11,8 +11,9 @@ import urllib.parse
 from cryptography import x509
 
 from s2sgw.ca.store import CAError
+from s2sgw.names import SERVICE_NAME
 
-_SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
+_SERVICE_NAME = SERVICE_NAME  # the gateway's configuration checks service.name with the same rule
 
 
 

@@ -113,7 +113,7 @@ class Demo:
 
     async def step_enroll(self) -> None:
         self.fingerprint = await deferToThread(root_fingerprint, self.workdir / "ca" / "bundle.pem")
-        say(f"   the root's fingerprint, handed to each host with its token: {self.fingerprint[:23]}...")
+        say(f"   the root's fingerprint, handed to each host with its token: {self.fingerprint}")
         for name in SERVICES:
             line = await self.enroll(name)
             identity, serial = line.split(": serial ", 1)

@@ -10,6 +10,7 @@ drown the audit trail).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -20,7 +21,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
+from s2sgw.errors import StartupError, listen_problem
 from s2sgw.ops.health import Monitor
+from s2sgw.ops.metrics import WithoutCreated
 from s2sgw.ops.status_page import status_document
 
 JSON = b"application/json"
@@ -71,12 +74,13 @@ class StatusResource(resource.Resource):
 
 
 def metrics_resource(registry: CollectorRegistry = REGISTRY) -> resource.Resource:
-    """prometheus_client's Twisted resource (a WSGI app in the reactor's thread pool)."""
+    """prometheus_client's Twisted resource (a WSGI app in the reactor's thread pool), without
+    ``_created`` series."""
     from prometheus_client.twisted import (
         MetricsResource,  # imports the global reactor: late
     )
 
-    return MetricsResource(registry=registry)
+    return MetricsResource(registry=WithoutCreated(registry))
 
 
 def build_admin_root(monitor: Monitor, registry: CollectorRegistry = REGISTRY) -> resource.Resource:
@@ -91,6 +95,8 @@ def build_admin_root(monitor: Monitor, registry: CollectorRegistry = REGISTRY) -
 class AdminSite(server.Site):
     """A Site without access logging."""
 
+    noisy = False
+
     def log(self, request: server.Request) -> None:
         pass
 
@@ -103,6 +109,8 @@ class AdminService(Service):
     monitor: Monitor
     reactor: Any
     registry: CollectorRegistry = REGISTRY
+    # Fires once the routes have drained: the endpoint answers (/readyz: 503 "stopping") until then.
+    drained: Callable[[], Deferred[Any]] = attrs.field(default=lambda: succeed(None))
     port: Any = attrs.field(default=None, init=False)
     _log = Logger()
 
@@ -111,8 +119,9 @@ class AdminService(Service):
         site = AdminSite(build_admin_root(self.monitor, self.registry))
         failures: list = []
         serverFromString(self.reactor, self.listen).listen(site).addCallbacks(self._listening, failures.append)
-        if failures:
-            failures[0].raiseException()  # "address in use" is a start-up error, as for routes
+        if failures:  # "address in use" is a start-up error, as for routes
+            error = StartupError(listen_problem("the admin endpoint", "[admin] listen", self.listen, failures[0].getErrorMessage()))
+            raise error
 
     def _listening(self, port: Any) -> None:
         self.port = port
@@ -120,7 +129,11 @@ class AdminService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
-        return maybeDeferred(port.stopListening)
+
+        def close(_: object) -> Deferred[None]:
+            port, self.port = self.port, None
+            if port is None:
+                return succeed(None)
+            return maybeDeferred(port.stopListening)
+
+        return maybeDeferred(self.drained).addBoth(close)

@@ -14,6 +14,7 @@ MultiService for :func:`s2sgw.service.build_gateway`.
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -114,6 +115,7 @@ class Monitor(Service):
     on_change: Callable[[Readiness], None] | None = None
     probe: ProbeResult | None = None
     reload_error: str | None = None  # why the latest reload failed; None after a good one
+    stopping: bool = False  # the process is stopping (draining): never ready again
     # More /status fields from other parts (e.g. "revocation_feed"): name -> () -> JSON value.
     sections: dict[str, Callable[[], Any]] = attrs.field(factory=dict)
     # More fields per service (e.g. "renewal"): name -> (service name) -> JSON value or None.
@@ -141,6 +143,7 @@ class Monitor(Service):
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        self.stopping = True
         for timer in self._timers:
             if timer.running:
                 timer.stop()
@@ -242,6 +245,8 @@ class Monitor(Service):
     def readiness(self) -> Readiness:
         """Ready, or the reasons why not, in words."""
         reasons: list[str] = []
+        if self.stopping:
+            reasons.append("stopping: live connections are draining")
         now = self.now()
         for name, route in self.routes.items():
             gate = route.gate
@@ -285,8 +290,14 @@ class Monitor(Service):
                     reasons.append("the CA status server has not been probed yet")
             else:
                 if not probe.reachable and fail_closed:
-                    what = "answers invalid status" if probe.invalid else "is unreachable"
-                    reasons.append(f"the CA status server {what} ({probe.error}): peers are refused (fail = closed)")
+                    answered = re.search(r"answered (HTTP \d+)", probe.error or "")
+                    if probe.invalid:
+                        what = f"answers invalid status ({probe.error})"
+                    elif answered is not None:  # it is up, but says no: not the same fix as a dead host
+                        what = f"answered {answered.group(1)}"
+                    else:
+                        what = f"is unreachable ({probe.error})"
+                    reasons.append(f"the CA status server {what}: peers are refused (fail = closed)")
                 for name, state in probe.states.items():
                     if state == "revoked":
                         reasons.append(f"certificate of service {name} is revoked at the CA: peers refuse it")

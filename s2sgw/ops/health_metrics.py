@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from s2sgw import pki
+from s2sgw import __version__, pki
 from s2sgw.interfaces import IStatusCacheStats, ITrustStore
 from s2sgw.wire.est import fingerprint
 
@@ -45,20 +45,32 @@ class HealthCollector:
             "Seconds until each service's own certificate expires (negative: expired).",
             labels=["service"],
         )
+        certificate_ends = GaugeMetricFamily(
+            "s2sgw_certificate_expiry_timestamp_seconds",
+            "Unix time at which each service's own certificate expires.",
+            labels=["service"],
+        )
         for name, service in material.services.items():
             certificates.add_metric([name], (service.leaf.not_valid_after_utc - now).total_seconds())
+            certificate_ends.add_metric([name], service.leaf.not_valid_after_utc.timestamp())
         yield certificates
+        yield certificate_ends
         roots = GaugeMetricFamily(
             "s2sgw_trust_bundle_expiry_seconds",
             "Seconds until each root certificate of the trust bundle expires.",
             labels=["root", "fingerprint"],
         )
+        root_ends = GaugeMetricFamily(
+            "s2sgw_trust_bundle_expiry_timestamp_seconds",
+            "Unix time at which each root certificate of the trust bundle expires.",
+            labels=["root", "fingerprint"],
+        )
         for root in material.roots:
-            roots.add_metric(
-                [root.subject.rfc4514_string(), fingerprint(root)[:16]],
-                (root.not_valid_after_utc - now).total_seconds(),
-            )
+            labels = [root.subject.rfc4514_string(), fingerprint(root)]
+            roots.add_metric(labels, (root.not_valid_after_utc - now).total_seconds())
+            root_ends.add_metric(labels, root.not_valid_after_utc.timestamp())
         yield roots
+        yield root_ends
         crl = material.crl
         if crl is not None:
             if crl.next_update_utc is not None:
@@ -67,9 +79,17 @@ class HealthCollector:
                     "Seconds until the loaded CRL's nextUpdate (negative: stale).",
                     value=(crl.next_update_utc - now).total_seconds(),
                 )
+                yield GaugeMetricFamily(
+                    "s2sgw_crl_expiry_timestamp_seconds",
+                    "Unix time of the loaded CRL's nextUpdate.",
+                    value=crl.next_update_utc.timestamp(),
+                )
             number = pki.crl_number(crl)
             if number is not None:
                 yield GaugeMetricFamily("s2sgw_crl_number", "CRL number of the loaded CRL.", value=number)
+        build = GaugeMetricFamily("s2sgw_build_info", "The running s2sgw version (always 1).", labels=["version"])
+        build.add_metric([__version__], 1)
+        yield build
         reloads = CounterMetricFamily(
             "s2sgw_reloads", "Trust reloads by result (ok | failed).", labels=["result"]
         )

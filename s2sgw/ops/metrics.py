@@ -38,7 +38,7 @@ no metric work.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -98,6 +98,24 @@ class MetricsService(Service):
     def _unregister(self) -> None:
         while self._registered:
             self.registry.unregister(self._registered.pop())
+
+
+class WithoutCreated:
+    """A registry's families without the ``_created`` samples prometheus_client adds to counters
+    and histograms (a start time per label set, which nobody graphs), leaving its process-wide
+    switch alone."""
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if family.type in ("counter", "histogram", "summary", "gaugehistogram"):
+                family.samples = [sample for sample in family.samples if not sample.name.endswith("_created")]
+            yield family
+
+    def restricted_registry(self, names: Iterable[str]) -> WithoutCreated:
+        return WithoutCreated(self.registry.restricted_registry(names))
 
 
 def bounded_reason(reason: str) -> str:
@@ -162,6 +180,12 @@ class RouteMetrics(MetricSet):
             ["route", "outcome", "reason"],
             registry=None,
         )
+        self.remote_refusals = Counter(
+            "s2sgw_remote_refusals",
+            "Outbound connections the remote gateway refused, by the TLS alert it sent.",
+            ["route", "alert"],
+            registry=None,
+        )
         self.active = Gauge("s2sgw_active_connections", "Connections open now.", ["route"], registry=None)
         self.duration = Histogram(
             "s2sgw_connection_duration_seconds",
@@ -171,10 +195,16 @@ class RouteMetrics(MetricSet):
             registry=None,
         )
         self._bytes = _RelayBytes()
-        self.members = (self.handshakes, self.connections, self.active, self.duration, self._bytes)
+        self.members = (
+            self.handshakes, self.connections, self.remote_refusals, self.active, self.duration, self._bytes
+        )
 
     def handshake(self, route: str, allowed: bool, reason: str) -> None:
-        self.handshakes.labels(route, "ok" if allowed else "refused", bounded_reason(reason)).inc()
+        # An admitted handshake has no reason to give: reason="" (an empty label is no label).
+        self.handshakes.labels(route, "ok" if allowed else "refused", "" if allowed else bounded_reason(reason)).inc()
+
+    def remote_refused(self, route: str, alert: str) -> None:
+        self.remote_refusals.labels(route, alert).inc()
 
     def opened(self, route: str) -> None:
         self.active.labels(route).inc()

@@ -42,6 +42,7 @@ from s2sgw.interfaces import (
     IStatusChecker,
     Reason,
 )
+from s2sgw.serials import serial_text
 from s2sgw.status.stapling import StapleMetrics
 from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
 
@@ -161,7 +162,7 @@ class Authorizer:
             self._log.warn(
                 "route {route}: ignoring the OCSP staple of serial {serial}: {error}",
                 route=route.name,
-                serial=f"{leaf.serial_number:x}",
+                serial=serial_text(leaf.serial_number),
                 error=str(error),
             )
             return None
@@ -224,7 +225,7 @@ class Authorizer:
                 "answer ({reason}: {error}) because fail = open",
                 route=route.name,
                 identity=identity,
-                serial=f"{serial:x}",
+                serial=serial_text(serial),
                 reason=reason,
                 error=error,
             )
@@ -245,7 +246,7 @@ class Authorizer:
             route=route.name,
             what=what,
             identity=identity or "?",
-            serial=f"{serial:x}" if serial is not None else None,
+            serial=serial_text(serial) if serial is not None else None,
             error=f"{failure.type.__name__}: {failure.getErrorMessage()}",
             traceback=failure.getTraceback(),
         )

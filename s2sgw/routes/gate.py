@@ -25,6 +25,7 @@ from s2sgw.interfaces import Decision, Reason
 from s2sgw.ops.audit import AuditLog, AuditRecord, Direction
 from s2sgw.ops.metrics import RouteMetrics
 from s2sgw.relay import Relay
+from s2sgw.serials import serial_text
 from s2sgw.transport import TLSFactory, server_endpoint
 
 
@@ -52,6 +53,7 @@ class Session:
     outcome: str | None = None  # "refused" once refused; "closed" when a relay ends
     reason: str | None = None
     detail: str = ""
+    alert: str = "-"  # the TLS alert a remote gateway refused us with (outbound)
     relay: Relay | None = None
     ended: bool = False
     abort: Any = None  # callable(reason): drop the connection now (set by the owner)
@@ -76,7 +78,7 @@ class Session:
         if decision.identity:
             self.peer = decision.identity
         if decision.serial is not None:
-            self.serial = f"{decision.serial:x}"
+            self.serial = serial_text(decision.serial)
 
 
 
@@ -218,6 +220,7 @@ class RouteGate:
                 bytes_out=session.bytes_out,
                 duration=duration,
                 detail=session.detail,
+                alert=session.alert,
             )
         )
         if not self.live:

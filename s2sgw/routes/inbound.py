@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw import handshake
+from s2sgw import handshake, tlsalert
 from s2sgw.config import InboundRoute, TimeoutsConfig
 from s2sgw.identity.policy import InboundIdentity
 from s2sgw.interfaces import Decision, IAuthorizer, IConnectionCreators, Reason
@@ -41,6 +41,7 @@ from s2sgw.routes.gate import (
 )
 from s2sgw.transport import (
     CurrentServerCreator,
+    HalfCloseTLSProtocol,
     TLSFactory,
     client_endpoint,
     set_tcp_nodelay,
@@ -128,7 +129,8 @@ class InboundSide(RelaySide):
             self._refuse(Reason.TOO_MANY_CONNECTIONS, f"{limit} authorized connections open")
             return
         self._cancel_timer()
-        dialing = listener.backend.connect(Factory.forProtocol(BackendSide))
+        tlsalert.forget_secret(self.transport)
+        dialing = listener.backend.connect(_BackendFactory())
         dialing.addTimeout(listener.timeouts.connect, listener.clock)
         self._dialing = dialing
         dialing.addCallbacks(self._backend_connected, self._backend_failed)
@@ -188,7 +190,13 @@ class InboundSide(RelaySide):
         self._refuse(Reason.HANDSHAKE_TIMEOUT, f"not done after {self.listener.timeouts.handshake:g}s")
 
     def _refuse(self, reason: str, detail: str) -> None:
+        """Record the refusal and close; a refused certificate or identity hears why (a TLS alert)."""
         self.session.refuse(reason, detail)
+        alert = tlsalert.ALERT_FOR_REASON.get(reason)
+        tls = self.transport
+        if alert is not None and not self.lost and isinstance(tls, HalfCloseTLSProtocol):
+            if tls.refuse_with_alert(alert):
+                return
         self._abort(reason)
 
     def _abort(self, reason: str) -> None:
@@ -218,7 +226,14 @@ class InboundSide(RelaySide):
         self.listener.gate.end(session)
 
 
+class _BackendFactory(Factory):
+    noisy = False  # no "Starting factory" line per dial
+    protocol = BackendSide
+
+
 class _InboundFactory(Factory):
+    noisy = False  # no "Starting factory" line per listener
+
     def __init__(self, listener: InboundListener) -> None:
         self.listener = listener
 

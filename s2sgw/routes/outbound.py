@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -22,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw import handshake
+from s2sgw import handshake, tlsalert
 from s2sgw.config import OutboundRoute, TimeoutsConfig
 from s2sgw.identity.policy import OutboundIdentity
 from s2sgw.interfaces import Decision, IAuthorizer, ITrustStore, Reason
@@ -172,10 +173,12 @@ class RemoteSide(RelaySide):
             return
         connector = self.connector
         self.local.session.note_decision(decision)
-        self._count(decision.allowed, decision.reason)
         if not decision.allowed:
+            self._count(False, decision.reason)
             self.local.refuse(decision.reason, decision.detail)
             return
+        # Counted once the remote's first byte arrives or the connection ends: under TLS 1.3 the
+        # remote judges our certificate after our handshake, and may still refuse.
         self._cancel_timer()
         local = self.local
         a_sink = None
@@ -191,10 +194,33 @@ class RemoteSide(RelaySide):
             self,
             clock=connector.clock,
             idle_timeout=connector.timeouts.idle,
-            on_close=lambda relay: connector.gate.end(local.session),
+            on_close=self._relay_closed,
             a_sink=a_sink,
         )
         connector.gate.spliced(local.session, relay)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.counted and self.relay is not None:
+            self._count(True, Reason.OK)
+        super().dataReceived(data)
+
+    def _refused_by_remote(self, reason: Failure | None) -> bool:
+        """Record a refusal alert from the remote gateway, if ``reason`` is one; True if so."""
+        if reason is None or self.bytes_received:
+            return False
+        alert = tlsalert.received_alert(handshake.failure_words(reason)) if reason.check(SSL.Error) else None
+        if alert not in tlsalert.REFUSAL_ALERTS:
+            return False
+        self._count(False, Reason.REMOTE_REFUSED)
+        self.connector.metrics.remote_refused(self.connector.route.name, alert)
+        self.local.session.alert = alert
+        self.local.refuse(Reason.REMOTE_REFUSED, f"the remote gateway refused us: TLS alert {alert}")
+        return True
+
+    def _relay_closed(self, relay: Any) -> None:
+        if not self._refused_by_remote(self.lost_reason):
+            self._count(True, Reason.OK)
+        self.connector.gate.end(self.local.session)
 
     def _decision_failed(self, failure: Failure) -> None:
         self._log.failure("authorizer failed on route {route}", failure, route=self.connector.route.name)
@@ -223,18 +249,23 @@ class RemoteSide(RelaySide):
         if local.session.outcome is None:
             if not self.handshake_done or handshake.chain_error(self.transport):
                 code, detail = handshake.handshake_failure(self.transport, reason)
+            elif self._refused_by_remote(reason):
+                code = None
             else:
                 code, detail = Reason.PEER_CLOSED, "the remote gateway closed before the relay started"
                 text = reason.getErrorMessage()
                 if "alert" in text.lower():
                     code, detail = Reason.TLS_ERROR, handshake.failure_words(reason)
-            self._count(False, code)
-            local.refuse(code, detail)
+            if code is not None:
+                self._count(False, code)
+                local.refuse(code, detail)
         if local.lost:
             self.connector.gate.end(local.session)
 
 
 class _LocalFactory(Factory):
+    noisy = False  # no "Starting factory" line per listener
+
     def __init__(self, connector: OutboundConnector) -> None:
         self.connector = connector
 
@@ -279,4 +310,6 @@ class OutboundConnector(GatedRoute):
 
     def tls_factory_for(self, local: LocalSide) -> TLSFactory:
         """A TLS client factory whose one connection belongs to ``local``."""
-        return TLSFactory(self.creator, True, Factory.forProtocol(lambda: RemoteSide(local)))
+        remote_factory = Factory.forProtocol(lambda: RemoteSide(local))
+        remote_factory.noisy = False  # one per dial: no "Starting factory" line each time
+        return TLSFactory(self.creator, True, remote_factory)

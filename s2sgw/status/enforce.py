@@ -34,9 +34,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from s2sgw.config import FailMode
-from s2sgw.interfaces import IStatusChecker, Reason
+from s2sgw.interfaces import IStatusCache, IStatusChecker, Reason
 from s2sgw.ops.metrics import MetricSet
-from s2sgw.interfaces import IStatusCache
+from s2sgw.serials import serial_text
 from s2sgw.timeutil import utc
 from s2sgw.wire.feed import FeedDocument
 from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable, key_hash
@@ -253,7 +253,7 @@ class Enforcer(Service):
     def _asked(self, result: object, key: tuple[int, bytes]) -> None:
         self._asking.discard(key)
         if isinstance(result, Failure):
-            self._log.failure("re-validation of serial {serial:x} failed", result, serial=key[0])
+            self._log.failure("re-validation of serial {serial} failed", result, serial=serial_text(key[0]))
 
     def _matching(self, key: tuple[int, bytes]) -> list[Any]:
         serial, issuer_hash = key
@@ -281,14 +281,14 @@ class Enforcer(Service):
         unavailable = failure.check(StatusUnavailable) is not None
         invalid = failure.check(StatusInvalid) is not None
         if not (unavailable or invalid):
-            self._log.failure("re-validation of serial {serial:x} raised", failure, serial=key[0])
+            self._log.failure("re-validation of serial {serial} raised", failure, serial=serial_text(key[0]))
         reason = Reason.CA_UNREACHABLE if unavailable else Reason.STATUS_INVALID
         error = failure.getErrorMessage()
         if self.fail == "open":
             self._not_before[key] = self.clock.seconds() + self.retry
             self._log.warn(
                 "re-validation of serial {serial} failed ({reason}: {error}); connections stay open because fail = open",
-                serial=f"{key[0]:x}",
+                serial=serial_text(key[0]),
                 reason=reason,
                 error=error,
             )

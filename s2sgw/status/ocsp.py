@@ -21,10 +21,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from s2sgw.interfaces import IStatusChecker
-from s2sgw.ops.metrics import MetricSet
-from s2sgw.interfaces import IStapleSource, IStatusCache, IStatusCacheStats, IStatusProbe
 from s2sgw.config import StatusConfig
+from s2sgw.interfaces import IStapleSource, IStatusCache, IStatusCacheStats, IStatusChecker, IStatusProbe
+from s2sgw.ops.metrics import MetricSet
+from s2sgw.serials import serial_text
 from s2sgw.status.responders import Responders
 from s2sgw.timeutil import utc
 from s2sgw.wire.failover import Failover
@@ -438,7 +438,7 @@ class OCSPStatusChecker:
             self.metrics.queries.labels(outcome).inc()
             self._log.info(
                 "status query for serial {serial} failed: {error}",
-                serial=f"{key[1]:x}",
+                serial=serial_text(key[1]),
                 error=result.getErrorMessage(),
             )
         else:

@@ -24,9 +24,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from s2sgw.ops.metrics import MetricSet
 from s2sgw.config import GatewayConfig
 from s2sgw.interfaces import IStapleSource, ITrustStore
+from s2sgw.ops.metrics import MetricSet
+from s2sgw.serials import serial_text
 from s2sgw.timeutil import utc
 from s2sgw.wire.ocsp import CertStatus, StatusInvalid, StatusUnavailable
 
@@ -235,7 +236,7 @@ class StapleService(Service):
             self._log.info(
                 "OCSP staple for service {service} (serial {serial}) fetched again after {failures} failures",
                 service=target.service,
-                serial=f"{target.leaf.serial_number:x}",
+                serial=serial_text(target.leaf.serial_number),
                 failures=target.failures,
             )
         target.failures = 0
@@ -260,7 +261,7 @@ class StapleService(Service):
             self._log.warn(
                 "OCSP staple for service {service} (serial {serial}) not fetched: {error}; peers ask the CA themselves",
                 service=target.service,
-                serial=f"{target.leaf.serial_number:x}",
+                serial=serial_text(target.leaf.serial_number),
                 error=target.last_error,
             )
         if self._targets.get(key) is target:
@@ -300,7 +301,7 @@ class StapleService(Service):
         for key, target in self._targets.items():
             staple = self.cache.get(key)
             services[target.service] = {
-                "serial": f"{target.leaf.serial_number:x}",
+                "serial": serial_text(target.leaf.serial_number),
                 "stapling": staple is not None,
                 "state": staple.status.state if staple else None,
                 "this_update": staple.status.this_update.isoformat() if staple else None,

@@ -13,8 +13,13 @@ import datetime
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import CRLEntryExtensionOID, ExtensionOID, SignatureAlgorithmOID
+from cryptography.x509.oid import (
+    CRLEntryExtensionOID,
+    ExtensionOID,
+    SignatureAlgorithmOID,
+)
 
+from s2sgw.serials import serial_text
 from s2sgw.verify import der
 
 MAX_LIFETIME = datetime.timedelta(days=31)  # thisUpdate to nextUpdate; the CA's own limit is lower
@@ -119,5 +124,5 @@ def _extensions(crl: x509.CertificateRevocationList) -> str | None:
             if extension.oid == CRLEntryExtensionOID.CERTIFICATE_ISSUER:
                 return "is an indirect CRL (certificateIssuer entries are not supported)"
             if extension.critical:
-                return f"entry {entry.serial_number:x} has a critical extension: {extension.oid.dotted_string}"
+                return f"entry {serial_text(entry.serial_number)} has a critical extension: {extension.oid.dotted_string}"
     return None

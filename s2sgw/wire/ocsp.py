@@ -26,6 +26,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from s2sgw.errors import S2sgwError
+from s2sgw.serials import serial_text
 
 CertState = Literal["good", "revoked", "unknown"]
 
@@ -253,7 +254,7 @@ def _matching_single(response: ocsp.OCSPResponse, query: OCSPQuery) -> ocsp.OCSP
             and single.issuer_key_hash == query.issuer_key_hash
         ):
             return single
-    raise StatusInvalid(f"answer has no status for serial {query.serial:x} from this issuer")
+    raise StatusInvalid(f"answer has no status for serial {serial_text(query.serial)} from this issuer")
 
 
 def _check_nonce(response: ocsp.OCSPResponse, nonce: bytes) -> None:
