@@ -38,6 +38,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from s2sgw.service import build_gateway
 
     if reactor is None:
-        from twisted.internet import reactor
+        from s2sgw.reactor import current_or_install  # ours unless --reactor chose one
+
+        reactor = current_or_install()
     service, _ = build_gateway(options.config, options.trust_store, reactor)
     return service

@@ -83,15 +83,20 @@ class _EagerWrites:
 class EagerServer(_EagerWrites, tcp.Server):
     """An accepted TCP connection that writes eagerly."""
 
+    direct_events = True  # no per-event logging context (s2sgw.reactor)
+
 
 class EagerClient(_EagerWrites, tcp.Client):
     """An outgoing TCP connection that writes eagerly."""
+
+    direct_events = True  # no per-event logging context (s2sgw.reactor)
 
 
 class EagerPort(tcp.Port):
     """A listening TCP port whose connections write eagerly."""
 
     transport = EagerServer
+    direct_events = True  # no per-event logging context (s2sgw.reactor)
 
 
 class EagerConnector(tcp.Connector):
