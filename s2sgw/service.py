@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -36,13 +37,14 @@ class RouteService(Service):
     route: GatedRoute
     label: str
     drain: float
+    endpoint: Any = None  # IStreamServerEndpoint; None: the route's own listen address
     _log = Logger()
     _port: Any = attrs.field(default=None, init=False)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         failures: list = []
-        self.route.listen().addCallbacks(self._listening, failures.append)
+        self.route.listen(self.endpoint).addCallbacks(self._listening, failures.append)
         if failures:
             # Endpoints bind synchronously: surface "address in use" and friends as a start-up error.
             failures[0].raiseException()
@@ -82,9 +84,16 @@ class Gateway:
 
 
 def build_gateway(
-    config: GatewayConfig, trust_store: TrustStore, reactor: Any, registry: CollectorRegistry = REGISTRY
+    config: GatewayConfig,
+    trust_store: TrustStore,
+    reactor: Any,
+    registry: CollectorRegistry = REGISTRY,
+    listen_endpoints: Mapping[str, Any] | None = None,
 ) -> tuple[MultiService, Gateway]:
     """Wire the status checker, the authorizer and one service per route.
+
+    ``listen_endpoints`` (route name -> server endpoint) replaces routes' listen addresses: a
+    worker process accepts on sockets its parent made (:mod:`s2sgw.workers`).
 
     Metrics go to ``registry`` while the gateway runs (see :mod:`s2sgw.ops.metrics`): the counted
     ones are built here and handed to the parts that count; services add their own gauges.
@@ -125,7 +134,8 @@ def build_gateway(
                 outbound, trust_store, authorizer, reactor, config.timeouts, metrics=route_metrics
             )
     for name, route in routes.items():
-        RouteService(route, name, config.timeouts.drain).setServiceParent(top)
+        endpoint = (listen_endpoints or {}).get(name)
+        RouteService(route, name, config.timeouts.drain, endpoint).setServiceParent(top)
     # Every reload (SIGHUP, timer, CRL refresh) also hands a new CRL to the status checker.
     reload = reload_following_crl(trust_store, checker)
     operations = Operations.build(

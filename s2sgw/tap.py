@@ -41,5 +41,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from s2sgw.reactor import current_or_install  # ours unless --reactor chose one
 
         reactor = current_or_install()
+    if options.config.workers > 1:
+        from s2sgw.workers.parent import build_parent
+
+        return build_parent(options.config, reactor)
     service, _ = build_gateway(options.config, options.trust_store, reactor)
     return service

@@ -1,0 +1,97 @@
+"""One worker process: the whole gateway on sockets its parent made, logging to the parent.
+
+    python -m s2sgw.workers.child --config FILE --index N --listen ROUTE=FD:FAMILY ... --admin unix:PATH
+
+Started only by :class:`~s2sgw.workers.supervisor.Supervisor`. The worker runs the same
+gateway as a single process (:func:`s2sgw.service.build_gateway`, :mod:`s2sgw.reactor`): it
+follows the revocation feed itself, reloads on SIGHUP and drains on SIGTERM. Its routes adopt
+the inherited sockets; its admin endpoint listens on a private unix socket the parent asks for
+metrics and status; it reports readiness through the ``NOTIFY_SOCKET`` the parent gives it;
+its log events go to stdout as JSON records, which the parent re-emits into its own log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+PR_SET_PDEATHSIG = 1
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m s2sgw.workers.child")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--listen", action="append", default=[], help="ROUTE=FD:FAMILY (inet or inet6)")
+    parser.add_argument("--admin", required=True, help="the private admin endpoint, unix:PATH")
+    return parser.parse_args(argv)
+
+
+def listen_fds(items: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """``ROUTE=FD:FAMILY`` arguments -> {route: (fd, family)}."""
+    found = {}
+    for item in items:
+        route, _, where = item.partition("=")
+        fd, _, family = where.partition(":")
+        found[route] = (int(fd), family)
+    return found
+
+
+def die_with_parent() -> None:
+    """SIGTERM this worker if its parent dies (Linux), so no worker outlives its supervisor."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def build(args: argparse.Namespace, reactor: Any) -> Any:
+    """The gateway service of this worker, on its inherited sockets."""
+    from s2sgw.config import AdminConfig, load_config
+    from s2sgw.service import build_gateway
+    from s2sgw.truststore import TrustStore
+    from s2sgw.workers.sockets import AdoptedEndpoint
+
+    config = load_config(args.config)
+    # The trust store keeps the file's configuration, so that a reload compares like with like.
+    trust_store = TrustStore.load(config)
+    probe = config.admin.probe_interval if config.admin is not None else 5.0
+    worker_config = attrs.evolve(config, workers=1, admin=AdminConfig(args.admin, probe_interval=probe))
+    endpoints = {route: AdoptedEndpoint(reactor, fd, family) for route, (fd, family) in listen_fds(args.listen).items()}
+    service, _ = build_gateway(worker_config, trust_store, reactor, listen_endpoints=endpoints)
+    return service
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Until the reload service takes SIGHUP over, a reload request must not kill the worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    die_with_parent()
+    args = parse_args(argv)
+    from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+
+    from s2sgw.reactor import install
+
+    reactor = install()
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    log = Logger(namespace="s2sgw.workers")
+    try:
+        service = build(args, reactor)
+        service.privilegedStartService()
+    except Exception:
+        log.failure("worker {index} could not start", index=args.index)
+        return 3
+    reactor.callWhenRunning(service.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
