@@ -56,7 +56,9 @@ def merge_metrics(texts: dict[int, str], own: Iterable[Metric] = ()) -> list[Met
                     labels["worker"] = str(index)
                 key = (sample.name, tuple(sorted(labels.items())))
                 values[family.name][key] = values[family.name].get(key, 0.0) + sample.value
-    for name, family in merged.items():
+    for name, family in list(merged.items()):
+        if not values[name]:
+            del merged[name]  # e.g. the "_created" families the text format shows as gauges
         for (sample_name, labels), value in values[name].items():
             family.add_sample(sample_name, dict(labels), value)
     for family in own:
