@@ -126,6 +126,16 @@ def test_gateways_run_on_s2sgws_reactor_unless_told_otherwise(world: World) -> N
         assert "reactor class: s2sgw.reactor.DirectEventsReactor" in world.procs.log(name)
 
 
+def test_relayed_connections_log_no_factory_start_and_stop_lines(world: World) -> None:
+    """Each dial used to log "Starting factory" and "Stopping factory"; the audit line says it all."""
+    assert curl(world.url("orders", "api/users/1")).returncode == 0
+    world.procs.wait_audit("callers-gw", "orders-to-users", "outcome=closed")
+    for name in ("users-gw", "callers-gw"):
+        log = world.procs.log(name)
+        assert "twisted.internet.protocol.Factory object" not in log
+        assert "TLSFactory" not in log
+
+
 def test_caller_not_on_the_allow_list_is_refused(world: World) -> None:
     """billing holds a good certificate, but users only admits orders and reports."""
     result = curl(world.url("billing", "api/users/1"))

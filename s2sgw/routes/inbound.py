@@ -43,6 +43,7 @@ from s2sgw.transport import (
     CurrentServerCreator,
     TLSFactory,
     client_endpoint,
+    dial_factory,
     set_tcp_nodelay,
 )
 
@@ -124,7 +125,7 @@ class InboundSide(RelaySide):
             self._refuse(decision.reason, decision.detail)
             return
         self._cancel_timer()
-        dialing = listener.backend.connect(Factory.forProtocol(BackendSide))
+        dialing = listener.backend.connect(dial_factory(BackendSide))
         dialing.addTimeout(listener.timeouts.connect, listener.clock)
         self._dialing = dialing
         dialing.addCallbacks(self._backend_connected, self._backend_failed)

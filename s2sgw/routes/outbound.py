@@ -41,6 +41,7 @@ from s2sgw.transport import (
     CurrentClientCreator,
     TLSFactory,
     client_endpoint,
+    dial_factory,
     endpoint_host,
     set_tcp_nodelay,
 )
@@ -279,4 +280,4 @@ class OutboundConnector(GatedRoute):
 
     def tls_factory_for(self, local: LocalSide) -> TLSFactory:
         """A TLS client factory whose one connection belongs to ``local``."""
-        return TLSFactory(self.creator, True, Factory.forProtocol(lambda: RemoteSide(local)))
+        return TLSFactory(self.creator, True, dial_factory(lambda: RemoteSide(local)))
