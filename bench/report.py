@@ -105,7 +105,7 @@ def summarize_workers(workers: dict) -> list[Row]:
         for key, label, digits in (("rps", "7. small requests, req/s", 0), ("cpu_us_per_request", "   pair CPU, us per request", 1)):
             ours, stock, stunnel = (requests.get(n, {}).get(key) for n in ("s2sgw", "s2sgw-epoll", "stunnel"))
             rows.append(Row(f"{label} (s2sgw reactor)", {"s2sgw": ours, "stunnel": stunnel}, digits, ratio(ours, stunnel)))
-            rows.append(Row(f"{label} (Twisted's epoll reactor)", {"s2sgw": stock, "stunnel": stunnel}, digits, ratio(stock, stunnel)))
+            rows.append(Row("   same, Twisted's epoll reactor", {"s2sgw": stock, "stunnel": stunnel}, digits, ratio(stock, stunnel)))
     handshakes = workers.get("handshakes", {}).get("median", {})
     if handshakes:
         one, two = handshakes.get("workers=1", {}), handshakes.get("workers=2", {})

@@ -73,7 +73,8 @@ def poll_lines() -> tuple[str, ...]:
 
 
 def profile(pid: int, seconds: float, out: Path) -> dict[str, float]:
-    """py-spy raw (collapsed) samples of ``pid``, idle included; each label's share of all samples."""
+    """py-spy raw (collapsed) samples of ``pid``, idle included; each label's share of all samples
+    and of the busy ones (all but idle)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     subprocess.run(
         [spy, "record", "--nonblocking", "--idle", "-r", "200", "-d", str(max(1, round(seconds))), "-f", "raw",
@@ -91,7 +92,12 @@ def profile(pid: int, seconds: float, out: Path) -> dict[str, float]:
         leaf = stack.rsplit(";", 1)[-1]
         label = next((label for label, found in markers.items() if any(marker in leaf for marker in found)), "other")
         counts[label] += int(count)
-    return {label: round(100 * count / total, 1) if total else 0.0 for label, count in counts.items()}
+    busy = total - counts["idle (epoll_wait)"]
+    shares = {label: round(100 * count / total, 1) if total else 0.0 for label, count in counts.items()}
+    shares.update(
+        {f"{label}, % of busy": round(100 * count / busy, 1) for label, count in counts.items() if busy and "idle" not in label}
+    )
+    return shares
 
 
 def requests(lab: Lab, args: argparse.Namespace) -> dict:

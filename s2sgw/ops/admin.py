@@ -89,7 +89,8 @@ class MetricsResource(resource.Resource):
 
         reactor = self._reactor
         if reactor is None:
-            from twisted.internet import reactor  # late, as for every part of the gateway
+            # Late, as for every part of the gateway.
+            from twisted.internet import reactor
         encoder, content_type = choose_encoder((request.getHeader(b"accept") or b"").decode("latin-1"))
         d = deferToThreadPool(reactor, reactor.getThreadPool(), encoder, self._registry)
 

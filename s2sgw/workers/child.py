@@ -99,11 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     die_with_parent()
     args = parse_args(argv)
+    from twisted.internet.task import LoopingCall
     from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 
     from s2sgw.reactor import install
-
-    from twisted.internet.task import LoopingCall
 
     reactor = install()
     output = BatchedOutput(open(sys.stdout.fileno(), "w", buffering=1 << 16, encoding="utf-8", closefd=False))

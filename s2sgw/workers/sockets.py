@@ -16,7 +16,11 @@ from typing import Any
 import attrs
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from zope.interface import implementer
 
 from s2sgw.transport import EagerPort
@@ -34,7 +38,8 @@ class TCPListen:
 
     @classmethod
     def parse(cls, description: str) -> TCPListen:
-        from twisted.internet.endpoints import _parseServer  # as s2sgw.config checks them
+        # The parser s2sgw.config checks listen addresses with.
+        from twisted.internet.endpoints import _parseServer
 
         kind, args, options = _parseServer(description, None)
         if kind != "TCP":
