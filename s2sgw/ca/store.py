@@ -365,9 +365,15 @@ class CAStore:
         return [_row(values) for values in found]
 
     def next_crl_number(self) -> tuple[int, list[Row]]:
-        """Take the next CRL number and, in the same transaction, every revoked leaf."""
+        """Take the next CRL number and, in the same transaction, every revoked leaf.
+
+        The one CRL number sequence of this CA: ``s2sgw ca crl`` and the status server both
+        take their numbers here. Taking one also bumps the change marker, so a running server
+        notices a CRL made by hand and publishes a newer one (see ``crl_number``).
+        """
         with self._write() as connection:
             connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'crl_number'")
+            connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'changes'")
             (number,) = connection.execute("SELECT value FROM meta WHERE key = 'crl_number'").fetchone()
             found = connection.execute(
                 f"SELECT {_COLUMNS} FROM certificates WHERE kind = 'leaf' AND revocation_seq IS NOT NULL "
@@ -375,8 +381,14 @@ class CAStore:
             ).fetchall()
         return number, [_row(values) for values in found]
 
+    def crl_number(self) -> int:
+        """The last CRL number handed out (0 before the first CRL)."""
+        with self._connect() as connection:
+            (value,) = connection.execute("SELECT value FROM meta WHERE key = 'crl_number'").fetchone()
+        return value
+
     def change_marker(self) -> int:
-        """A counter bumped by every issue and revoke; one indexed read."""
+        """A counter bumped by every issue, revoke and CRL number taken; one indexed read."""
         with self._connect() as connection:
             (value,) = connection.execute("SELECT value FROM meta WHERE key = 'changes'").fetchone()
         return value
