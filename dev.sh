@@ -59,7 +59,7 @@ case "$cmd" in
         exec s2sgw demo "$@"
         ;;
     test)
-        need_packages openssl curl nginx libnginx-mod-stream
+        need_packages openssl curl nginx libnginx-mod-stream wrk
         setup_venv
         exec python -m pytest -q "$@"
         ;;

@@ -32,31 +32,53 @@ class ConfigError(S2sgwError):
 
 
 @attrs.frozen
+class ResponderConfig:
+    """Where the status of the certificates that chain to one trust root is asked.
+
+    Every URL tuple lists servers in order of preference (:class:`s2sgw.wire.failover.Failover`).
+    """
+
+    fingerprint: bytes | None = None  # SHA-256 of the root (DER); None: every root not listed elsewhere
+    urls: tuple[str, ...] = ()  # OCSP responders, e.g. http://127.0.0.1:8080/ocsp
+    # Revocation feed: True = the CA's /revocations at the origin of each of ``urls`` (mode "ocsp"),
+    # False = off, or the feed's URLs.
+    feed: bool | tuple[str, ...] = True
+    crl_urls: tuple[str, ...] = ()  # mode "crl": fetch this root's issuing CA's CRL here (GET)
+
+
+@attrs.frozen
 class StatusConfig:
     """How a gateway asks whether a peer's certificate is still good."""
 
     mode: StatusMode = "ocsp"
-    url: str | None = None  # OCSP responder, e.g. http://127.0.0.1:8080/ocsp
     fail: FailMode = "closed"  # when the CA cannot be asked
     crl: Path | None = None  # local CRL file for mode = "crl"
-    timeout: float = 2.0  # seconds for one status query
+    timeout: float = 2.0  # seconds for one status query to one server
     max_cache_age: float = 300.0  # cap on how long a good answer is trusted, even if nextUpdate is later
     cache_size: int = 10000
-    crl_url: str | None = None  # mode "crl": fetch the CA's CRL from here (GET), e.g. http://127.0.0.1:8080/crl
-    crl_refresh: float = 300.0  # seconds between CRL fetches when crl_url is set
-    # Revocation feed: True = follow the CA's /revocations beside status.url (mode "ocsp"),
-    # False = off, or the feed's URL.
-    feed: bool | str = True
+    crl_refresh: float = 300.0  # seconds between CRL fetches when a crl_url is set
     # OCSP stapling on gateway-to-gateway connections (mode "ocsp"): inbound listeners staple their
     # own fresh OCSP answer; outbound connections ask for one and, if it verifies, skip their query.
     staple: bool = True
+    # The default responder (from the top-level url/feed/crl_url) first, then each [[status.responder]].
+    responders: tuple[ResponderConfig, ...] = (ResponderConfig(),)
+
+    @property
+    def default(self) -> ResponderConfig:
+        """The responder for every root that no ``[[status.responder]]`` names."""
+        return self.responders[0]
+
+    @property
+    def url(self) -> str | None:
+        """The default responder's preferred OCSP URL (None without one)."""
+        return self.default.urls[0] if self.default.urls else None
 
 
 @attrs.frozen
 class TimeoutsConfig:
     """Seconds; the same for every route in the process."""
 
-    handshake: float = 10.0  # TCP accept -> TLS handshake and authorization done
+    handshake: float = 5.0  # TCP accept -> TLS handshake and authorization done
     connect: float = 5.0  # dialing a backend or a remote gateway
     idle: float = 300.0  # no byte either way
     drain: float = 10.0  # graceful stop: how long live connections may finish
@@ -71,9 +93,13 @@ class InboundRoute:
     listen: str  # server endpoint string
     backend: str  # client endpoint string
     allow: tuple[str, ...] = ()  # service names or spiffe:// IDs; empty refuses all
-    max_connections: int = 1024
+    max_connections: int = 1024  # authorized (relayed) connections
     identity: IdentityMode = "none"  # what the backend learns about the caller (s2sgw/identity/policy.py)
     jwt_forward: bool = False  # identity = "jwt": pass the verified token on instead of removing it
+    # Connections accepted but not yet through TLS and authorization, counted apart from the
+    # authorized ones: in total, and from one source address.
+    max_pending: int = 1024
+    max_pending_per_source: int = 256
 
 
 @attrs.frozen
@@ -288,12 +314,12 @@ class _Parser:
             raise self.fail(key, "must list at least one URL")
         return tuple(self.url(item, f"{key}[{i}]") for i, item in enumerate(value))
 
-    def feed(self, value: Any, key: str) -> bool | str:
+    def feed(self, value: Any, key: str) -> bool | tuple[str, ...]:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str):
-            return self.url(value, key)
-        raise self.fail(key, "expected true, false or an http:// URL")
+        if isinstance(value, (str, list)):
+            return self.url_list(value, key)
+        raise self.fail(key, "expected true, false, an http:// URL or a list of URLs")
 
     def tables(self, value: Any, key: str) -> list[dict[str, Any]]:
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
@@ -481,37 +507,61 @@ class _Parser:
                 "crl_refresh",
                 "feed",
                 "staple",
+                "responder",
             },
         )
         defaults = StatusConfig()
         mode = self.optional(table, "mode", key, self.choice(("ocsp", "crl", "off")), defaults.mode)
-        url = self.optional(table, "url", key, self.url, None)
         crl = self.optional(table, "crl", key, self.file, None)
-        if mode == "ocsp" and url is None:
-            raise self.fail("status.url", 'required when status.mode = "ocsp"')
         if mode == "crl" and crl is None:
             raise self.fail("status.crl", 'required when status.mode = "crl"')
-        crl_url = self.optional(table, "crl_url", key, self.url, None)
-        if crl_url is not None and mode != "crl":
-            raise self.fail("status.crl_url", 'only used when status.mode = "crl"')
-        feed = self.optional(table, "feed", key, self.feed, True)
-        if "feed" in table and table["feed"] is True and mode != "ocsp":
-            raise self.fail("status.feed", 'true derives the feed from status.url (mode = "ocsp"); give its URL')
-        if isinstance(feed, str) and mode == "off":
-            raise self.fail("status.feed", 'not used when status.mode = "off"')
+        responders = [self.responder(table, key, mode, None)]
+        tables = self.optional(table, "responder", key, self.tables, [])
+        for i, item in enumerate(tables):
+            where = f"status.responder[{i}]"
+            self.table(item, where, {"fingerprint", "url", "feed", "crl_url"})
+            responders.append(self.responder(item, where, mode, self.required(item, "fingerprint", where, self.root)))
+        self.check_unique(
+            ((f"status.responder[{i}].fingerprint", r.fingerprint.hex()) for i, r in enumerate(responders[1:])),
+            "responder fingerprint",
+        )
         return StatusConfig(
-            feed=feed,
             mode=mode,
-            url=url,
             fail=self.optional(table, "fail", key, self.choice(("closed", "open")), defaults.fail),
             crl=crl,
             timeout=self.optional(table, "timeout", key, self.seconds, defaults.timeout),
             max_cache_age=self.optional(table, "max_cache_age", key, self.seconds, defaults.max_cache_age),
             cache_size=self.optional(table, "cache_size", key, self.count, defaults.cache_size),
-            crl_url=crl_url,
             crl_refresh=self.optional(table, "crl_refresh", key, self.seconds, defaults.crl_refresh),
             staple=self.optional(table, "staple", key, self.boolean, defaults.staple),
+            responders=tuple(responders),
         )
+
+    def root(self, value: Any, key: str) -> bytes:
+        """A root's SHA-256 fingerprint, written like ``enrollment.fingerprint``."""
+        from s2sgw.wire.est import WireFormatError, normalize_fingerprint
+
+        try:
+            return bytes.fromhex(normalize_fingerprint(self.string(value, key)))
+        except WireFormatError as error:
+            raise self.fail(key, str(error)) from None
+
+    def responder(self, table: dict[str, Any], key: str, mode: str, fingerprint: bytes | None) -> ResponderConfig:
+        """The url/feed/crl_url of one responder: ``[status]`` itself or a ``[[status.responder]]``."""
+        urls = self.optional(table, "url", key, self.url_list, ())
+        if mode == "ocsp" and not urls:
+            raise self.fail(f"{key}.url", 'required when status.mode = "ocsp"')
+        crl_urls = self.optional(table, "crl_url", key, self.url_list, ())
+        if crl_urls and mode != "crl":
+            raise self.fail(f"{key}.crl_url", 'only used when status.mode = "crl"')
+        if crl_urls and fingerprint is not None:
+            raise self.fail(f"{key}.crl_url", "CRLs are fetched from status.crl_url only (one CRL file)")
+        feed = self.optional(table, "feed", key, self.feed, True)
+        if table.get("feed") is True and mode != "ocsp":
+            raise self.fail(f"{key}.feed", f'true derives the feed from {key}.url (mode = "ocsp"); give its URL')
+        if isinstance(feed, tuple) and mode == "off":
+            raise self.fail(f"{key}.feed", 'not used when status.mode = "off"')
+        return ResponderConfig(fingerprint=fingerprint, urls=urls, feed=feed, crl_urls=crl_urls)
 
     def timeouts(self, value: Any) -> TimeoutsConfig:
         key = "timeouts"
@@ -546,7 +596,12 @@ class _Parser:
 
     def inbound(self, value: Any, key: str, service: str, index: int) -> InboundRoute:
         table = self.table(
-            value, key, {"name", "listen", "backend", "allow", "max_connections", "identity", "jwt_forward"}
+            value,
+            key,
+            {
+                "name", "listen", "backend", "allow", "max_connections", "identity", "jwt_forward",
+                "max_pending", "max_pending_per_source",
+            },
         )
         identity = self.optional(table, "identity", key, self.choice(("none", "proxy-v2", "http-headers", "jwt")), "none")
         jwt_forward = self.optional(table, "jwt_forward", key, self.boolean, False)
@@ -561,6 +616,8 @@ class _Parser:
             backend=self.required(table, "backend", key, self.client_endpoint),
             allow=self.optional(table, "allow", key, self.allow_list, ()),
             max_connections=self.optional(table, "max_connections", key, self.count, 1024),
+            max_pending=self.optional(table, "max_pending", key, self.count, 1024),
+            max_pending_per_source=self.optional(table, "max_pending_per_source", key, self.count, 256),
         )
 
     def outbound(self, value: Any, key: str, service: str) -> OutboundRoute:

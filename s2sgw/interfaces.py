@@ -40,6 +40,9 @@ class Reason:
     CA_UNREACHABLE = "ca_unreachable"
     # resources and dialing
     TOO_MANY_CONNECTIONS = "too_many_connections"
+    NO_DESCRIPTORS = "no_descriptors"  # closed at accept: the process ran out of file descriptors
+    TOO_MANY_PENDING = "too_many_pending"  # inbound: max_pending connections not yet authorized
+    TOO_MANY_PENDING_FROM_SOURCE = "too_many_pending_from_source"  # inbound: max_pending_per_source from one address
     BACKEND_UNREACHABLE = "backend_unreachable"
     REMOTE_UNREACHABLE = "remote_unreachable"
     # closes of admitted connections
@@ -116,7 +119,8 @@ class IStapleSource(Interface):
 class IStatusProbe(Interface):
     """Readiness: is the CA status server answering? A real query past any cache."""
 
-    url = Attribute("str: the status server asked (named in the log)")
+    def in_use() -> str:
+        """The status servers asked now, in words (named in the log)."""
 
     def probe(leaf: x509.Certificate, issuer: x509.Certificate):  # -> Deferred[CertStatus]
         """Ask about ``leaf`` now, past the cache, with a fresh nonce; store nothing."""

@@ -17,7 +17,10 @@ from s2sgw.interfaces import IStapleSource, IStatusCache, IStatusCacheStats, ISt
 from s2sgw.routes.outbound import OutboundConnector
 from s2sgw.status.crl_refresh import CRLRefreshMetrics, CRLRefreshService, reload_following_crl
 from s2sgw.status.enforce import Enforcer, LiveCloseMetrics, PushedRevocations
-from s2sgw.status.feed import FeedSubscriber, feed_url
+from s2sgw.status.feeds import FeedFollowers
+from s2sgw.status.responders import feed_urls
+from s2sgw.status.settings import StatusSettings
+from s2sgw.ops.descriptors import DescriptorLimitService
 from s2sgw.ops.metrics import MetricsService, RouteMetrics
 from s2sgw.ops.operations import Operations
 from s2sgw.routes.inbound import InboundListener
@@ -25,7 +28,7 @@ from s2sgw.routes.gate import GatedRoute
 from s2sgw.reload import ReloadService
 from s2sgw.status.stapling import StapleMetrics, StapleService, inbound_targets, stapling_enabled
 from s2sgw.status.checker import make_status_checker
-from s2sgw.status.ocsp import StatusMetrics
+from s2sgw.status.ocsp import OCSPStatusChecker, StatusMetrics
 from s2sgw.truststore import TrustStore
 
 
@@ -79,7 +82,7 @@ class Gateway:
     authorizer: Authorizer
     routes: dict[str, InboundListener | OutboundConnector]
     enforcer: Enforcer | None = None
-    feed: FeedSubscriber | None = None
+    feed: FeedFollowers | None = None
     stapler: StapleService | None = None
 
 
@@ -103,13 +106,17 @@ def build_gateway(
     """
     route_metrics, status_metrics, staple_metrics = RouteMetrics(), StatusMetrics(), StapleMetrics()
     crl_metrics, close_metrics = CRLRefreshMetrics(), LiveCloseMetrics()
-    checker = make_status_checker(config.status, reactor, trust_store.material.ca_certificates, status_metrics)
-    url = feed_url(config.status)
+    checker = make_status_checker(
+        config.status, reactor, trust_store.material.ca_certificates, status_metrics, roots=lambda: trust_store.roots
+    )
+    # Feeds follow the responders in force: a reload may add the first one (not in mode off).
+    follows_feeds = config.status.mode != "off"
+    feeds_at_start = any(feed_urls(r, config.status.mode) for r in config.status.responders)
     staples = IStapleSource(checker, None)
     # Revocations pushed by the feed are answered by the checker the authorizer asks: one with a
     # cache keeps them itself, the others get PushedRevocations in front.
     judging, cache = checker, IStatusCache(checker, None)
-    if cache is None and url is not None:
+    if cache is None and feeds_at_start:
         judging = cache = PushedRevocations(checker, reactor)
     authorizer = Authorizer(
         judging,
@@ -120,6 +127,9 @@ def build_gateway(
         metrics=staple_metrics,
     )
     top = MultiService()
+    # Before the listeners bind: room for every connection the routes may hold.
+    descriptors = DescriptorLimitService(config)
+    descriptors.setServiceParent(top)
     # First: registered before any part starts, unregistered after every part has stopped.
     counted = (route_metrics, status_metrics, staple_metrics, crl_metrics, close_metrics)
     MetricsService(counted, registry).setServiceParent(top)
@@ -164,8 +174,23 @@ def build_gateway(
         stapler.setServiceParent(top)
 
     renewal = None
+    # Every [status] setting a reload brings goes to the parts that use it (or was refused by name).
+    settings = StatusSettings(lambda: trust_store.config.status)
+    settings.parts.append(lambda status: setattr(authorizer, "fail", status.fail))
+    settings.parts.append(lambda status: setattr(enforcer, "fail", status.fail))
+    responders = None
+    if isinstance(checker, OCSPStatusChecker):
+        settings.parts.append(checker.configure)
+        responders = checker.responders
+        if responders is not None:
+            operations.monitor.sections["status_servers"] = responders.status
+    if stapler is not None:
+        settings.parts.append(lambda status: setattr(stapler, "max_age", status.max_cache_age))
 
     def reloaded(generation: int) -> None:
+        if responders is not None:
+            responders.forget_roots()
+        settings.reloaded(generation)
         operations.reloaded(generation)
         enforcer.trust_reloaded(generation)
         if stapler is not None:
@@ -184,14 +209,16 @@ def build_gateway(
         renewal = attach_renewal(config, trust_store, reloader.reload_now, operations.monitor, reactor, registry)
         renewal.setServiceParent(top)
     feed = None
-    if url is not None:
-        feed = FeedSubscriber(
-            url, reactor, issuers=lambda: trust_store.material.ca_certificates, on_revocations=enforcer.revoked,
+    if follows_feeds:
+        feed = FeedFollowers(
+            reactor, issuers=lambda: trust_store.material.ca_certificates, on_revocations=enforcer.revoked,
             registry=registry,
         )
+        feed.configure(config.status)
+        settings.parts.append(feed.configure)
         operations.monitor.sections["revocation_feed"] = feed.status
         feed.setServiceParent(top)
-    if config.status.mode == "crl" and config.status.crl_url is not None:
+    if config.status.mode == "crl" and any(r.crl_urls for r in config.status.responders):
         # A CRL-driven reload is a reload: live connections and the summary follow it too.
         refresher = CRLRefreshService(
             trust_store,
@@ -204,6 +231,7 @@ def build_gateway(
         )
         operations.monitor.sections["crl_refresh"] = refresher.status
         refresher.setServiceParent(top)
+    operations.monitor.sections["descriptors"] = descriptors.status
     operations.setServiceParent(top)  # last: READY=1 after every bind, STOPPING=1 before draining
     return top, Gateway(config, trust_store, authorizer, routes, enforcer, feed, stapler)
 

@@ -9,6 +9,7 @@ the ports and connectors this module creates.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -28,12 +29,16 @@ from twisted.internet.interfaces import (
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from s2sgw.interfaces import IConnectionCreators
+
+# Listen backlog of tcp: listeners that name none (nginx's default; the kernel caps it at somaxconn).
+DEFAULT_BACKLOG = 511
 
 # ---------------------------------------------------------------------------------------------
 # Eager writes
@@ -93,11 +98,44 @@ class EagerClient(_EagerWrites, tcp.Client):
     direct_events = True  # no per-event logging context (s2sgw.reactor)
 
 
+# Twisted's accept loop reports a connection it had to close for lack of descriptors (EMFILE:
+# it frees a reserved descriptor, accepts and closes) only as these log events.
+_CLOSED_FOR_EMFILE = "EMFILE recovery: Closed socket from {address}"
+_NOT_ACCEPTED = "Could not accept new connection ({acceptError})"
+_OUT_OF_DESCRIPTORS = ("EMFILE", "ENFILE")
+
+
 class EagerPort(tcp.Port):
-    """A listening TCP port whose connections write eagerly."""
+    """A listening TCP port whose connections write eagerly.
+
+    ``on_no_descriptors(address)`` hears of each connection the accept loop closed, or could not
+    accept, because the process or system ran out of descriptors (address None when not
+    accepted); those events go on to the log as before.
+    """
 
     transport = EagerServer
     direct_events = True  # no per-event logging context (s2sgw.reactor)
+    on_no_descriptors: Callable[[Any], None] | None = None
+
+    def __init__(self, *args: Any, on_no_descriptors: Callable[[Any], None] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if on_no_descriptors is not None:
+            self.on_no_descriptors = on_no_descriptors
+            self._logger = Logger(namespace=tcp.Port._logger.namespace, observer=self._observe_accept)
+
+    def _observe_accept(self, event: dict[str, Any]) -> None:
+        hook, text = self.on_no_descriptors, event.get("log_format")
+        if hook is not None:
+            if text == _CLOSED_FOR_EMFILE:
+                hook(self._address_of(event.get("address")))
+            elif text == _NOT_ACCEPTED and event.get("acceptError") in _OUT_OF_DESCRIPTORS:
+                hook(None)
+        tcp.Port._logger.observer(event)
+
+    def _address_of(self, address: Any) -> Any:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return self._buildAddr(address)
+        return None
 
 
 class EagerConnector(tcp.Connector):
@@ -119,9 +157,12 @@ class _EagerTCPReactor:
     """
 
     _reactor: PosixReactorBase
+    on_no_descriptors: Callable[[Any], None] | None = None
 
-    def listenTCP(self, port: int, factory: IProtocolFactory, backlog: int = 50, interface: str = "") -> EagerPort:
-        listening = EagerPort(port, factory, backlog, interface, self._reactor)
+    def listenTCP(
+        self, port: int, factory: IProtocolFactory, backlog: int = DEFAULT_BACKLOG, interface: str = ""
+    ) -> EagerPort:
+        listening = EagerPort(port, factory, backlog, interface, self._reactor, on_no_descriptors=self.on_no_descriptors)
         listening.startListening()
         return listening
 
@@ -145,15 +186,31 @@ def _scheme(description: str) -> str:
     return description.split(":", 1)[0].strip().lower()
 
 
-def _endpoint_reactor(reactor: Any, description: str) -> Any:
+def _endpoint_reactor(reactor: Any, description: str, on_no_descriptors: Callable[[Any], None] | None = None) -> Any:
     if _scheme(description) in _TCP_SCHEMES and isinstance(reactor, PosixReactorBase):
-        return _EagerTCPReactor(reactor)
+        return _EagerTCPReactor(reactor, on_no_descriptors)
     return reactor
 
 
-def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
-    """A server endpoint for ``description``; ``tcp:``/``tcp6:`` ones write eagerly."""
-    return endpoints.serverFromString(_endpoint_reactor(reactor, description), description)
+def with_backlog(description: str) -> str:
+    """``description`` with ``backlog=DEFAULT_BACKLOG`` added to a ``tcp:``/``tcp6:`` listen that
+    names none (Twisted's default of 50 stalls a burst of new connections a second per 50)."""
+    if _scheme(description) not in _TCP_SCHEMES:
+        return description
+    options = _split_unescaped(description)[1:]
+    if any(option.strip().lower().startswith("backlog=") for option in options):
+        return description
+    return f"{description}:backlog={DEFAULT_BACKLOG}"
+
+
+def server_endpoint(
+    reactor: Any, description: str, on_no_descriptors: Callable[[Any], None] | None = None
+) -> IStreamServerEndpoint:
+    """A server endpoint for ``description``; ``tcp:``/``tcp6:`` ones write eagerly, listen with a
+    backlog of :data:`DEFAULT_BACKLOG` unless told otherwise, and report connections closed at
+    accept for lack of descriptors to ``on_no_descriptors``."""
+    description = with_backlog(description)
+    return endpoints.serverFromString(_endpoint_reactor(reactor, description, on_no_descriptors), description)
 
 
 def client_endpoint(reactor: Any, description: str) -> IStreamClientEndpoint:

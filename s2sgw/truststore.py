@@ -35,6 +35,7 @@ from s2sgw.config import (
 from s2sgw.interfaces import ITrustStore
 from s2sgw.material import ServiceMaterial, TrustMaterial, _check_crl, load_material
 from s2sgw.reload import Coalesced
+from s2sgw.status.settings import merge_status
 from s2sgw.status.stapling import StapleCache, stapling_enabled
 
 UTC = datetime.UTC
@@ -288,8 +289,9 @@ class TrustStore:
 def _apply_config(running: GatewayConfig, new: GatewayConfig) -> tuple[GatewayConfig, list[str]]:
     """What of ``new`` a running process can apply, and notes about what needs a restart.
 
-    Paths, allow-lists, peers and status settings apply; the set of services and of listening
-    endpoints is the running one.
+    Paths, allow-lists, peers and status settings apply (but those of
+    :data:`s2sgw.status.settings.NEEDS_RESTART`); the set of services and of listening endpoints
+    is the running one.
     """
     notes: list[str] = []
     running_names = [s.name for s in running.services]
@@ -314,8 +316,10 @@ def _apply_config(running: GatewayConfig, new: GatewayConfig) -> tuple[GatewayCo
         )
     if (new.admin, new.timeouts) != (running.admin, running.timeouts):
         notes.append("admin and timeout changes need a restart")
+    status, status_notes = merge_status(running.status, new.status)
+    notes.extend(status_notes)
     config = attrs.evolve(
-        new, services=tuple(services), admin=running.admin, timeouts=running.timeouts
+        new, services=tuple(services), admin=running.admin, timeouts=running.timeouts, status=status
     )
     return config, notes
 

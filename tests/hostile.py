@@ -199,11 +199,14 @@ def service_toml(name: str, cert: Path, key: Path, routes: str) -> str:
     return f'\n[[service]]\nname = "{name}"\ncert = "{cert}"\nkey = "{key}"\n' + textwrap.dedent(routes)
 
 
-def inbound_toml(name: str, port: int, backend_port: int, allow: list[str], max_connections: int = 1024) -> str:
+def inbound_toml(
+    name: str, port: int, backend_port: int, allow: list[str], max_connections: int = 1024, max_pending: int = 1024
+) -> str:
     allowed = ", ".join(f'"{a}"' for a in allow)
     return (
         f'\n[[service.inbound]]\nname = "{name}"\nlisten = "tcp:{port}:interface=127.0.0.1"\n'
         f'backend = "tcp:127.0.0.1:{backend_port}"\nallow = [{allowed}]\nmax_connections = {max_connections}\n'
+        f"max_pending = {max_pending}\n"
     )
 
 

@@ -473,9 +473,13 @@ def test_slow_client_is_dropped_after_the_idle_timeout_and_others_are_served(
 # -- twistd options ----------------------------------------------------------------------
 
 
-def test_options_refuse_a_directory_that_is_not_a_ca(tmp_path: Path) -> None:
-    with pytest.raises(usage.UsageError, match="not a usable CA directory"):
+def test_options_refuse_a_directory_that_is_not_a_ca(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One line on stderr and exit status 1: not the usage text, which is not the problem."""
+    with pytest.raises(SystemExit) as stopped:
         tap.Options().parseOptions(["--dir", str(tmp_path)])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "not a usable CA directory" in err
 
 
 def test_options_require_dir() -> None:

@@ -15,6 +15,7 @@ from s2sgw.config import (
     GatewayConfig,
     InboundRoute,
     OutboundRoute,
+    ResponderConfig,
     StatusConfig,
     TimeoutsConfig,
     load_config,
@@ -100,8 +101,8 @@ def test_full_config_loads_into_the_contract_classes(directory: Path) -> None:
     assert config.trust == directory / "bundle.pem"
     assert config.reload_interval == 600.0
     assert config.status == StatusConfig(
-        mode="ocsp", url="http://127.0.0.1:8080/ocsp", fail="open", crl=None,
-        timeout=1.5, max_cache_age=60.0, cache_size=100,
+        mode="ocsp", fail="open", crl=None, timeout=1.5, max_cache_age=60.0, cache_size=100,
+        responders=(ResponderConfig(urls=("http://127.0.0.1:8080/ocsp",)),),
     )
     assert config.timeouts == TimeoutsConfig(handshake=5.0, connect=2.0, idle=30.0, drain=1.0)
     assert config.admin == AdminConfig(listen="tcp:9900:interface=127.0.0.1")

@@ -26,8 +26,9 @@ from s2sgw.ca.feed import RevocationFeed
 from s2sgw.ca.ocsp import Responder
 from s2sgw.ca.publisher import StatusPublisher, StoreWatcher
 from s2sgw.ca.server import build_root
-from s2sgw.config import StatusConfig
-from s2sgw.status.feed import FeedSubscriber, feed_url
+from s2sgw.config import ResponderConfig
+from s2sgw.status.feed import FeedSubscriber
+from s2sgw.status.responders import feed_urls
 from s2sgw.wire.feed import (
     FeedDocument,
     FeedEntry,
@@ -315,12 +316,13 @@ def test_sequence_numbers_must_continue_exactly_after_since(status_server: CA) -
         check_sequence(document(status_server, 5, (), seq=3, latest=3), 5)
 
 
-def test_the_feed_url_is_derived_from_the_ocsp_url_unless_given() -> None:
-    assert feed_url(StatusConfig(url="http://ca:8080/ocsp")) == "http://ca:8080/revocations"
-    assert feed_url(StatusConfig(url="http://ca:8080/ocsp", feed=False)) is None
-    assert feed_url(StatusConfig(url="http://ca:8080/ocsp", feed="http://other/r")) == "http://other/r"
-    assert feed_url(StatusConfig(mode="crl", crl=Path("x.crl"))) is None
-    assert feed_url(StatusConfig(mode="off")) is None
+def test_the_feed_urls_are_derived_from_the_ocsp_urls_unless_given() -> None:
+    ocsp = ("http://ca:8080/ocsp", "http://ca-2:8080/ocsp")
+    assert feed_urls(ResponderConfig(urls=ocsp), "ocsp") == ("http://ca:8080/revocations", "http://ca-2:8080/revocations")
+    assert feed_urls(ResponderConfig(urls=ocsp, feed=False), "ocsp") == ()
+    assert feed_urls(ResponderConfig(urls=ocsp, feed=("http://other/r",)), "ocsp") == ("http://other/r",)
+    assert feed_urls(ResponderConfig(), "crl") == ()
+    assert feed_urls(ResponderConfig(feed=("http://other/r",)), "off") == ()
 
 
 # -- the subscriber ------------------------------------------------------------------------------

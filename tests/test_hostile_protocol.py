@@ -107,7 +107,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         services = service_toml(
             "users", pki.certs / "users.pem", pki.certs / "users.key",
             inbound_toml("users-in", port, backend.port, ["orders"])
-            + inbound_toml("capped-in", capped_port, capped_backend.port, ["orders"], max_connections=CAP),
+            + inbound_toml("capped-in", capped_port, capped_backend.port, ["orders"], max_connections=CAP, max_pending=CAP),
         )  # fmt: skip
         admin = f'[admin]\nlisten = "tcp:{admin_port}:interface=127.0.0.1"'
         toml = gateway_toml(pki.bundle, services, extra=admin)
@@ -254,8 +254,8 @@ def test_a_handshake_that_stops_half_way_is_dropped_at_the_handshake_timeout(wor
 
 
 def test_slowloris_fills_the_cap_then_the_timeout_frees_every_slot(world: World) -> None:
-    """CAP stalled handshakes hold the capped route; newcomers are refused at once; 1 s later all
-    slots are free again and an allowed client is served."""
+    """CAP stalled handshakes hold the capped route's pending slots (max_pending); newcomers are
+    refused at once; 1 s later all slots are free again and an allowed client is served."""
     hello = client_hello()
     mark, before = world.gateway.mark(), world.capped_backend.snapshot()
     stalled = [_stall(world.capped_port, hello[:20]) for _ in range(CAP)]
@@ -263,7 +263,7 @@ def test_slowloris_fills_the_cap_then_the_timeout_frees_every_slot(world: World)
         time.sleep(0.2)
         newcomer = tls_exchange(world.capped_port, world.allowed, marker("over-cap"))
         assert_refused(newcomer, within=0.5)
-        world.gateway.wait_audit(mark, "capped-in", "reason=too_many_connections ")
+        world.gateway.wait_audit(mark, "capped-in", "reason=too_many_pending ")
         with ThreadPoolExecutor(CAP) as pool:
             waits = list(pool.map(_seconds_until_closed, stalled))
         assert all(w < 3 for w in waits), waits

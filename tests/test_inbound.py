@@ -92,6 +92,8 @@ class Rig:
     registry: CollectorRegistry = attrs.Factory(CollectorRegistry)
     metrics: RouteMetrics = attrs.Factory(RouteMetrics)
     max_connections: int = 1024
+    max_pending: int = 1024
+    max_pending_per_source: int = 256
     listener: InboundListener = attrs.field(init=False)
     wires: list[Wire] = attrs.Factory(list)
 
@@ -104,6 +106,8 @@ class Rig:
             backend="tcp:127.0.0.1:8080",
             allow=("users",),
             max_connections=self.max_connections,
+            max_pending=self.max_pending,
+            max_pending_per_source=self.max_pending_per_source,
         )
         store = FakeTrustStore(servers={"orders": self.pki.options("orders")})
         self.listener = InboundListener(
@@ -117,9 +121,11 @@ class Rig:
             backend=self.backend,
         )
 
-    def connect(self, client_options: Any = None, caller: Protocol | None = None, tls: bool = True) -> Any:
+    def connect(
+        self, client_options: Any = None, caller: Protocol | None = None, tls: bool = True, source: str = "10.0.0.1"
+    ) -> Any:
         caller = caller if caller is not None else Caller()
-        server = self.listener.factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 40000))
+        server = self.listener.factory.buildProtocol(IPv4Address("TCP", source, 40000))
         if tls:
             options = client_options if client_options is not None else self.pki.options("users")
             client = TLSFactory(options, True, Factory.forProtocol(lambda: caller)).buildProtocol(None)
@@ -327,9 +333,9 @@ def test_a_slow_authorization_also_hits_the_handshake_timeout(pki: PKI, audit_ev
 
 
 def test_connections_over_the_cap_are_aborted_at_once(pki: PKI, audit_events: list[dict]) -> None:
-    rig = Rig(pki, authorizer=FakeAuthorizer(hold=True), max_connections=1)
+    rig = Rig(pki, backend=WireEndpoint(hold=True), max_connections=1)
     rig.connect()
-    rig.pump()
+    rig.pump()  # authorized: holds the one slot while its backend is dialed
     caller, wire = rig.connect()
     assert wire.server.aborted
     rig.pump()
@@ -337,6 +343,29 @@ def test_connections_over_the_cap_are_aborted_at_once(pki: PKI, audit_events: li
     event = only(audit_events)
     assert (event["outcome"], event["reason"]) == ("refused", Reason.TOO_MANY_CONNECTIONS)
     assert rig.listener.active == 1
+
+
+def test_connections_that_have_not_authenticated_never_take_an_authorized_callers_slot(
+    pki: PKI, audit_events: list[dict]
+) -> None:
+    """Unauthenticated connections are limited apart (per source and in total), each refusal with
+    its reason; an authorized caller still gets one of max_connections."""
+    rig = Rig(pki, max_connections=2, max_pending=5, max_pending_per_source=3)
+    idle = [rig.connect(tls=False, source="10.0.0.66")[1] for _ in range(4)]  # TCP only, never TLS
+    assert [wire.server.aborted for wire in idle] == [False, False, False, True]
+    others = [rig.connect(tls=False, source="10.0.0.77")[1] for _ in range(3)]
+    assert [wire.server.aborted for wire in others] == [False, False, True]
+    reasons = [event["reason"] for event in audit_events]
+    assert reasons == [Reason.TOO_MANY_PENDING_FROM_SOURCE, Reason.TOO_MANY_PENDING]
+    labels = {"route": "orders-in", "outcome": "refused", "reason": Reason.TOO_MANY_PENDING}
+    assert rig.registry.get_sample_value("s2sgw_connections_total", labels) == 1.0
+    for wire in idle[:3]:  # the pending slots of one source free up as its connections go
+        wire.client.loseConnection()
+    rig.pump()
+    caller, wire = rig.connect(source="10.0.0.1")
+    rig.pump()
+    assert caller.handshaken and not wire.server.aborted
+    assert rig.listener.gate.admitted == 1 and rig.listener.gate.pending_total == 2
 
 
 def test_an_unreachable_backend_closes_the_peer(pki: PKI, audit_events: list[dict]) -> None:

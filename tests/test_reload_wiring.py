@@ -124,5 +124,5 @@ def test_a_crl_checker_without_the_feed_is_asked_directly_and_keeps_no_cache(tmp
     _, gateway, operations = _wired(tmp_path, 'mode = "crl"\ncrl = "ca.crl"')
     assert isinstance(gateway.authorizer.status_checker, CRLStatusChecker)
     assert gateway.enforcer.checker is gateway.authorizer.status_checker and gateway.enforcer.cache is None
-    assert gateway.feed is None and gateway.stapler is None
+    assert gateway.feed is not None and gateway.feed.subscribers == {} and gateway.stapler is None
     assert operations.monitor.prober is None and operations.monitor.cache_stats is None

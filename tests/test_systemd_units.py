@@ -40,3 +40,9 @@ def test_gateway_unit_waits_for_the_gateways_own_readiness_notification() -> Non
     assert "\nType=notify\n" in text
     assert "\nNotifyAccess=main\n" in text
     assert "--nodaemon" in text  # twistd itself is the main process that notifies
+
+
+@pytest.mark.parametrize("unit", ["s2sgw@.service", "s2sgw-ca.service"])
+def test_units_give_room_for_many_connections(unit: str) -> None:
+    """Not systemd's default soft limit of 1,024 descriptors: the gateway raises its soft limit to this."""
+    assert "\nLimitNOFILE=65536\n" in (UNITS / unit).read_text()

@@ -264,4 +264,6 @@ def test_endpoints_fall_back_to_twisteds_own_without_a_posix_reactor(tmp_path: P
     assert isinstance(client_endpoint(reactor, "tcp:127.0.0.1:1"), TCP4ClientEndpoint)
     assert isinstance(client_endpoint(reactor, f"unix:{tmp_path}/s"), UNIXClientEndpoint)
     server_endpoint(reactor, "tcp:0:interface=127.0.0.1").listen(Factory())
-    assert reactor.tcpServers[0][2] == 50  # Twisted's own listenTCP was used
+    assert reactor.tcpServers[0][2] == 511  # Twisted's own listenTCP, with our default backlog
+    server_endpoint(reactor, "tcp:0:interface=127.0.0.1:backlog=64").listen(Factory())
+    assert reactor.tcpServers[1][2] == 64  # a backlog= of the operator's stays

@@ -47,3 +47,40 @@ def test_the_crl_refresh_opens_a_connection_per_fetch() -> None:
     refresher = CRLRefreshService(store=None, reload=lambda: None, reactor=reactor, interval=60.0)  # type: ignore[arg-type]
     assert not refresher.http._agent._pool.persistent  # nothing kept open between fetches
     assert refresher.http._agent._endpointFactory._connectTimeout is None
+
+
+def test_a_request_lost_on_a_stale_connection_is_sent_once_more_and_nothing_else_is() -> None:
+    from twisted.internet import defer
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    from twisted.web.client import ResponseNeverReceived
+
+    from s2sgw.wire.http import retry_on_fresh
+
+    stale = ResponseNeverReceived([Failure(ConnectionDone())])
+    calls: list[str] = []
+
+    def attempt(name: str, outcome):
+        def run():
+            calls.append(name)
+            return defer.fail(outcome) if isinstance(outcome, Exception) else defer.succeed(outcome)
+
+        return run
+
+    results: list = []
+    retry_on_fresh(attempt("kept-alive", stale), attempt("fresh", "answer")).addCallback(results.append)
+    assert (calls, results) == (["kept-alive", "fresh"], ["answer"])
+
+    calls.clear()
+    errors: list = []
+    d = retry_on_fresh(attempt("kept-alive", ValueError("refused")), attempt("fresh", "answer"))
+    d.addErrback(errors.append)
+    assert calls == ["kept-alive"] and errors[0].check(ValueError)
+
+    calls.clear()
+    pending: defer.Deferred = defer.Deferred()
+    d = retry_on_fresh(lambda: pending, attempt("fresh", "answer"))
+    d.cancel()
+    errors.clear()
+    d.addErrback(errors.append)
+    assert calls == [] and errors[0].check(defer.CancelledError)

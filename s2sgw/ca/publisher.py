@@ -64,6 +64,9 @@ class StatusPublisher:
     # Called with each batch of revocation records _apply takes in (the revocation feed).
     listeners: list[Callable[[list[Any]], None]] = attrs.field(factory=list)
     feed: Any = None  # the RevocationFeed build_root attached, for health
+    root_crl: Any = None  # the RootCRLFile build_root attached: followed on every refresh
+    signer_renewal: Any = None  # a SignerRenewal: checked on every refresh
+    issuing_reload: Any = None  # an IssuingReload: checked on every refresh
 
     _statuses: dict[int, SerialStatus] = attrs.field(factory=dict)
     _generation: int = 0
@@ -230,6 +233,12 @@ class StatusPublisher:
     def refresh(self) -> defer.Deferred[None] | None:
         """Re-sign answers before they go stale; regenerate the CRL past half its life."""
         self.responder.refresh(self.now())
+        if self.root_crl is not None:
+            self.root_crl.poll()
+        if self.issuing_reload is not None:
+            self.issuing_reload.check()
+        if self.signer_renewal is not None:
+            self.signer_renewal.check()
         if self.crl_this_update is not None and self.crl_next_update is not None:
             half = self.crl_this_update + (self.crl_next_update - self.crl_this_update) / 2
             if self.now() >= half:

@@ -368,14 +368,14 @@ class Monitor(Service):
 
         def done(statuses: list[CertStatus]) -> None:
             states = {n: s.state for (n, _, _), s in zip(targets, statuses)}
-            self._record(ProbeResult(started, True, states=states), prober.url)
+            self._record(ProbeResult(started, True, states=states), prober.in_use())
 
         def failed(failure: Failure) -> None:
             error = failure.value.subFailure if isinstance(failure.value, defer.FirstError) else failure
             if error.check(defer.CancelledError):
                 return
             invalid = error.check(StatusInvalid) is not None
-            self._record(ProbeResult(started, False, error=error.getErrorMessage(), invalid=invalid), prober.url)
+            self._record(ProbeResult(started, False, error=error.getErrorMessage(), invalid=invalid), prober.in_use())
 
         d.addCallbacks(done, failed)
 

@@ -84,6 +84,7 @@ def _checker_status(monitor: Monitor) -> dict[str, Any]:
     return {
         "mode": status.mode,
         "url": status.url,
+        "in_use": None if monitor.prober is None else monitor.prober.in_use(),
         "fail": status.fail,
         "cache_entries": None if stats is None else stats.cache_entries,
         "hits": hits,

@@ -56,6 +56,9 @@ class Session:
     ended: bool = False
     abort: Any = None  # callable(reason): drop the connection now (set by the owner)
     chain: tuple[x509.Certificate, ...] = ()  # the peer's verified chain, leaf first (re-validation)
+    source: str = "-"  # the peer's address without the port: pre-authorization limits count per source
+    pending: bool = False  # accepted, not yet through TLS and authorization (inbound)
+    admitted: bool = False  # authorized: holds one of max_connections (inbound)
 
     @property
     def bytes_in(self) -> int:
@@ -77,6 +80,11 @@ class Session:
 
 
 
+def _source(addr: Any) -> str:
+    host = getattr(addr, "host", None)
+    return str(host) if host is not None else _address(addr)
+
+
 def _address(addr: Any) -> str:
     host, port = getattr(addr, "host", None), getattr(addr, "port", None)
     if host is not None and port is not None:
@@ -88,7 +96,13 @@ def _address(addr: Any) -> str:
 
 @attrs.define(eq=False)
 class RouteGate:
-    """Connection cap, live connections, drain, audit and metrics for one route."""
+    """Connection cap, live connections, drain, audit and metrics for one route.
+
+    With ``limit_pending`` (inbound routes), connections not yet through TLS and authorization
+    are limited apart from the authorized ones (``max_pending`` in total and
+    ``max_pending_per_source`` per address), and ``max_connections`` counts authorized ones only:
+    connections that never authenticate cannot take an authorized caller's slot.
+    """
 
     _log = Logger()
 
@@ -100,17 +114,70 @@ class RouteGate:
     live: set[Session] = attrs.Factory(set)
     port: IListeningPort | None = None
     draining: bool = False
+    limit_pending: bool = False
+    admitted: int = 0
+    pending: dict[str, int] = attrs.Factory(dict)  # source address -> connections not yet authorized
+    pending_total: int = 0
     _drain_waiters: list[Deferred[None]] = attrs.Factory(list)
 
     @property
     def full(self) -> bool:
         return self.draining or len(self.live) >= self.route.max_connections
 
+    def refusal(self, addr: Any) -> tuple[str, str] | None:
+        """Why a connection from ``addr`` is refused at accept, before any TLS work (or None)."""
+        if self.draining:
+            return Reason.SHUTDOWN, "the gateway is stopping"
+        route = self.route
+        if not self.limit_pending:
+            if len(self.live) >= route.max_connections:
+                return Reason.TOO_MANY_CONNECTIONS, f"{route.max_connections} connections open"
+            return None
+        if self.admitted >= route.max_connections:
+            return Reason.TOO_MANY_CONNECTIONS, f"{route.max_connections} authorized connections open"
+        if self.pending_total >= route.max_pending:
+            return Reason.TOO_MANY_PENDING, f"{route.max_pending} connections not yet authorized"
+        source = _source(addr)
+        if self.pending.get(source, 0) >= route.max_pending_per_source:
+            return (
+                Reason.TOO_MANY_PENDING_FROM_SOURCE,
+                f"{route.max_pending_per_source} connections from {source} not yet authorized",
+            )
+        return None
+
     def open(self, addr: Any) -> Session:
-        session = Session(self.route.name, self.direction, self.clock.seconds(), _address(addr))
+        session = Session(self.route.name, self.direction, self.clock.seconds(), _address(addr), source=_source(addr))
         self.live.add(session)
         self.metrics.opened(self.route.name)
+        if self.limit_pending:
+            session.pending = True
+            self.pending[session.source] = self.pending.get(session.source, 0) + 1
+            self.pending_total += 1
         return session
+
+    def admit(self, session: Session) -> bool:
+        """An authorized connection takes one of ``max_connections``; False if none is free."""
+        if not self.limit_pending:
+            return True
+        self._settle_pending(session)
+        if session.admitted:
+            return True
+        if self.admitted >= self.route.max_connections:
+            return False
+        session.admitted = True
+        self.admitted += 1
+        return True
+
+    def _settle_pending(self, session: Session) -> None:
+        if not session.pending:
+            return
+        session.pending = False
+        self.pending_total -= 1
+        left = self.pending[session.source] - 1
+        if left:
+            self.pending[session.source] = left
+        else:
+            del self.pending[session.source]
 
     def spliced(self, session: Session, relay: Relay) -> None:
         session.relay = relay
@@ -122,6 +189,10 @@ class RouteGate:
             return
         session.ended = True
         self.live.discard(session)
+        self._settle_pending(session)
+        if session.admitted:
+            session.admitted = False
+            self.admitted -= 1
         relay = session.relay
         if session.outcome is None:
             session.outcome = "closed"
@@ -154,13 +225,24 @@ class RouteGate:
             for waiter in waiters:
                 waiter.callback(None)
 
-    def refuse_excess(self, addr: Any) -> None:
-        session = self.open(addr)
-        if self.draining:
-            session.refuse(Reason.SHUTDOWN, "the gateway is stopping")
-        else:
-            session.refuse(Reason.TOO_MANY_CONNECTIONS, f"{self.route.max_connections} connections open")
+    def refuse_excess(self, addr: Any, refusal: tuple[str, str] | None = None) -> None:
+        """Audit and count a connection refused at accept (``refusal``: reason and detail)."""
+        if refusal is None:
+            refusal = self.refusal(addr) or (Reason.TOO_MANY_CONNECTIONS, f"{self.route.max_connections} connections open")
+        session = Session(self.route.name, self.direction, self.clock.seconds(), _address(addr), source=_source(addr))
+        self.live.add(session)
+        self.metrics.opened(self.route.name)
+        session.refuse(*refusal)
         self.end(session)
+
+    def no_descriptors(self, addr: Any) -> None:
+        """A connection closed at accept (or left unaccepted) because descriptors ran out."""
+        detail = "out of file descriptors at accept (raise LimitNOFILE)"
+        if addr is None:
+            self._log.warn("route {route}: could not accept a connection: {detail}", route=self.route.name, detail=detail)
+            self.metrics.connections.labels(self.route.name, "refused", Reason.NO_DESCRIPTORS).inc()
+            return
+        self.refuse_excess(addr, (Reason.NO_DESCRIPTORS, detail))
 
     def listen_on(self, endpoint: IStreamServerEndpoint, factory: Any) -> Deferred[IListeningPort]:
         def listening(port: IListeningPort) -> IListeningPort:
@@ -239,8 +321,9 @@ class CappedTLSFactory(TLSFactory):
         self.gate = gate
 
     def buildProtocol(self, addr: Any) -> Any:
-        if self.gate.full:
-            self.gate.refuse_excess(addr)
+        refusal = self.gate.refusal(addr)
+        if refusal is not None:
+            self.gate.refuse_excess(addr, refusal)
             return RefusedProtocol()
         return super().buildProtocol(addr)
 
@@ -265,7 +348,7 @@ class GatedRoute:
     def listen(self, endpoint: IStreamServerEndpoint | None = None) -> Deferred[IListeningPort]:
         """Start accepting on ``endpoint`` (default: ``route.listen``); fires with the port."""
         if endpoint is None:
-            endpoint = server_endpoint(self.reactor, self.route.listen)
+            endpoint = server_endpoint(self.reactor, self.route.listen, on_no_descriptors=self.gate.no_descriptors)
         return self.gate.listen_on(endpoint, self.factory)
 
     def stop_listening(self) -> Deferred[None]:

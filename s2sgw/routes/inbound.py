@@ -124,6 +124,10 @@ class InboundSide(RelaySide):
         if not decision.allowed:
             self._refuse(decision.reason, decision.detail)
             return
+        if not listener.gate.admit(self.session):
+            limit = listener.route.max_connections
+            self._refuse(Reason.TOO_MANY_CONNECTIONS, f"{limit} authorized connections open")
+            return
         self._cancel_timer()
         dialing = listener.backend.connect(dial_factory(BackendSide))
         dialing.addTimeout(listener.timeouts.connect, listener.clock)
@@ -252,7 +256,7 @@ class InboundListener(GatedRoute):
             self.backend = client_endpoint(self.reactor, self.route.backend)
         if self.identity is None and self.route.identity != "none":
             self.identity = InboundIdentity(self.route, self.reactor)
-        self.gate = RouteGate(self.route, "inbound", self.reactor, self.metrics, self.audit)
+        self.gate = RouteGate(self.route, "inbound", self.reactor, self.metrics, self.audit, limit_pending=True)
         self.factory = CappedTLSFactory(
             self.gate,
             CurrentServerCreator(self.trust_store, self.route.service),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import attrs
 from cryptography import x509
 from twisted.internet import defer
@@ -13,6 +15,7 @@ from s2sgw.config import StatusConfig
 from s2sgw.interfaces import IStatusChecker
 from s2sgw.status.crl import CRLStatusChecker
 from s2sgw.status.ocsp import OCSPStatusChecker, StatusMetrics
+from s2sgw.status.responders import Responders
 from s2sgw.timeutil import utc
 from s2sgw.wire.ocsp import CertStatus
 
@@ -36,12 +39,15 @@ def make_status_checker(
     reactor,
     authorities: tuple[x509.Certificate, ...] = (),
     metrics: StatusMetrics | None = None,
+    roots: Callable[[], Sequence[x509.Certificate]] | None = None,
 ) -> IStatusChecker:
     """The checker ``config.mode`` asks for (CRL files are read here, at start-up).
 
     ``authorities`` (the trust bundle's roots and our intermediates) verify a root CRL held
     beside the issuing CA's, in mode ``crl``. ``metrics`` counts the OCSP checker's queries
-    (the gateway's; a set of its own when None).
+    (the gateway's; a set of its own when None). ``roots()`` (the trust bundle's roots now)
+    matches peers to ``[[status.responder]]`` by the root they chain to; by default the roots
+    among ``authorities``.
     """
     if config.mode == "off":
         return NoStatusChecker(reactor)
@@ -51,9 +57,13 @@ def make_status_checker(
         return CRLStatusChecker.from_path(config.crl, reactor, authorities=authorities)
     if not config.url:
         raise ValueError("status mode ocsp needs a url")
+    if roots is None:
+        fixed = tuple(a for a in authorities if a.issuer == a.subject)
+        roots = lambda: fixed  # noqa: E731
     return OCSPStatusChecker(
-        config.url,
+        None,
         reactor,
+        responders=Responders(config, reactor, roots),
         timeout=config.timeout,
         max_cache_age=config.max_cache_age,
         cache_size=config.cache_size,

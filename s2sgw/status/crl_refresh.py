@@ -31,6 +31,7 @@ from s2sgw.files import write_atomically
 from s2sgw.ops.metrics import MetricSet
 from s2sgw.interfaces import IStatusChecker, ITrustStore
 from s2sgw.status.crl import CRLStatusChecker
+from s2sgw.wire.failover import Failover
 from s2sgw.wire.http import ResponseTooLarge, http_client, read_limited
 
 MAX_CRL_BYTES = 4 * 1024 * 1024
@@ -116,6 +117,7 @@ class CRLRefreshService(Service):
     _running: Deferred | None = attrs.field(default=None, init=False)
     _etag: bytes | None = attrs.field(default=None, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
+    _servers: Failover | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.http is None:
@@ -135,6 +137,8 @@ class CRLRefreshService(Service):
         super().stopService()
         if self._running is not None:
             self._running.cancel()
+        if self._servers is not None:
+            self._servers.stop()
         return None
 
     def status(self) -> dict[str, Any]:
@@ -142,8 +146,10 @@ class CRLRefreshService(Service):
         status = self.store.config.status
         crl = self.store.crl
         next_update = crl.next_update_utc if crl is not None else None
+        servers = self.servers()
         return {
-            "url": status.crl_url,
+            "url": None if servers is None else servers.current,
+            "urls": list(status.default.crl_urls),
             "file": str(status.crl) if status.crl is not None else None,
             "interval": self.interval,
             "crl_number": pki.crl_number(crl) if crl is not None else None,
@@ -157,23 +163,41 @@ class CRLRefreshService(Service):
             "last_error": self.last_error,
         }
 
+    def servers(self) -> Failover | None:
+        """The CRL servers in force (``status.crl_url``), kept while the list stays the same."""
+        urls = self.store.config.status.default.crl_urls
+        if not urls:
+            return None
+        if self._servers is None or self._servers.urls != urls:
+            if self._servers is not None:
+                self._servers.stop()
+            self._servers = Failover(urls, self.reactor, label="CRL server")
+        return self._servers
+
     def refresh(self) -> Deferred[str]:
         """Fetch once; fire with the outcome (``updated``, ``unchanged``, ``refused``, ``failed``)."""
         if self._running is not None or self._stopping:
             return defer.succeed("busy")
         status = self.store.config.status
-        url, path = status.crl_url, status.crl
-        if status.mode != "crl" or url is None or path is None:
+        servers, path = self.servers(), status.crl
+        if status.mode != "crl" or servers is None or path is None:
             return defer.succeed("unchanged")
         headers = {b"Accept": [CRL_ACCEPT]}
         if self._etag is not None:
             headers[b"If-None-Match"] = [self._etag]
-        d = self._running = defer.maybeDeferred(self.http.get, url, headers=headers)
-        d.addCallback(self._read)
-        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=self._timed_out)
-        d.addCallback(self._apply, url, Path(path))
-        d.addErrback(self._settle_failure, url)
-        d.addErrback(self._bug, url)
+        used: list[str] = []
+
+        def fetch(url: str) -> Deferred[tuple[bytes, bytes | None] | None]:
+            used.append(url)
+            d = defer.maybeDeferred(self.http.get, url, headers=headers)
+            d.addCallback(self._read)
+            d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=self._timed_out)
+            return d
+
+        d = self._running = servers.request(fetch, _next_server_might_answer)
+        d.addCallback(lambda fetched: self._apply(fetched, used[-1], Path(path)))
+        d.addErrback(lambda failure: self._settle_failure(failure, used[-1] if used else servers.current))
+        d.addErrback(lambda failure: self._bug(failure, servers.current))
         d.addBoth(self._done)  # last: also right when everything above ran synchronously
         return d
 
@@ -269,6 +293,15 @@ class CRLRefreshService(Service):
     def _done(self, outcome: str) -> str:
         self._running = None
         return outcome
+
+
+def _next_server_might_answer(failure: Failure) -> bool:
+    """Connection errors, timeouts and 5xx answers move to the next CRL server."""
+    if failure.check(ConfigError, ResponseTooLarge, defer.CancelledError):
+        return False
+    if failure.check(CRLFetchError):
+        return str(failure.value).startswith(("HTTP 5", "timed out"))
+    return True
 
 
 def _same(a: x509.CertificateRevocationList, b: x509.CertificateRevocationList) -> bool:

@@ -16,7 +16,7 @@ is cut and revocations arrive only through OCSP re-validation at ``nextUpdate``.
 from __future__ import annotations
 
 import datetime
-import urllib.parse
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -31,9 +31,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from s2sgw.config import StatusConfig
 from s2sgw.status.ocsp import _describe
 from s2sgw.timeutil import utc
+from s2sgw.wire.failover import Failover
 from s2sgw.wire.feed import (
     DEFAULT_HOLD,
     DEFAULT_MAX_AGE,
@@ -42,7 +42,7 @@ from s2sgw.wire.feed import (
     check_sequence,
     open_document,
 )
-from s2sgw.wire.http import http_client, read_limited
+from s2sgw.wire.http import ResponseTooLarge, http_client, read_limited
 from s2sgw.wire.ocsp import DEFAULT_LEEWAY, StatusInvalid, StatusUnavailable
 
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
@@ -52,24 +52,7 @@ UTC = datetime.UTC
 
 
 # ---------------------------------------------------------------------------------------------
-# configuration
-
-
-def feed_url(status: StatusConfig) -> str | None:
-    """The feed to follow: ``status.feed`` as a URL, or derived from ``status.url``, or None.
-
-    ``feed = true`` (the default) means the same origin as the OCSP responder, path
-    ``/revocations``; it needs ``mode = "ocsp"``.
-    """
-    feed = status.feed
-    if feed is False or status.mode == "off":
-        return None
-    if isinstance(feed, str):
-        return feed
-    if status.mode != "ocsp" or not status.url:
-        return None
-    parts = urllib.parse.urlsplit(status.url)
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/revocations", "", ""))
+# configuration: s2sgw.status.responders.feed_urls says which feeds a responder has.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,9 +92,12 @@ class FeedSubscriber(Service):
 
     ``issuers()`` returns the CA certificates trusted now (the trust store's); ``http`` is
     treq-like (``.get(url, headers=)``), by default treq over its own one-connection pool.
+    ``url`` is one feed or several servers of one feed, in order of preference: a connection
+    error, a timeout or a 5xx answer moves the next poll to the next one (the sequence number
+    carries over).
     """
 
-    url: str
+    url: str | Sequence[str]
     clock: IReactorTime
     issuers: Callable[[], Sequence[x509.Certificate]]
     on_revocations: Callable[[FeedDocument], object]
@@ -136,11 +122,15 @@ class FeedSubscriber(Service):
     _polling: Deferred[Any] | None = attrs.field(default=None, init=False)
     _next: IDelayedCall | None = attrs.field(default=None, init=False)
     _pool: Any = attrs.field(default=None, init=False)
-    _collector: _FeedCollector | None = attrs.field(default=None, init=False)
+    servers: Failover = attrs.field(init=False)
+    _collecting: bool = attrs.field(default=False, init=False)
 
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
+        urls = (self.url,) if isinstance(self.url, str) else tuple(self.url)
+        self.url = urls[0]  # the feed's name in metrics and logs, whichever server is in use
+        self.servers = Failover(urls, self.clock, label="revocation feed")
         if self.http is None:
             self.http, self._pool = http_client(self.clock, max_per_host=1, connect_timeout=self.connect_timeout)
 
@@ -148,16 +138,17 @@ class FeedSubscriber(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._collector = _FeedCollector(self)
-        self.registry.register(self._collector)
-        self._log.info("following the revocation feed at {url}", url=self.url)
+        _collector_of(self.registry).add(self)
+        self._collecting = True
+        self._log.info("following the revocation feed at {url}", url=self.servers.current)
         self._schedule(0)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        collector, self._collector = self._collector, None
-        if collector is not None:
-            self.registry.unregister(collector)
+        if self._collecting:
+            self._collecting = False
+            _collector_of(self.registry).remove(self)
+        self.servers.stop()
         if self._next is not None and self._next.active():
             self._next.cancel()
         self._next = None
@@ -180,7 +171,8 @@ class FeedSubscriber(Service):
         """The ``revocation_feed`` field of the gateway's status: plain JSON types."""
         age = self.age()
         return {
-            "url": self.url,
+            "url": self.servers.current,
+            "urls": list(self.servers.urls),
             "seq": self.seq,
             "following": self.failures == 0 and self.last_document is not None,
             "age_seconds": None if age is None else round(age, 3),
@@ -205,13 +197,14 @@ class FeedSubscriber(Service):
         since = self.seq
         # After a start or a failure, ask without waiting: learn at once where the feed stands.
         quick = self.last_document is None or self.failures > 0
-        url = f"{self.url}?since={since}" + ("&wait=0" if quick else "")
+        server = self.servers.current
+        url = f"{server}?since={since}" + ("&wait=0" if quick else "")
         d = defer.maybeDeferred(self.http.get, url, headers={b"Accept": [b"application/json"]})
         d.addCallback(self._read)
         d.addTimeout(self.hold + self.margin, self.clock, onTimeoutCancel=self._timed_out)
         d.addCallback(self._verify)
         d.addCallback(self._take, since)
-        d.addCallbacks(self._succeeded, self._failed)
+        d.addCallbacks(self._succeeded, self._failed, errbackArgs=(server,))
         self._polling = d
         return d
 
@@ -270,13 +263,13 @@ class FeedSubscriber(Service):
     def _succeeded(self, _: object) -> None:
         self._polling = None
         if self.failures:
-            self._log.info("revocation feed at {url} answers again", url=self.url)
+            self._log.info("revocation feed at {url} answers again", url=self.servers.current)
         self.failures = 0
         self.last_error = None
         self._backoff = 0.0
         self._schedule(0)
 
-    def _failed(self, failure: Failure) -> None:
+    def _failed(self, failure: Failure, server: str) -> None:
         self._polling = None
         if not self.running:
             return
@@ -285,6 +278,10 @@ class FeedSubscriber(Service):
             text = str(error)
         else:
             text = _describe(failure)
+        if not isinstance(error, (StatusInvalid, FeedRollback, ResponseTooLarge)) and not (
+            isinstance(error, _HTTPError) and error.code < 500
+        ):
+            self.servers.failed(server, text)  # connection error, timeout or 5xx: the next server
         self.failures += 1
         self.last_error = text
         self._backoff = min(self.max_backoff, max(self.min_backoff, self._backoff * 2))
@@ -294,7 +291,7 @@ class FeedSubscriber(Service):
         if self.failures == 1 or isinstance(error, StatusInvalid):
             self._log.warn(
                 "revocation feed at {url} failed ({error}); retrying from {seq} in {delay:.2f}s",
-                url=self.url,
+                url=server,
                 error=text,
                 seq=self.seq,
                 delay=delay,
@@ -316,11 +313,34 @@ def _retry_after(response: Any) -> float | None:
 # metrics
 
 
-class _FeedCollector:
-    """``s2sgw_revocation_feed_*``: computed when scraped from a running subscriber."""
+_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, _FeedCollector] = weakref.WeakKeyDictionary()
 
-    def __init__(self, source: FeedSubscriber) -> None:
-        self.source = source
+
+def _collector_of(registry: CollectorRegistry) -> _FeedCollector:
+    """The one collector of ``registry`` for every running subscriber (one per feed)."""
+    collector = _COLLECTORS.get(registry)
+    if collector is None:
+        collector = _COLLECTORS[registry] = _FeedCollector(registry)
+    return collector
+
+
+class _FeedCollector:
+    """``s2sgw_revocation_feed_*``: computed when scraped from the running subscribers, one
+    series per feed (labelled with its first URL); registered while any subscriber runs."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.sources: list[FeedSubscriber] = []
+
+    def add(self, source: FeedSubscriber) -> None:
+        if not self.sources:
+            self.registry.register(self)
+        self.sources.append(source)
+
+    def remove(self, source: FeedSubscriber) -> None:
+        self.sources.remove(source)
+        if not self.sources:
+            self.registry.unregister(self)
 
     def describe(self) -> list[Metric]:
         return []
@@ -341,12 +361,12 @@ class _FeedCollector:
         events = CounterMetricFamily(
             "s2sgw_revocation_feed_revocations", "Revocations received from the feed.", labels=["url"]
         )
-        source = self.source
-        value = source.age()
-        age.add_metric([source.url], float("nan") if value is None else value)
-        seq.add_metric([source.url], source.seq)
-        failures.add_metric([source.url], source.failures)
-        events.add_metric([source.url], source.revocations)
+        for source in self.sources:
+            value = source.age()
+            age.add_metric([source.url], float("nan") if value is None else value)
+            seq.add_metric([source.url], source.seq)
+            failures.add_metric([source.url], source.failures)
+            events.add_metric([source.url], source.revocations)
         yield age
         yield seq
         yield failures

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 from cryptography import x509
@@ -24,8 +24,18 @@ from zope.interface import implementer
 from s2sgw.interfaces import IStatusChecker
 from s2sgw.ops.metrics import MetricSet
 from s2sgw.interfaces import IStapleSource, IStatusCache, IStatusCacheStats, IStatusProbe
+from s2sgw.config import StatusConfig
+from s2sgw.status.responders import Responders
 from s2sgw.timeutil import utc
-from s2sgw.wire.http import MAX_RESPONSE_BYTES, ResponseTooLarge, http_client, read_limited
+from s2sgw.wire.failover import Failover
+from s2sgw.wire.http import (
+    KEEPALIVE_SECONDS,
+    MAX_RESPONSE_BYTES,
+    ResponseTooLarge,
+    http_client,
+    read_limited,
+    retry_on_fresh,
+)
 from s2sgw.wire.ocsp import (
     DEFAULT_LEEWAY,
     OCSP_REQUEST_TYPE,
@@ -107,6 +117,24 @@ class StatusMetrics(MetricSet):
 
 
 
+class _HTTPStatus(StatusUnavailable):
+    """The status server answered with an HTTP error code."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"status server answered HTTP {code}")
+        self.code = code
+
+
+def _next_server_might_answer(failure: Failure) -> bool:
+    """Connection errors, timeouts and 5xx answers move to the next server; answers that do not
+    verify and 4xx answers are the server's word and do not."""
+    if failure.check(StatusInvalid, ResponseTooLarge, defer.CancelledError):
+        return False
+    if failure.check(_HTTPStatus):
+        return failure.value.code >= 500
+    return True
+
+
 def _describe(failure: Failure) -> str:
     """One line for a transport failure; Agent wraps its causes in a list of Failures."""
     reasons = getattr(failure.value, "reasons", None)
@@ -129,18 +157,24 @@ class OCSPStatusChecker:
 
     Good and revoked answers are cached per (issuer key hash, serial) until their nextUpdate,
     capped at ``max_cache_age`` seconds, so repeated connections of one peer cost no query.
-    Concurrent checks of one certificate share one query.
+    Concurrent checks of one certificate share one query. A query whose kept-alive connection
+    the server closed under it is sent once more on a fresh connection (``fresh_http``). Queries go
+    to ``url`` (one URL or a list, with failover) or, with ``responders``, to the servers of the
+    root the certificate's issuer chains to.
     """
 
-    url: str
+    url: str | Sequence[str] | None
     clock: IReactorTime
     http: object = None  # treq-like: .post(url, data=, headers=); default treq over an Agent
+    fresh_http: object = None  # the same, one connection per request; default ``http`` if that is given
+    keepalive: float = KEEPALIVE_SECONDS  # idle kept-alive connections are closed after this
     timeout: float = 2.0
     max_cache_age: float = 300.0
     cache_size: int = 10000
     leeway: datetime.timedelta = DEFAULT_LEEWAY
     max_body: int = MAX_RESPONSE_BYTES
     nonce_source: Callable[[], bytes] = new_nonce
+    responders: Responders | None = None
     hits: int = 0
     misses: int = 0
     queries: int = 0
@@ -149,18 +183,40 @@ class OCSPStatusChecker:
     _revoked: collections.OrderedDict = attrs.field(init=False, factory=collections.OrderedDict)
     _inflight: dict = attrs.field(init=False, factory=dict)
     _pool: object = attrs.field(init=False, default=None)
+    _servers: Failover | None = attrs.field(init=False, default=None)
 
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
+        if self.url:
+            urls = (self.url,) if isinstance(self.url, str) else tuple(self.url)
+            self._servers = Failover(urls, self.clock, label="status server")
         if self.http is None:
-            self.http, self._pool = http_client(self.clock, max_per_host=4)
+            self.http, self._pool = http_client(self.clock, max_per_host=4, idle_timeout=self.keepalive)
+            if self.fresh_http is None:
+                self.fresh_http, _ = http_client(self.clock, persistent=False)
+        if self.fresh_http is None:
+            self.fresh_http = self.http
 
     def close(self) -> Deferred[None]:
         """Close kept-alive connections to the status server (a service's stopService)."""
+        if self._servers is not None:
+            self._servers.stop()
+        if self.responders is not None:
+            self.responders.stop()
         if self._pool is None:
             return defer.succeed(None)
         return self._pool.closeCachedConnections()
+
+    def configure(self, config: StatusConfig) -> None:
+        """Apply a reloaded ``[status]``: query timeout, cache limits and the responders."""
+        self.timeout = config.timeout
+        self.max_cache_age = config.max_cache_age
+        self.cache_size = config.cache_size
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        if self.responders is not None:
+            self.responders.configure(config)
 
     # -- IStatusChecker
 
@@ -280,6 +336,17 @@ class OCSPStatusChecker:
 
     # -- IStatusProbe
 
+    def in_use(self) -> str:
+        """The OCSP URL in use, per responder when there are several."""
+        if self.responders is not None:
+            entries = self.responders.status()
+            if len(entries) == 1:
+                return str(entries[0]["in_use"])
+            return ", ".join(
+                f"{entry['in_use']} (root {entry['root'][:16] if entry['root'] else 'default'})" for entry in entries
+            )
+        return self._servers.current if self._servers is not None else "none"
+
     def probe(self, leaf: x509.Certificate, issuer: x509.Certificate) -> Deferred[CertStatus]:
         """Ask about ``leaf`` past the cache, with a fresh nonce; store nothing (readiness probes)."""
         query = build_request(leaf, issuer, nonce=new_nonce())
@@ -290,18 +357,36 @@ class OCSPStatusChecker:
 
     # -- internals
 
+    def servers_for(self, issuer: x509.Certificate) -> Failover | None:
+        """The status servers that answer for certificates of ``issuer``."""
+        if self.responders is not None:
+            return self.responders.for_issuer(issuer)
+        return self._servers
+
     def _ask(self, query: OCSPQuery, issuer: x509.Certificate) -> Deferred[tuple[bytes, CertStatus]]:
-        """The one OCSP exchange: POST, read a bounded body, time out, verify -> (DER, status)."""
-        d = defer.maybeDeferred(
-            self.http.post,
-            self.url,
+        """The one OCSP exchange, on the server in use for ``issuer`` and, on connection errors and
+        timeouts, on the next ones -> (DER, status)."""
+        servers = self.servers_for(issuer)
+        if servers is None:
+            return defer.fail(StatusUnavailable("no status server is configured for this issuer"))
+        return servers.request(lambda url: self._exchange(url, query, issuer), _next_server_might_answer)
+
+    def _exchange(self, url: str, query: OCSPQuery, issuer: x509.Certificate) -> Deferred[tuple[bytes, CertStatus]]:
+        """POST (again on a fresh connection if a kept-alive one was closed under it), read a
+        bounded body, time out, verify -> (DER, status)."""
+        d = retry_on_fresh(lambda: self._post(self.http, url, query), lambda: self._post(self.fresh_http, url, query))
+        d.addCallback(self._read_body)
+        d.addTimeout(self.timeout, self.clock, onTimeoutCancel=self._timed_out)
+        d.addErrback(self._classify)
+        d.addCallback(lambda body: (body, self._verify(body, query, issuer)))
+        return d
+
+    def _post(self, http: object, url: str, query: OCSPQuery) -> Deferred[object]:
+        return http.post(
+            url,
             data=query.der,
             headers={b"Content-Type": [OCSP_REQUEST_TYPE], b"Accept": [b"application/ocsp-response"]},
         )
-        d.addCallback(self._read_body)
-        d.addTimeout(self.timeout, self.clock, onTimeoutCancel=self._timed_out)
-        d.addCallback(lambda body: (body, self._verify(body, query, issuer)))
-        return d
 
     def _query(self, key: tuple[bytes, int], query: OCSPQuery, issuer: x509.Certificate) -> None:
         started = self.clock.seconds()
@@ -317,7 +402,7 @@ class OCSPStatusChecker:
             code = response.code
 
             def refuse(_: object) -> None:
-                raise StatusUnavailable(f"status server answered HTTP {code}")
+                raise _HTTPStatus(code)
 
             body.addBoth(refuse)
         return body
