@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -40,14 +40,16 @@ class RouteService(Service):
     route: GatedRoute
     label: str
     drain: float
-    endpoint: Any = None  # IStreamServerEndpoint; None: the route's own listen address
+    # on_no_descriptors -> IStreamServerEndpoint; None: the route's own listen address
+    endpoint_for: Callable[[Any], Any] | None = None
     _log = Logger()
     _port: Any = attrs.field(default=None, init=False)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         failures: list = []
-        self.route.listen(self.endpoint).addCallbacks(self._listening, failures.append)
+        endpoint = None if self.endpoint_for is None else self.endpoint_for(self.route.gate.no_descriptors)
+        self.route.listen(endpoint).addCallbacks(self._listening, failures.append)
         if failures:
             # Endpoints bind synchronously: surface "address in use" and friends as a start-up error.
             failures[0].raiseException()
@@ -95,8 +97,9 @@ def build_gateway(
 ) -> tuple[MultiService, Gateway]:
     """Wire the status checker, the authorizer and one service per route.
 
-    ``listen_endpoints`` (route name -> server endpoint) replaces routes' listen addresses: a
-    worker process accepts on sockets its parent made (:mod:`s2sgw.workers`).
+    ``listen_endpoints`` (route name -> a callable from the route's out-of-descriptors hook to
+    a server endpoint) replaces routes' listen addresses: a worker process accepts on sockets
+    its parent made (:mod:`s2sgw.workers`).
 
     Metrics go to ``registry`` while the gateway runs (see :mod:`s2sgw.ops.metrics`): the counted
     ones are built here and handed to the parts that count; services add their own gauges.
@@ -144,8 +147,8 @@ def build_gateway(
                 outbound, trust_store, authorizer, reactor, config.timeouts, metrics=route_metrics
             )
     for name, route in routes.items():
-        endpoint = (listen_endpoints or {}).get(name)
-        RouteService(route, name, config.timeouts.drain, endpoint).setServiceParent(top)
+        endpoint_for = (listen_endpoints or {}).get(name)
+        RouteService(route, name, config.timeouts.drain, endpoint_for).setServiceParent(top)
     # Every reload (SIGHUP, timer, CRL refresh) also hands a new CRL to the status checker.
     reload = reload_following_crl(trust_store, checker)
     operations = Operations.build(

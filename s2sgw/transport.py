@@ -9,6 +9,7 @@ the ports and connectors this module creates.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -122,6 +123,22 @@ class EagerPort(tcp.Port):
         if on_no_descriptors is not None:
             self.on_no_descriptors = on_no_descriptors
             self._logger = Logger(namespace=tcp.Port._logger.namespace, observer=self._observe_accept)
+
+    @classmethod
+    def adopted(
+        cls,
+        reactor: Any,
+        fd: int,
+        family: int,
+        factory: IProtocolFactory,
+        on_no_descriptors: Callable[[Any], None] | None = None,
+    ) -> EagerPort:
+        """A port on an inherited listening socket (a worker's, see :mod:`s2sgw.workers`), like
+        ``reactor.adoptStreamPort``; works on a duplicate of ``fd``. Call ``startListening()``."""
+        sock = socket.fromfd(fd, family, cls.socketType)
+        port = cls(None, factory, None, sock.getsockname()[0], reactor, on_no_descriptors=on_no_descriptors)
+        port._preexistingSocket = sock  # as tcp.Port._fromListeningDescriptor does
+        return port
 
     def _observe_accept(self, event: dict[str, Any]) -> None:
         hook, text = self.on_no_descriptors, event.get("log_format")

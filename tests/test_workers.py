@@ -105,6 +105,32 @@ def test_an_address_something_listens_on_is_in_use_even_with_reuseport() -> None
     check_free(TCPListen(port, "127.0.0.1", 5))  # free again once closed
 
 
+def test_a_worker_adopts_its_socket_as_an_eager_port_that_hears_of_descriptor_shortage() -> None:
+    """The route's out-of-descriptors hook reaches the adopted port, as with its own endpoint."""
+    from twisted.internet.protocol import Factory
+
+    from s2sgw.reactor import DirectEventsReactor
+    from s2sgw.transport import EagerPort
+    from s2sgw.workers.sockets import AdoptedEndpoint
+
+    reactor = DirectEventsReactor()
+    (sock,) = reuseport_sockets(TCPListen(0, "127.0.0.1", 5), 1)
+    fd = os.dup(sock.fileno())  # what the worker inherits
+    heard: list = []
+    try:
+        ports: list = []
+        AdoptedEndpoint(reactor, fd, "inet", heard.append).listen(Factory()).addCallback(ports.append)
+        (port,) = ports
+        assert isinstance(port, EagerPort) and port.on_no_descriptors == heard.append
+        assert port.getHost().port == sock.getsockname()[1]
+        with pytest.raises(OSError):
+            os.fstat(fd)  # the inherited descriptor is closed once adopted: the port holds a duplicate
+        port.stopListening()
+    finally:
+        sock.close()
+        reactor._poller.close()
+
+
 def test_tcp_listen_descriptions_are_read_like_twisteds() -> None:
     assert TCPListen.parse("tcp:8443:interface=\\:\\:1:backlog=7") == TCPListen(8443, "::1", 7)
     assert TCPListen.parse("tcp:8443:interface=\\:\\:1").family == "inet6"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import signal
 import sys
 from collections.abc import Sequence
@@ -89,7 +90,10 @@ def build(args: argparse.Namespace, reactor: Any) -> Any:
     trust_store = TrustStore.load(config)
     probe = config.admin.probe_interval if config.admin is not None else 5.0
     worker_config = attrs.evolve(config, workers=1, admin=AdminConfig(args.admin, probe_interval=probe))
-    endpoints = {route: AdoptedEndpoint(reactor, fd, family) for route, (fd, family) in listen_fds(args.listen).items()}
+    endpoints = {
+        route: functools.partial(AdoptedEndpoint, reactor, fd, family)
+        for route, (fd, family) in listen_fds(args.listen).items()
+    }
     service, _ = build_gateway(worker_config, trust_store, reactor, listen_endpoints=endpoints)
     return service
 

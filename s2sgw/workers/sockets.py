@@ -11,6 +11,7 @@ same port. Workers adopt their sockets as the relay's eager ports (:mod:`s2sgw.t
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -99,10 +100,11 @@ class AdoptedEndpoint:
     reactor: Any
     fd: int
     family: str
+    on_no_descriptors: Callable[[Any], None] | None = None  # as for the route's own endpoint
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         try:
-            port = EagerPort._fromListeningDescriptor(self.reactor, self.fd, FAMILIES[self.family], factory)
+            port = EagerPort.adopted(self.reactor, self.fd, FAMILIES[self.family], factory, self.on_no_descriptors)
             port.startListening()
         except Exception:
             return fail()
