@@ -17,7 +17,7 @@ need_packages() {
         local sudo=""
         [ "$(id -u)" = 0 ] || sudo=sudo
         $sudo apt-get update -qq
-        # Install servers (nginx, haproxy, ...) as programs only: tests and benchmarks start their
+        # Install servers (nginx, haproxy, postgresql, ...) as programs only: tests and benchmarks start their
         # own instances on loopback ports, so keep the packages from starting system daemons.
         local guard=/usr/sbin/policy-rc.d
         local placed=""
@@ -59,13 +59,13 @@ case "$cmd" in
         exec s2sgw demo "$@"
         ;;
     test)
-        need_packages openssl curl nginx libnginx-mod-stream wrk
+        need_packages openssl curl nginx libnginx-mod-stream wrk postgresql
         setup_venv
         exec python -m pytest -q "$@"
         ;;
     bench)
         # Also HAProxy and nginx; nginx's stream module is its own package on Debian (libnginx-mod-stream).
-        need_packages openssl stunnel4 wrk iperf3 haproxy nginx libnginx-mod-stream
+        need_packages openssl stunnel4 wrk iperf3 haproxy nginx libnginx-mod-stream postgresql
         setup_venv
         exec python -m bench "$@"
         ;;

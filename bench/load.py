@@ -126,7 +126,10 @@ def _connect_worker(port: int, version: str | None, identity: tuple[str, str, st
     last_error = ""
     start = time.monotonic()
     measure_from, stop = start + warmup, start + warmup + seconds
+    cpu_from = None  # this client's own CPU over the measured window
     while (now := time.monotonic()) < stop:
+        if cpu_from is None and now >= measure_from:
+            cpu_from = time.process_time()
         sock = None
         try:
             sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -146,7 +149,9 @@ def _connect_worker(port: int, version: str | None, identity: tuple[str, str, st
             if sock is not None:
                 sock.close()
     latencies.sort()
-    return {"count": count, "errors": errors, "last_error": last_error, "latencies": latencies[:: max(1, len(latencies) // 2000)]}
+    cpu = time.process_time() - cpu_from if cpu_from is not None else 0.0
+    sampled = latencies[:: max(1, len(latencies) // 2000)]
+    return {"count": count, "errors": errors, "last_error": last_error, "latencies": sampled, "cpu_s": cpu}
 
 
 def connections(
@@ -177,6 +182,7 @@ def connections(
         "errors": errors,
         "p50_ms": 1000 * latencies[len(latencies) // 2],
         "cpu_us_per_connection": 1e6 * cpu / count if pids else None,
+        "client_cpu_cores": sum(result["cpu_s"] for result in results) / seconds,
     }
 
 

@@ -166,7 +166,7 @@ class Lab:
 
     # s2sgw
 
-    def _s2sgw_config(self, name: str, services: str, status: str = "off") -> Path:
+    def _s2sgw_config(self, name: str, services: str, status: str = "off", workers: int = 1) -> Path:
         if status == "off":
             status_table = 'mode = "off"'
         else:  # warm: answers reused for minutes; cold: every handshake asks the CA
@@ -174,22 +174,27 @@ class Lab:
             status_table = f'mode = "ocsp"\nurl = "http://127.0.0.1:{self.ca_port}/ocsp"\nmax_cache_age = {age}'
         path = self.work / f"{name}.toml"
         path.write_text(
-            f'trust = "{self.pki.bundle}"\n\n[status]\n{status_table}\n\n[timeouts]\nidle = 900\nhandshake = 30\n'
+            f'trust = "{self.pki.bundle}"\n' + (f"workers = {workers}\n" if workers != 1 else "")
+            + f'\n[status]\n{status_table}\n\n[timeouts]\nidle = 900\nhandshake = 30\n'
             + textwrap.dedent(services)
         )
         return path
 
-    def _twistd(self, name: str, config: Path, ports: list[int]):
+    def _twistd(self, name: str, config: Path, ports: list[int], reactor: str | None = None):
+        chosen = [f"--reactor={reactor}"] if reactor else []  # default: s2sgw's own (s2sgw.reactor)
         process = self.fleet.start(
             name,
             [str(BIN / "twistd"), "--nodaemon", "--pidfile=", f"--logfile={self.work / (name + '.log')}",
-             "s2sgw", "--config", str(config)],
+             *chosen, "s2sgw", "--config", str(config)],
         )  # fmt: skip
         for port in ports:
             wait_port_quietly(port, process, name, log=self.work / f"{name}.log")
         return process
 
-    def _s2sgw_inbound(self, name: str, routes: dict[str, tuple[int, int]], status: str = "off") -> None:
+    def _s2sgw_inbound(
+        self, name: str, routes: dict[str, tuple[int, int]], status: str = "off", workers: int = 1,
+        reactor: str | None = None,
+    ) -> None:
         blocks = "".join(
             f"""
             [[service.inbound]]
@@ -205,11 +210,14 @@ class Lab:
             f'\n[[service]]\nname = "server"\ncert = "{self.pki.cert("server")}"\nkey = "{self.pki.key("server")}"\n'
             + textwrap.dedent(blocks)
         )
-        self._twistd(name, self._s2sgw_config(name, service, status), [listen for listen, _ in routes.values()])
+        config = self._s2sgw_config(name, service, status, workers)
+        self._twistd(name, config, [listen for listen, _ in routes.values()], reactor)
 
-    def _start_s2sgw(self, backends: Backends) -> Pair:
+    def _start_s2sgw(self, backends: Backends, label: str = "s2sgw", reactor: str | None = None) -> Pair:
+        """The s2sgw pair; ``label`` names its processes, ``reactor`` is twistd's ``--reactor`` (default ours)."""
         p = self._ports()
-        self._s2sgw_inbound("s2sgw-in", {"http-in": (p["in_http"], backends.http), "iperf-in": (p["in_iperf"], backends.iperf)})
+        routes = {"http-in": (p["in_http"], backends.http), "iperf-in": (p["in_iperf"], backends.iperf)}
+        self._s2sgw_inbound(f"{label}-in", routes, reactor=reactor)
         blocks = "".join(
             f"""
             [[service.outbound]]
@@ -225,8 +233,23 @@ class Lab:
             f'\n[[service]]\nname = "client"\ncert = "{self.pki.cert("client")}"\nkey = "{self.pki.key("client")}"\n'
             + textwrap.dedent(blocks)
         )
-        self._twistd("s2sgw-out", self._s2sgw_config("s2sgw-out", service), [p["out_http"], p["out_iperf"]])
-        return Pair("s2sgw", p["out_http"], p["out_iperf"], p["in_http"], ("s2sgw-out", "s2sgw-in"))
+        self._twistd(f"{label}-out", self._s2sgw_config(f"{label}-out", service), [p["out_http"], p["out_iperf"]], reactor)
+        return Pair(label, p["out_http"], p["out_iperf"], p["in_http"], (f"{label}-out", f"{label}-in"))
+
+    def start_s2sgw_variant(self, label: str, reactor: str | None) -> Pair:
+        """A second s2sgw pair beside the first, under twistd's ``--reactor`` (e.g. ``epoll``)."""
+        if self.backends is None:
+            raise BenchError("start the backends first")
+        self.pairs[label] = pair = self._start_s2sgw(self.backends, label, reactor)
+        return pair
+
+    def start_s2sgw_inbound(self, label: str, workers: int) -> int:
+        """An extra s2sgw inbound listener (status off) run by ``workers`` worker processes; its port."""
+        if self.backends is None:
+            raise BenchError("start the backends first")
+        port = free_port()
+        self._s2sgw_inbound(label, {f"http-{label}": (port, self.backends.http)}, workers=workers)
+        return port
 
     def start_s2sgw_status(self, mode: str) -> int:
         """An extra s2sgw inbound listener whose status check asks the CA (``warm`` or ``cold`` cache)."""

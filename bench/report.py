@@ -92,6 +92,32 @@ def summarize(figures: dict) -> list[Row]:
         rows.append(_row("   idle connections held", f, "connections", 0))
     if "est" in figures:
         rows.extend(summarize_est(figures["est"]))
+    if "workers" in figures:
+        rows.extend(summarize_workers(figures["workers"]))
+    return rows
+
+
+def summarize_workers(workers: dict) -> list[Row]:
+    """bench/workers_bench.py: per-event cost beside stunnel, and one inbound gateway with 2 workers vs 1."""
+    rows: list[Row] = []
+    requests = workers.get("requests", {}).get("median", {})
+    if requests:
+        for key, label, digits in (("rps", "7. small requests, req/s", 0), ("cpu_us_per_request", "   pair CPU, us per request", 1)):
+            ours, stock, stunnel = (requests.get(n, {}).get(key) for n in ("s2sgw", "s2sgw-epoll", "stunnel"))
+            rows.append(Row(f"{label} (s2sgw reactor)", {"s2sgw": ours, "stunnel": stunnel}, digits, ratio(ours, stunnel)))
+            rows.append(Row("   same, Twisted's epoll reactor", {"s2sgw": stock, "stunnel": stunnel}, digits, ratio(stock, stunnel)))
+    handshakes = workers.get("handshakes", {}).get("median", {})
+    if handshakes:
+        one, two = handshakes.get("workers=1", {}), handshakes.get("workers=2", {})
+        speedup = ratio(two.get("per_s"), one.get("per_s"))
+        rows.append(Row(f"8. new mTLS conns/s, 1 worker (client CPU {one.get('client_cpu_cores', 0):.2f} cores)", {"s2sgw": one.get("per_s")}, 0))
+        rows.append(
+            Row(
+                f"   2 workers (client CPU {two.get('client_cpu_cores', 0):.2f} cores)", {"s2sgw": two.get("per_s")}, 0,
+                target=f">= 1.5x 1 worker (is {speedup:.2f}x)" if speedup else ">= 1.5x 1 worker",
+                met=speedup >= 1.5 if speedup else None,
+            )
+        )  # fmt: skip
     return rows
 
 

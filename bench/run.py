@@ -32,8 +32,8 @@ from bench import load, report
 from bench.procs import BenchError, Fleet, raise_nofile
 from bench.proxies import PAIRS, Lab, Pair
 
-FIGURES = ("throughput", "handshakes", "requests", "idle", "ocsp", "est")
-ALONE = ("ocsp", "est")  # figures with processes of their own, measured after the pairs stop
+FIGURES = ("throughput", "handshakes", "requests", "idle", "ocsp", "est", "workers")
+ALONE = ("ocsp", "est", "workers")  # figures with processes of their own, measured after the pairs stop
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -199,6 +199,21 @@ class Bench:
         for line in lines[:-1]:
             say(f"  {line}")
         self.figures["est"] = json.loads(lines[-1])
+
+    def workers(self) -> None:
+        """bench/workers_bench.py: s2sgw's reactor vs Twisted's beside stunnel; 2 workers vs 1."""
+        from bench import workers_bench
+
+        argv = ["--runs", str(self.args.runs), "--seconds", str(min(self.args.seconds, 5.0)), "--json"]
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
+            code = workers_bench.main(argv)
+        lines = captured.getvalue().splitlines()
+        if code != 0 or not lines:
+            raise BenchError(f"workers_bench exited with {code}")
+        for line in lines[:-1]:
+            say(f"  {line}")
+        self.figures["workers"] = json.loads(lines[-1])
 
 
 def _brief(figures: dict) -> str:

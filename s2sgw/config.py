@@ -156,6 +156,7 @@ class GatewayConfig:
     admin: AdminConfig | None = None
     expiry_warning: float = 0.2  # warn when this fraction of a certificate's lifetime is left
     enrollment: EnrollmentConfig | None = None
+    workers: int = 1  # processes accepting on the same listening sockets (s2sgw.workers); "auto" = CPUs
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,8 +403,11 @@ class _Parser:
         self.table(
             data,
             "",
-            {"trust", "reload_interval", "expiry_warning", "status", "timeouts", "admin", "enrollment", "service"},
-        )
+            {
+                "trust", "reload_interval", "expiry_warning", "status", "timeouts", "admin", "enrollment", "service",
+                "workers",
+            },
+        )  # fmt: skip
         trust = self.required(data, "trust", "", self.existing_file)
         reload_interval = self.optional(data, "reload_interval", "", self.seconds, None)
         status = self.status(data.get("status", {}))
@@ -430,6 +434,9 @@ class _Parser:
             ),
             "route name",
         )
+        workers = self.optional(data, "workers", "", self.workers, 1)
+        if workers > 1:
+            self.check_workers(services, enrollment is not None)
         return GatewayConfig(
             path=self.path,
             trust=trust,
@@ -440,7 +447,31 @@ class _Parser:
             admin=admin,
             expiry_warning=expiry_warning,
             enrollment=enrollment,
+            workers=workers,
         )
+
+    def workers(self, value: Any, key: str) -> int:
+        """A count, or "auto": as many as the machine has CPUs."""
+        if value == "auto":
+            import os
+
+            return os.cpu_count() or 1
+        return self.count(value, key)
+
+    def check_workers(self, services: tuple[ServiceConfig, ...], enrolled: bool) -> None:
+        """Workers share tcp: listening sockets (one SO_REUSEPORT socket per worker)."""
+        from twisted.internet.endpoints import _parseServer
+
+        if enrolled:
+            raise self.fail("workers", "more than one worker cannot renew certificates ([enrollment]) yet")
+        for i, service in enumerate(services):
+            for kind, routes in (("inbound", service.inbound), ("outbound", service.outbound)):
+                for j, route in enumerate(routes):
+                    if _parseServer(route.listen, None)[0] != "TCP":
+                        raise self.fail(
+                            f"service[{i}].{kind}[{j}].listen",
+                            f"{route.listen!r}: with more than one worker, listen addresses must be tcp:",
+                        )
 
     def enrollment(self, value: Any) -> EnrollmentConfig:
         from s2sgw.wire.est import WireFormatError, normalize_fingerprint

@@ -190,3 +190,61 @@ class ITrustStore(IConnectionCreators):
 
     def check_crl_bytes(data: bytes, source: str = "fetched CRL"):  # -> x509.CertificateRevocationList
         """Check a CRL before it is written, as a reload would; raise ConfigError if it fails."""
+
+
+class ICAStore(Interface):
+    """The CA's durable state: the SQLite file of one directory, or a PostgreSQL database that
+    several status servers share. Blocking: call from threads, never on a reactor."""
+
+    def meta():  # -> dict[str, object]
+        """Schema version, trust domain, key type, URL and the counters; StoreError if not ours."""
+
+    def migrate() -> None:
+        """Bring a store made by an earlier version up to this schema (no-op when current)."""
+
+    def keep_open() -> None:
+        """Get ready for a long-running server (open what a server keeps open; fail early)."""
+
+    def insert(row, *, claim=None) -> None:
+        """Record a signed certificate; SerialInUse if the serial was taken. ``claim(connection, row)``
+        runs first in the same transaction (a token spent); if it raises, nothing is recorded."""
+
+    def get(serial: int, kind: str = "leaf"):  # -> Row | None
+        """One certificate by serial."""
+
+    def rows(kind: str = "leaf"):  # -> list[Row]
+        """Every certificate of a kind, oldest first."""
+
+    def revoked_since(seq: int):  # -> list[Row]
+        """Revocations with a sequence number above ``seq``, in order (contiguous from 1)."""
+
+    def revoke(*, name, serial, reason: str, revoked_at: datetime.datetime):  # -> list[Row]
+        """Revoke the matching unrevoked leaves in one transaction; NotRevocable if none."""
+
+    def revoke_intermediate(serial: int, *, reason: str, revoked_at: datetime.datetime):  # -> Row
+        """Mark an issuing CA revoked (for the root's CRL); NotRevocable if unknown or revoked."""
+
+    def next_crl_number():  # -> tuple[int, list[Row]]
+        """A CRL number greater than every one taken before, with every revoked leaf."""
+
+    def crl_number() -> int:
+        """The last CRL number taken (0 before the first)."""
+
+    def publish_crl(number: int, der: bytes) -> None:
+        """Offer a signed CRL to the other status servers on this store (kept if the highest)."""
+
+    def published_crl(above: int):  # -> tuple[int, bytes] | None
+        """The highest CRL a status server published, if numbered above ``above``."""
+
+    def change_marker() -> int:
+        """A counter bumped by every issue, revoke and CRL number taken."""
+
+    def transaction():  # -> context manager of a connection taking "?" placeholders
+        """A write transaction for tables beside the certificates (enrollment tokens)."""
+
+    def connection():  # -> context manager of a connection taking "?" placeholders
+        """A connection for reads outside a transaction."""
+
+    def watch(on_change, on_error):  # -> Callable[[], None] | None
+        """Call ``on_change`` from a thread after each committed change, if the store can push;
+        returns a stop function, or None when the server must poll."""

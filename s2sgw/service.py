@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -41,6 +42,8 @@ class RouteService(Service):
     route: GatedRoute
     label: str
     drain: float
+    # on_no_descriptors -> IStreamServerEndpoint; None: the route's own listen address
+    endpoint_for: Callable[[Any], Any] | None = None
     _log = Logger()
     _port: Any = attrs.field(default=None, init=False)
     _stopped: bool = attrs.field(default=False, init=False)
@@ -49,7 +52,8 @@ class RouteService(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         failures: list = []
-        self.route.listen().addCallbacks(self._listening, failures.append)
+        endpoint = None if self.endpoint_for is None else self.endpoint_for(self.route.gate.no_descriptors)
+        self.route.listen(endpoint).addCallbacks(self._listening, failures.append)
         if failures:
             # Endpoints bind synchronously: "address in use" and friends stop the start, in one line.
             route = self.route.route
@@ -108,9 +112,17 @@ class Gateway:
 
 
 def build_gateway(
-    config: GatewayConfig, trust_store: TrustStore, reactor: Any, registry: CollectorRegistry = REGISTRY
+    config: GatewayConfig,
+    trust_store: TrustStore,
+    reactor: Any,
+    registry: CollectorRegistry = REGISTRY,
+    listen_endpoints: Mapping[str, Any] | None = None,
 ) -> tuple[MultiService, Gateway]:
     """Wire the status checker, the authorizer and one service per route.
+
+    ``listen_endpoints`` (route name -> a callable from the route's out-of-descriptors hook to
+    a server endpoint) replaces routes' listen addresses: a worker process accepts on sockets
+    its parent made (:mod:`s2sgw.workers`).
 
     Metrics go to ``registry`` while the gateway runs (see :mod:`s2sgw.ops.metrics`): the counted
     ones are built here and handed to the parts that count; services add their own gauges.
@@ -167,7 +179,10 @@ def build_gateway(
             routes[outbound.name] = OutboundConnector(
                 outbound, trust_store, authorizer, reactor, config.timeouts, metrics=route_metrics
             )
-    route_services = [RouteService(route, name, config.timeouts.drain) for name, route in routes.items()]
+    route_services = [
+        RouteService(route, name, config.timeouts.drain, (listen_endpoints or {}).get(name))
+        for name, route in routes.items()
+    ]
     for route_service in route_services:
         route_service.setServiceParent(top)
     # Every reload (SIGHUP, timer, CRL refresh) also hands a new CRL to the status checker.

@@ -49,7 +49,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from s2sgw.service import build_gateway
 
     if reactor is None:
-        from twisted.internet import reactor
+        from s2sgw.reactor import current_or_install  # ours unless --reactor chose one
+
+        reactor = current_or_install()
+    if options.config.workers > 1:
+        from s2sgw.workers.parent import build_parent
+
+        return build_parent(options.config, reactor)
     service, _ = build_gateway(options.config, options.trust_store, reactor)
     top = MultiService()
     # First to start (the log is set up before anything binds) and last to stop.

@@ -9,6 +9,7 @@ the ports and connectors this module creates.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -90,9 +92,13 @@ class _EagerWrites:
 class EagerServer(_EagerWrites, tcp.Server):
     """An accepted TCP connection that writes eagerly."""
 
+    direct_events = True  # no per-event logging context (s2sgw.reactor)
+
 
 class EagerClient(_EagerWrites, tcp.Client):
     """An outgoing TCP connection that writes eagerly."""
+
+    direct_events = True  # no per-event logging context (s2sgw.reactor)
 
 
 # Twisted's accept loop reports a connection it had to close for lack of descriptors (EMFILE:
@@ -111,6 +117,7 @@ class EagerPort(tcp.Port):
     """
 
     transport = EagerServer
+    direct_events = True  # no per-event logging context (s2sgw.reactor)
     on_no_descriptors: Callable[[Any], None] | None = None
 
     def __init__(self, *args: Any, on_no_descriptors: Callable[[Any], None] | None = None, **kwargs: Any) -> None:
@@ -118,6 +125,22 @@ class EagerPort(tcp.Port):
         if on_no_descriptors is not None:
             self.on_no_descriptors = on_no_descriptors
             self._logger = Logger(namespace=tcp.Port._logger.namespace, observer=self._observe_accept)
+
+    @classmethod
+    def adopted(
+        cls,
+        reactor: Any,
+        fd: int,
+        family: int,
+        factory: IProtocolFactory,
+        on_no_descriptors: Callable[[Any], None] | None = None,
+    ) -> EagerPort:
+        """A port on an inherited listening socket (a worker's, see :mod:`s2sgw.workers`), like
+        ``reactor.adoptStreamPort``; works on a duplicate of ``fd``. Call ``startListening()``."""
+        sock = socket.fromfd(fd, family, cls.socketType)
+        port = cls(None, factory, None, sock.getsockname()[0], reactor, on_no_descriptors=on_no_descriptors)
+        port._preexistingSocket = sock  # as tcp.Port._fromListeningDescriptor does
+        return port
 
     def _observe_accept(self, event: dict[str, Any]) -> None:
         hook, text = self.on_no_descriptors, event.get("log_format")
@@ -386,10 +409,20 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
         self._flushSendBIO()
 
 
+def dial_factory(build: Any) -> Factory:
+    """A factory for one outgoing connection of the relay, without Twisted's "Starting factory"
+    and "Stopping factory" log events: two per relayed connection, formatted and written for
+    nothing (the audit event says what happened)."""
+    factory = Factory.forProtocol(build)
+    factory.noisy = False
+    return factory
+
+
 class TLSFactory(TLSMemoryBIOFactory):
     """``TLSMemoryBIOFactory`` whose connections send each write at once (no aggregation)."""
 
     protocol = HalfCloseTLSProtocol
+    noisy = False  # one per dialled connection on outbound routes: see dial_factory
 
     def __init__(
         self,

@@ -51,3 +51,26 @@ def logged_errors():
     unexpected = observer.unexpected()
     if unexpected:
         pytest.fail("errors were logged:\n" + "\n---\n".join(unexpected), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One PostgreSQL cluster for the session (initdb as an unprivileged user, a free port)."""
+    from tests.pgcluster import running_cluster
+
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_url(pg_cluster) -> str:
+    """The URL of a fresh, empty database in the session's cluster."""
+    return pg_cluster.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ca_store(request) -> str | None:
+    """Each CA store in turn: None (the directory's own SQLite file), then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("pg_url")

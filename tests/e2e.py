@@ -251,3 +251,18 @@ class ClientLoop:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+
+def receive_notification(sock: socket.socket, wanted: str, timeout: float = 20.0) -> dict[str, str]:
+    """The next sd_notify message on ``sock`` containing the field ``wanted`` (KEY=VALUE lines),
+    skipping others (STATUS updates)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            data = sock.recv(4096)
+        except TimeoutError:
+            raise AssertionError(f"no {wanted} notification within {timeout} s") from None
+        fields = dict(line.split("=", 1) for line in data.decode("utf-8").splitlines())
+        if wanted in fields:
+            return fields

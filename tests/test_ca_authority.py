@@ -27,7 +27,12 @@ NOW = datetime.datetime(2026, 1, 15, 12, 0, 0, tzinfo=datetime.timezone.utc)
 
 
 @pytest.fixture
-def ca(tmp_path: Path) -> CertificateAuthority:
+def ca(tmp_path: Path, ca_store: str | None) -> CertificateAuthority:
+    return CertificateAuthority.init(tmp_path / "ca", DOMAIN, url="http://127.0.0.1:8080", store=ca_store)
+
+
+@pytest.fixture
+def sqlite_ca(tmp_path: Path) -> CertificateAuthority:
     return CertificateAuthority.init(tmp_path / "ca", DOMAIN, url="http://127.0.0.1:8080")
 
 
@@ -42,8 +47,9 @@ def _openssl(*args: str | Path) -> subprocess.CompletedProcess[str]:
 # -- init ------------------------------------------------------------------------------------
 
 
-def test_init_writes_every_file_with_keys_readable_only_by_the_owner(ca: CertificateAuthority) -> None:
+def test_init_writes_every_file_with_keys_readable_only_by_the_owner(sqlite_ca: CertificateAuthority) -> None:
     """A CA directory holds root, intermediate, OCSP signer, bundle and database; keys are 0600."""
+    ca = sqlite_ca
     for name in CA_FILES:
         assert (ca.directory / name).is_file(), name
     for name in ("root.key", "intermediate.key", "ocsp.key", "ca.db"):
@@ -133,7 +139,8 @@ def test_open_refuses_a_key_that_does_not_match_its_certificate(ca: CertificateA
         CertificateAuthority.open(ca.directory)
 
 
-def test_open_refuses_a_corrupted_database(ca: CertificateAuthority) -> None:
+def test_open_refuses_a_corrupted_database(sqlite_ca: CertificateAuthority) -> None:
+    ca = sqlite_ca
     (ca.directory / "ca.db").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(CAError):
         CertificateAuthority.open(ca.directory)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import psycopg
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -139,8 +140,10 @@ def est_log() -> Iterator[list[str]]:
     globalLogPublisher.removeObserver(observe)
 
 
-def make_harness(tmp_path: Path, est_log: list[str], *, limit: int = 10, url: str | None = None) -> Harness:
-    ca = CertificateAuthority.init(tmp_path / "ca", DOMAIN, url=url)
+def make_harness(
+    tmp_path: Path, est_log: list[str], *, limit: int = 10, url: str | None = None, store: str | None = None
+) -> Harness:
+    ca = CertificateAuthority.init(tmp_path / "ca", DOMAIN, url=url, store=store)
     clock = task.Clock()
     clock.advance(datetime.datetime.now(datetime.timezone.utc).timestamp())
     tokens = TokenBook(ca.store)
@@ -156,8 +159,8 @@ def make_harness(tmp_path: Path, est_log: list[str], *, limit: int = 10, url: st
 
 
 @pytest.fixture
-def h(tmp_path: Path, est_log: list[str]) -> Harness:
-    return make_harness(tmp_path, est_log, url="http://127.0.0.1:8080")
+def h(tmp_path: Path, est_log: list[str], ca_store: str | None) -> Harness:
+    return make_harness(tmp_path, est_log, url="http://127.0.0.1:8080", store=ca_store)
 
 
 # -- cacerts --------------------------------------------------------------------------------
@@ -454,10 +457,14 @@ def test_an_oversized_body_is_refused_with_413_and_a_log_line(h: Harness) -> Non
     assert h.rows() == 0
 
 
-def test_a_broken_store_answers_500_and_logs_the_failure(h: Harness, logged_errors: Any) -> None:
+def test_a_broken_store_answers_500_and_logs_the_failure(h: Harness, logged_errors: Any, ca_store: str | None) -> None:
     logged_errors.expect("EST simpleenroll failed")
     token = h.token("orders")
-    (h.ca.directory / "ca.db").unlink()
+    if ca_store is None:
+        (h.ca.directory / "ca.db").unlink()
+    else:
+        with psycopg.connect(ca_store, autocommit=True) as connection:
+            connection.execute("DROP TABLE certificates")
 
     response, _ = h.enroll("orders", token)
 

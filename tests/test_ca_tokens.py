@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -22,8 +23,8 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
-def ca(tmp_path: Path) -> CertificateAuthority:
-    return CertificateAuthority.init(tmp_path / "ca", DOMAIN)
+def ca(tmp_path: Path, ca_store: str | None) -> CertificateAuthority:
+    return CertificateAuthority.init(tmp_path / "ca", DOMAIN, store=ca_store)
 
 
 @pytest.fixture
@@ -42,12 +43,20 @@ def spend(ca: CertificateAuthority, book: TokenBook, token: str, name: str, now:
     return record.serial
 
 
-def test_the_store_keeps_only_the_hash_of_a_token(ca: CertificateAuthority, book: TokenBook) -> None:
-    """Neither the token nor any 16-character piece of it is in ca.db; its SHA-256 is."""
+def test_the_store_keeps_only_the_hash_of_a_token(
+    ca: CertificateAuthority, book: TokenBook, ca_store: str | None
+) -> None:
+    """Neither the token nor any 16-character piece of it is in the store; its SHA-256 is."""
     token = book.create("orders", now=NOW)
-    raw = (ca.directory / "ca.db").read_bytes() + b"".join(
-        p.read_bytes() for p in ca.directory.glob("ca.db-*")
-    )
+    if ca_store is None:
+        raw = (ca.directory / "ca.db").read_bytes() + b"".join(
+            p.read_bytes() for p in ca.directory.glob("ca.db-*")
+        )
+    else:
+        with psycopg.connect(ca_store) as connection:
+            rows = connection.execute("SELECT t::text FROM enrollment_tokens t").fetchall()
+        raw = "".join(text for (text,) in rows).encode()
+        assert digest(token).encode() in raw
     assert token.startswith("s2sgw_") and len(token) >= 40
     secret = token.removeprefix("s2sgw_").encode()
     assert not any(secret[i : i + 16] in raw for i in range(len(secret) - 15))
@@ -198,7 +207,8 @@ def _downgrade_to_version_1(ca: CertificateAuthority) -> None:
         connection.close()
 
 
-def test_a_version_1_store_is_migrated_on_open_keeping_its_certificates(ca: CertificateAuthority) -> None:
+def test_a_version_1_store_is_migrated_on_open_keeping_its_certificates(tmp_path: Path) -> None:
+    ca = CertificateAuthority.init(tmp_path / "ca", DOMAIN)  # version 1 existed in SQLite only
     issued = ca.issue("orders").record
     _downgrade_to_version_1(ca)
     with pytest.raises(StoreError):

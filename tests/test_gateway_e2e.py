@@ -120,6 +120,22 @@ def test_request_passes_outbound_then_inbound_to_the_backend(world: World) -> No
     world.procs.wait_audit("callers-gw", "orders-to-users", "outcome=closed", "peer=spiffe://e2e.s2sgw.test/users")
 
 
+def test_gateways_run_on_s2sgws_reactor_unless_told_otherwise(world: World) -> None:
+    """``twistd s2sgw`` without ``--reactor`` runs the relay without per-event logging contexts."""
+    for name in ("users-gw", "callers-gw"):
+        assert "reactor class: s2sgw.reactor.DirectEventsReactor" in world.procs.log(name)
+
+
+def test_relayed_connections_log_no_factory_start_and_stop_lines(world: World) -> None:
+    """Each dial used to log "Starting factory" and "Stopping factory"; the audit line says it all."""
+    assert curl(world.url("orders", "api/users/1")).returncode == 0
+    world.procs.wait_audit("callers-gw", "orders-to-users", "outcome=closed")
+    for name in ("users-gw", "callers-gw"):
+        log = world.procs.log(name)
+        assert "twisted.internet.protocol.Factory object" not in log
+        assert "TLSFactory" not in log
+
+
 def test_caller_not_on_the_allow_list_is_refused(world: World) -> None:
     """billing holds a good certificate, but users only admits orders and reports."""
     result = curl(world.url("billing", "api/users/1"))

@@ -33,6 +33,7 @@ from tests.e2e import (
     gateway_config,
     service_block,
 )
+from tests.e2e import receive_notification as receive
 
 pytestmark = pytest.mark.e2e
 
@@ -293,20 +294,6 @@ def test_reload_counts_show_in_metrics(world: World) -> None:
 
 
 # -- systemd notify ---------------------------------------------------------------------------
-
-
-def receive(sock: socket.socket, wanted: str, timeout: float = 20.0) -> dict[str, str]:
-    """The next message containing the field ``wanted`` (KEY=VALUE lines), skipping STATUS updates."""
-    deadline = time.monotonic() + timeout
-    while True:
-        sock.settimeout(max(0.05, deadline - time.monotonic()))
-        try:
-            data = sock.recv(4096)
-        except TimeoutError:
-            raise AssertionError(f"no {wanted} notification within {timeout} s") from None
-        fields = dict(line.split("=", 1) for line in data.decode("utf-8").splitlines())
-        if wanted in fields:
-            return fields
 
 
 def test_gateway_notifies_systemd_of_ready_reloading_and_stopping(world: World, tmp_path: Path) -> None:

@@ -44,6 +44,8 @@ def test_the_wheel_installs_units_example_and_docs_under_share_s2sgw(tmp_path: P
         "share/s2sgw/gateway.example.toml",
         "share/s2sgw/systemd/s2sgw@.service",
         "share/s2sgw/systemd/s2sgw-ca.service",
+        "share/s2sgw/nginx/s2sgw-ca-cache.conf",
+        "share/s2sgw/docs/replicas.rst",
         "share/s2sgw/docs/README.rst",
         "share/s2sgw/docs/operations.rst",
         "share/s2sgw/docs/configuration.rst",

@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from s2sgw.ca.authority import CertificateAuthority
+from s2sgw.serials import serial_text
 from tests.e2e import TRUST_DOMAIN, Pki, Processes, free_port
 from tests.reloadkit import ANSWER, ClientLoop, config_text, get, inbound, outbound, reloaded
 
@@ -116,7 +117,7 @@ def test_trust_anchor_rotation_in_ocsp_mode_fails_no_request(tmp_path: Path) -> 
         new_ca.write_identity(new_ca.issue("users"), pki.certs)
         reload("users-gw", 3)
         client.wait_for(20)
-        users_serial = f"{x509.load_pem_x509_certificate((pki.certs / 'users.pem').read_bytes()).serial_number:x}"
+        users_serial = serial_text(x509.load_pem_x509_certificate((pki.certs / 'users.pem').read_bytes()).serial_number)
         procs.wait_audit("callers-gw", "orders-to-users", "outcome=closed", f"serial={users_serial} ")
         new_ca.write_identity(new_ca.issue("orders"), pki.certs)
         reload("callers-gw", 3)

@@ -1,7 +1,7 @@
 """The certificate authority as a library: init, issue, revoke, CRLs, status look-ups.
 
 The ``s2sgw ca`` commands, the status server and the demo all drive this one class. It is
-synchronous (key generation, files, SQLite): on a reactor, call it through ``deferToThread``.
+synchronous (key generation, files, the store): on a reactor, call it through ``deferToThread``.
 An instance holds only immutable material and opens a new database connection per call,
 so one instance may be shared by threads.
 
@@ -9,15 +9,16 @@ A CA directory holds ``root.pem`` (and ``root.key`` unless ``init`` wrote the ro
 elsewhere: it belongs offline), ``intermediate.pem intermediate.key`` (the issuing CA),
 ``ocsp.pem ocsp.key`` (the delegated OCSP signer), ``bundle.pem`` (the trust bundle: the root),
 ``ca.db``, and while an issuing CA is being replaced ``previous/SERIAL/``. ``ca.db`` appears
-last, so a directory with it is a complete CA. Keys may be encrypted (:mod:`s2sgw.ca.passphrase`).
+last, so a directory with it is a complete CA. A directory whose state is in PostgreSQL holds
+``store.url`` in its place (:mod:`s2sgw.ca.stores`). Keys may be encrypted (:mod:`s2sgw.ca.passphrase`).
 """
 
 from __future__ import annotations
 
 import datetime
-import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 from cryptography import x509
@@ -71,7 +72,9 @@ from s2sgw.ca.inputs import (
 )
 from s2sgw.ca.passphrase import Passphrase, encrypted_pem
 from s2sgw.ca.records import CertRecord, IssuedIdentity, row_for, san_strings
-from s2sgw.ca.store import LEAF, CAError, CAStore, Row, SerialInUse
+from s2sgw.ca.store import LEAF, CAError, Row, SerialInUse
+from s2sgw.ca.stores import STORE_FILE, check_store_owner, check_store_url, open_store
+from s2sgw.interfaces import ICAStore
 
 __all__ = [
     "KEY_TYPES",
@@ -118,7 +121,7 @@ class CertificateAuthority:
     intermediate_key: PrivateKey = attrs.field(repr=False)
     ocsp_cert: x509.Certificate
     ocsp_key: PrivateKey = attrs.field(repr=False)
-    store: CAStore = attrs.field(repr=False)
+    store: ICAStore = attrs.field(repr=False)
     serial_source: Callable[[], int] = attrs.field(default=random_serial, repr=False, kw_only=True)
     # Issuing CAs replaced by ``s2sgw ca intermediate`` and not yet retired, oldest first.
     previous: tuple[IssuingCA, ...] = attrs.field(default=(), repr=False, kw_only=True)
@@ -138,11 +141,13 @@ class CertificateAuthority:
         now: datetime.datetime | None = None,
         root_key_out: Path | str | None = None,
         passphrase: Passphrase | None = None,
+        store: str | None = None,
     ) -> CertificateAuthority:
         """Create root, intermediate and OCSP signer in ``directory`` (new or empty of CA files).
 
         With ``root_key_out`` the root's key goes to that file (outside ``directory``, not there
-        yet) and the directory holds only what the online CA needs.
+        yet) and the directory holds only what the online CA needs. The state goes to
+        ``DIR/ca.db``, or to the empty PostgreSQL database ``store`` names.
         """
         directory = Path(directory)
         validate_trust_domain(trust_domain)
@@ -151,7 +156,9 @@ class CertificateAuthority:
             url = validate_url(url)
         if directory.exists() and not directory.is_dir():
             raise CAError(f"{directory} is not a directory")
-        existing = [name for name in CA_FILES if (directory / name).exists()]
+        if store is not None:
+            store = check_store_url(store)
+        existing = [name for name in (*CA_FILES, STORE_FILE) if (directory / name).exists()]
         if existing:
             raise CAError(f"{directory} already holds a CA ({existing[0]} exists)")
 
@@ -162,26 +169,28 @@ class CertificateAuthority:
             if root_key_out.exists() or root_key_out.is_symlink():
                 raise CAError(f"{root_key_out} already exists; a root key is never overwritten")
         create_ca_files(
-            directory, trust_domain, key_type, url, _utc(now), root_key_out=root_key_out, passphrase=passphrase
+            directory, trust_domain, key_type, url, _utc(now), root_key_out=root_key_out, passphrase=passphrase,
+            store_url=store,
         )
         return cls.open(directory, passphrase)
 
     @classmethod
-    def open(cls, directory: Path | str, passphrase: Passphrase | None = None) -> CertificateAuthority:
+    def open(
+        cls, directory: Path | str, passphrase: Passphrase | None = None, *, store: str | None = None
+    ) -> CertificateAuthority:
         """Load a CA directory; CAError if it is not one or its material is missing or corrupt,
         or a key is encrypted and ``passphrase`` does not open it. Decrypting is slow CPU work:
-        a server opens its directory before its reactor runs."""
+        a server opens its directory before its reactor runs. ``store`` (a postgresql:// URL)
+        replaces the store the directory records."""
         directory = Path(directory)
         if not directory.is_dir():
             raise CAError(f"{directory} is not a directory")
-        database = directory / DATABASE
-        if not database.is_file():
-            raise CAError(f"{directory} is not a CA directory (no {DATABASE}; run `s2sgw ca init`)")
-        store = CAStore(database)
-        store.migrate()
-        meta = store.meta()
+        opened = open_store(directory, directory / DATABASE, store)
+        opened.migrate()
+        meta = opened.meta()
         root_cert = load_cert(directory / ROOT_CERT, "root certificate")
         intermediate_cert = load_cert(directory / INTERMEDIATE_CERT, "intermediate certificate")
+        check_store_owner(meta, root_cert, directory)
         ocsp_cert = load_cert(directory / OCSP_CERT, "OCSP signer certificate")
         intermediate_key = load_key(directory / INTERMEDIATE_KEY, intermediate_cert, "CA key", passphrase)
         ocsp_key = load_key(directory / OCSP_KEY, ocsp_cert, "OCSP signer key", passphrase)
@@ -196,7 +205,7 @@ class CertificateAuthority:
             intermediate_key=intermediate_key,
             ocsp_cert=ocsp_cert,
             ocsp_key=ocsp_key,
-            store=store,
+            store=opened,
             previous=tuple(  # a copy of the current one left by an interrupted rotation is not another CA
                 p for p in load_previous(directory, ISSUING_FILES, passphrase)
                 if p.cert.serial_number != intermediate_cert.serial_number
@@ -289,7 +298,7 @@ class CertificateAuthority:
         lifetime: datetime.timedelta,
         now: datetime.datetime | None = None,
         issued_via: str = "cli",
-        claim: Callable[[sqlite3.Connection, Row], None] | None = None,
+        claim: Callable[[Any, Row], None] | None = None,
     ) -> CertRecord:
         """Sign and record a leaf for ``public_key`` (made elsewhere: by ``issue`` or by the service).
 

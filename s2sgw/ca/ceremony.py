@@ -27,6 +27,7 @@ from s2sgw.ca.cafiles import undo_on_error, write_ca_files
 from s2sgw.ca.passphrase import Passphrase, encrypted_pem
 from s2sgw.ca.records import row_for
 from s2sgw.ca.store import INTERMEDIATE, OCSP_SIGNER, CAError, CAStore, StoreError
+from s2sgw.ca.stores import STORE_FILE, create_pg_store
 
 ROOT_LIFETIME = datetime.timedelta(days=3650)
 INTERMEDIATE_LIFETIME = datetime.timedelta(days=1825)
@@ -113,12 +114,14 @@ def create_ca_files(
     *,
     root_key_out: Path | None = None,
     passphrase: Passphrase | None = None,
+    store_url: str | None = None,
 ) -> None:
     """Make root, intermediate and OCSP signer and write them with a new store, all or nothing.
 
     With ``root_key_out`` the root's key is written there and nowhere under ``directory``.
     With ``passphrase`` every key is PKCS#8-encrypted with it.
-    The store is renamed into place last: its presence marks a complete CA directory.
+    The store is renamed into place last: its presence marks a complete CA directory. With
+    ``store_url`` the state goes to that (empty) PostgreSQL database and ``store.url`` comes last.
     """
     root_key = generate_key(key_type)
     root_cert = ca_builder(
@@ -135,30 +138,38 @@ def create_ca_files(
     except OSError as error:
         raise CAError(f"cannot create {directory}: {error.strerror}") from None
 
+    root_key_path = directory / ROOT_KEY if root_key_out is None else root_key_out
+    material = [
+        (root_key_path, encrypted_pem(root_key, passphrase), 0o600),
+        (directory / INTERMEDIATE_KEY, encrypted_pem(intermediate_key, passphrase), 0o600),
+        (directory / OCSP_KEY, encrypted_pem(ocsp_key, passphrase), 0o600),
+        (directory / ROOT_CERT, cert_pem(root_cert), 0o644),
+        (directory / INTERMEDIATE_CERT, cert_pem(intermediate_cert), 0o644),
+        (directory / OCSP_CERT, cert_pem(ocsp_cert), 0o644),
+        (directory / BUNDLE, cert_pem(root_cert), 0o644),
+    ]
+    written = [path for path, _, _ in material]
+    meta = {"trust_domain": trust_domain, "url": url, "key_type": key_type}
+    first_rows = [
+        row_for(intermediate_cert, INTERMEDIATE, "intermediate", ()),
+        row_for(ocsp_cert, OCSP_SIGNER, "ocsp-signer", ()),
+    ]
+    if store_url is not None:
+        with undo_on_error(written, directory, created_directory):
+            write_ca_files(material)
+            create_pg_store(store_url, meta, root_cert, first_rows)
+            write_ca_files([(directory / STORE_FILE, store_url.encode("utf-8") + b"\n", 0o600)])  # last
+        return
     database = directory / DATABASE
     temp_db = directory / f".{DATABASE}.{secrets.token_hex(6)}.tmp"
-    root_key_path = directory / ROOT_KEY if root_key_out is None else root_key_out
-    written = [directory / name for name in CA_FILES if name not in (DATABASE, ROOT_KEY)] + [root_key_path]
     with undo_on_error([temp_db, *written], directory, created_directory):
         try:
-            store = CAStore.create(
-                temp_db, {"trust_domain": trust_domain, "url": url, "key_type": key_type}
-            )
-            store.insert(row_for(intermediate_cert, INTERMEDIATE, "intermediate", ()))
-            store.insert(row_for(ocsp_cert, OCSP_SIGNER, "ocsp-signer", ()))
+            store = CAStore.create(temp_db, meta)
+            for row in first_rows:
+                store.insert(row)
         except (OSError, sqlite3.Error, StoreError) as error:  # not writable, disk full
             raise CAError(f"cannot create the CA database in {directory}: {error}") from None
-        write_ca_files(
-            [
-                (root_key_path, encrypted_pem(root_key, passphrase), 0o600),
-                (directory / INTERMEDIATE_KEY, encrypted_pem(intermediate_key, passphrase), 0o600),
-                (directory / OCSP_KEY, encrypted_pem(ocsp_key, passphrase), 0o600),
-                (directory / ROOT_CERT, cert_pem(root_cert), 0o644),
-                (directory / INTERMEDIATE_CERT, cert_pem(intermediate_cert), 0o644),
-                (directory / OCSP_CERT, cert_pem(ocsp_cert), 0o644),
-                (directory / BUNDLE, cert_pem(root_cert), 0o644),
-            ]
-        )
+        write_ca_files(material)
         try:
             os.chmod(temp_db, 0o600)
             os.replace(temp_db, database)  # last: its presence marks a complete CA

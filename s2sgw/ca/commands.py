@@ -140,6 +140,12 @@ def _dir_option(parser: argparse.ArgumentParser) -> None:
         help=f"the passphrase of the CA's keys (default: $CREDENTIALS_DIRECTORY/{CREDENTIAL} when set; "
         "without one, keys are written unencrypted)",
     )
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="a PostgreSQL database (postgresql://...) for the CA's state; with init, recorded in "
+        "DIR/store.url for later commands (default: DIR/ca.db, SQLite)",
+    )
 
 
 def _now() -> datetime.datetime:
@@ -163,6 +169,7 @@ def run_init(args: argparse.Namespace) -> int:
         url=args.url,
         root_key_out=args.root_key_out,
         passphrase=passphrase,
+        store=args.store,
     )
     _out(f"created CA for trust domain {ca.trust_domain} in {ca.directory} ({ca.key_type})")
     if passphrase is None:

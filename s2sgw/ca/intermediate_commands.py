@@ -25,11 +25,11 @@ if TYPE_CHECKING:
 
 
 def open_ca(args: argparse.Namespace) -> CertificateAuthority:
-    """The CA of ``--dir``, its keys opened with the passphrase of ``--passphrase-file`` (or the
-    systemd credential)."""
+    """The CA of ``--dir`` (its state in ``--store`` when given), its keys opened with the
+    passphrase of ``--passphrase-file`` (or the systemd credential)."""
     from s2sgw.ca.authority import CertificateAuthority
 
-    return CertificateAuthority.open(args.dir, read_passphrase(args.passphrase_file))
+    return CertificateAuthority.open(args.dir, read_passphrase(args.passphrase_file), store=args.store)
 
 
 def _root_passphrase(args: argparse.Namespace, ca: CertificateAuthority) -> Passphrase | None:

@@ -26,13 +26,16 @@ from s2sgw.ca.ocsp import TRY_LATER_ANSWER, Answer, Query, Responder, SerialStat
 from s2sgw.timeutil import utc
 
 
-def _read_changes(ca: Any, marker: int | None, last_seq: int) -> tuple[int, list[Any], int] | None:
+def _read_changes(
+    ca: Any, marker: int | None, last_seq: int, crl_number: int | None
+) -> tuple[int, list[Any], int, tuple[int, bytes] | None] | None:
     """Thread side of one watcher step: None when nothing changed since ``marker``, else the
-    new marker, the revocations since ``last_seq`` and the last CRL number taken."""
+    new marker, the revocations since ``last_seq``, the last CRL number taken and a CRL that
+    another status server on the same store published above ``crl_number`` (or None)."""
     current = ca.change_marker()
     if current == marker:
         return None
-    return current, ca.revocations_since(last_seq), ca.store.crl_number()
+    return current, ca.revocations_since(last_seq), ca.store.crl_number(), ca.store.published_crl(crl_number or 0)
 
 
 
@@ -71,6 +74,8 @@ class StatusPublisher:
     _statuses: dict[int, SerialStatus] = attrs.field(factory=dict)
     _generation: int = 0
     _poll_failing: bool = False
+    _polling: defer.Deferred[None] | None = None
+    _poll_again: bool = False
     _crl_busy: bool = False
     _crl_again: bool = False  # asked for while one was being made: make another after it
 
@@ -157,19 +162,44 @@ class StatusPublisher:
         return d
 
     def poll(self) -> defer.Deferred[None]:
-        """One watcher step; never fails (a failing store is logged once, then retried)."""
+        """One watcher step; never fails (a failing store is logged once, then retried).
+
+        Steps never overlap: a poll asked for while one runs (a change notification during a
+        timed poll) runs once that one is done, however many were asked for meanwhile.
+        """
+        if self._polling is not None:
+            self._poll_again = True
+            return defer.succeed(None)
         if self.marker is None:
             d = self.load()
         else:
-            d = self.in_thread(_read_changes, self.ca, self.marker, self.last_seq)
+            d = self.in_thread(_read_changes, self.ca, self.marker, self.last_seq, self.crl_number)
             d.addCallback(self._changes_read)
         d.addCallbacks(self._poll_ok, self._poll_failed)
-        return d
+        done: defer.Deferred[None] = defer.Deferred()
+        self._polling = done
 
-    def _changes_read(self, result: tuple[int, list[Any], int] | None) -> defer.Deferred[None] | None:
+        def finished(_: object) -> None:
+            self._polling = None
+            if self._poll_again:
+                self._poll_again = False
+                self.poll().chainDeferred(done)
+            else:
+                done.callback(None)
+
+        d.addBoth(finished)
+        return done
+
+    def _changes_read(
+        self, result: tuple[int, list[Any], int, tuple[int, bytes] | None] | None
+    ) -> defer.Deferred[None] | None:
         if result is None:
             return None
-        marker, revocations, crl_number = result
+        marker, revocations, crl_number, published = result
+        if published is not None:
+            # Another status server on this store signed a newer CRL: serve that one, so every
+            # server hands out the same, highest number (a gateway refuses a lower one).
+            self._take_crl(published[1], "taken from the store")
         self._apply(marker, revocations)
         if revocations or self._overtaken(crl_number):
             return self.regenerate_crl()
@@ -256,22 +286,13 @@ class StatusPublisher:
         self._crl_again = False
 
         def make() -> bytes:
-            return self.ca.make_crl(hours=self.crl_hours, now=utc(self.clock.seconds())).public_bytes(
-                serialization.Encoding.DER
-            )
+            crl = self.ca.make_crl(hours=self.crl_hours, now=utc(self.clock.seconds()))
+            der = crl.public_bytes(serialization.Encoding.DER)
+            self.ca.store.publish_crl(_crl_number(crl), der)  # for the other servers on this store
+            return der
 
         def done(der: bytes) -> None:
-            crl = x509.load_der_x509_crl(der)
-            self.crl_der = der
-            self.crl_etag = '"' + hashlib.sha256(der).hexdigest()[:32] + '"'
-            self.crl_this_update = crl.last_update_utc
-            self.crl_next_update = crl.next_update_utc
-            self.crl_number = _crl_number(crl)
-            self._log.info(
-                "CRL {number} published, next update {next_update}",
-                number=self.crl_number,
-                next_update=self.crl_next_update.isoformat() if self.crl_next_update else None,
-            )
+            self._take_crl(der, "published")
 
         def finished(result: object) -> object:
             self._crl_busy = False
@@ -283,6 +304,24 @@ class StatusPublisher:
         d.addCallback(done)
         d.addBoth(finished)
         return d
+
+    def _take_crl(self, der: bytes, how: str) -> None:
+        """Serve ``der`` unless a CRL with a higher number is served already (never roll back)."""
+        crl = x509.load_der_x509_crl(der)
+        number = _crl_number(crl)
+        if self.crl_number is not None and (number is None or number <= self.crl_number):
+            return
+        self.crl_der = der
+        self.crl_etag = '"' + hashlib.sha256(der).hexdigest()[:32] + '"'
+        self.crl_this_update = crl.last_update_utc
+        self.crl_next_update = crl.next_update_utc
+        self.crl_number = number
+        self._log.info(
+            "CRL {number} {how}, next update {next_update}",
+            number=number,
+            how=how,
+            next_update=self.crl_next_update.isoformat() if self.crl_next_update else None,
+        )
 
     def health(self) -> dict[str, object]:
         now = self.clock.seconds()
@@ -321,8 +360,14 @@ class StoreWatcher(Service):
     poll_interval: float = 0.25
     refresh_interval: float = 1.0
     registry: CollectorRegistry = REGISTRY
+    # A store that pushes its changes (``ICAStore.watch``, PostgreSQL's LISTEN): each one is
+    # polled for at once, and the timed poll slows to ``pushed_poll_interval``, a safety net.
+    watch: Callable[..., Callable[[], None] | None] | None = None
+    call_from_thread: Callable[..., None] | None = None
+    pushed_poll_interval: float = 2.0
     _loops: list[task.LoopingCall] = attrs.field(factory=list)
     _collector: PublisherCollector | None = attrs.field(default=None, init=False)
+    _stop_watching: Callable[[], None] | None = attrs.field(default=None, init=False)
 
     _log = Logger()
 
@@ -330,14 +375,32 @@ class StoreWatcher(Service):
         Service.startService(self)
         self._collector = PublisherCollector(self.publisher)
         self.registry.register(self._collector)
+        poll_interval = self.poll_interval
+        if self.watch is not None and self.call_from_thread is not None:
+            self._stop_watching = self.watch(self._changed, self._watch_failed)
+            if self._stop_watching is not None:
+                poll_interval = max(poll_interval, self.pushed_poll_interval)
+        # Healthy means "polled lately": lately is relative to how often it polls.
+        self.publisher.stale_after = max(self.publisher.stale_after, 3 * poll_interval)
         poll = task.LoopingCall(self.publisher.poll)
         refresh = task.LoopingCall(self.publisher.refresh)
-        for loop, interval in ((poll, self.poll_interval), (refresh, self.refresh_interval)):
+        for loop, interval in ((poll, poll_interval), (refresh, self.refresh_interval)):
             loop.clock = self.clock
             self._loops.append(loop)
             loop.start(interval, now=True).addErrback(
                 lambda failure: self._log.failure("store watcher stopped", failure)
             )
+
+    def _changed(self) -> None:
+        """From the store's listening thread: a change was committed somewhere."""
+        assert self.call_from_thread is not None
+        self.call_from_thread(self.publisher.poll)
+
+    def _watch_failed(self, reason: str) -> None:
+        assert self.call_from_thread is not None
+        self.call_from_thread(
+            self._log.warn, "listening for CA store changes failed ({reason}); reconnecting", reason=reason
+        )
 
     def stopService(self) -> None:
         for loop in self._loops:
@@ -347,6 +410,9 @@ class StoreWatcher(Service):
         collector, self._collector = self._collector, None
         if collector is not None:
             self.registry.unregister(collector)
+        stop, self._stop_watching = self._stop_watching, None
+        if stop is not None:
+            stop()
         Service.stopService(self)
 
 

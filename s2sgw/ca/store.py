@@ -17,9 +17,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import attrs
+from zope.interface import implementer
 
 from s2sgw.ca.batching import GroupCommit
 from s2sgw.errors import S2sgwError
+from s2sgw.interfaces import ICAStore
 
 SCHEMA_VERSION = 2  # 2: certificates.issued_via and enrollment_tokens
 BUSY_TIMEOUT_MS = 30_000
@@ -129,6 +131,7 @@ def _row(values: Sequence) -> Row:
     )
 
 
+@implementer(ICAStore)
 @attrs.frozen
 class CAStore:
     """The SQLite file ``ca.db`` of one CA directory."""
@@ -196,6 +199,10 @@ class CAStore:
             connection.close()
             raise StoreError(f"cannot open CA database {self.path}: {error}") from None
         self._idle.append(connection)
+
+    def watch(self, on_change: Callable[[], None], on_error: Callable[[str], None]) -> None:
+        """SQLite cannot tell other processes' connections about a commit: servers poll."""
+        return None
 
     def migrate(self) -> None:
         """Bring a store made by an earlier version up to this schema (no-op when current)."""
@@ -408,6 +415,12 @@ class CAStore:
         with self._connect() as connection:
             (value,) = connection.execute("SELECT value FROM meta WHERE key = 'crl_number'").fetchone()
         return value
+
+    def publish_crl(self, number: int, der: bytes) -> None:
+        """Nothing to share: one SQLite file serves one status server (see ``PgStore``)."""
+
+    def published_crl(self, above: int) -> tuple[int, bytes] | None:
+        return None
 
     def change_marker(self) -> int:
         """A counter bumped by every issue, revoke and CRL number taken; one indexed read."""

@@ -46,7 +46,7 @@ def _positive(kind: type, what: str):
 
 class Options(usage.Options):
     synopsis = (
-        "--dir DIR [--listen ENDPOINT] [--validity SECONDS] [--max-body BYTES] "
+        "--dir DIR [--store URL] [--listen ENDPOINT] [--validity SECONDS] [--max-body BYTES] "
         "[--est ENDPOINT [--est-name NAME ...] [--est-lifetime 24h] [--est-rate-limit N]]"
     )
     longdesc = (
@@ -60,6 +60,8 @@ class Options(usage.Options):
         ["dir", "d", None, "CA directory made by `s2sgw ca init`.", str],
         ["passphrase-file", None, None, "File holding the passphrase of the CA's keys (default: "
          "$CREDENTIALS_DIRECTORY/s2sgw-ca-passphrase when that exists).", str],
+        ["store", None, None, "PostgreSQL database (postgresql://...) shared by several status servers "
+         "(default: what DIR records: DIR/store.url, else DIR/ca.db).", str],
         ["listen", "l", "tcp:8080:interface=127.0.0.1", "Endpoint to listen on.", str],
         ["validity", None, 300.0, "Seconds from thisUpdate to nextUpdate of OCSP answers.",
          _positive(float, "--validity")],
@@ -125,7 +127,7 @@ class Options(usage.Options):
         try:
             passphrase = read_passphrase(self["passphrase-file"])
             # Decrypting the keys is slow CPU work: done here, before the reactor runs.
-            self.ca = CertificateAuthority.open(self["dir"], passphrase)
+            self.ca = CertificateAuthority.open(self["dir"], passphrase, store=self["store"])
         except CAError as error:
             # One line, no usage text: this is about the directory or its keys, not the flags.
             sys.stderr.write(f"s2sgw-ca: cannot start: --dir {self['dir']} is not a usable CA directory: {error}\n")
@@ -148,7 +150,10 @@ def makeService(options: Options, reactor: Any = None, registry: CollectorRegist
     publisher.issuing_reload = IssuingReload(publisher, issuing_stamp(ca.directory))
     top = MultiService()
     # The watcher puts the publisher's gauges in ``registry`` while it runs; /metrics serves it.
-    StoreWatcher(publisher, reactor, poll_interval=options["poll-interval"], registry=registry).setServiceParent(top)
+    StoreWatcher(
+        publisher, reactor, poll_interval=options["poll-interval"], registry=registry,
+        watch=ca.store.watch, call_from_thread=lambda *args, **kwargs: reactor.callFromThread(*args, **kwargs),
+    ).setServiceParent(top)
     root = build_root(publisher)
     add_endpoints(root, publisher, registry)  # /readyz and /metrics
     site = StatusSite(root, max_body=options["max-body"], timeout=options["timeout"], reactor=reactor)

@@ -73,14 +73,49 @@ class StatusResource(resource.Resource):
         return _json(request, status_document(self._monitor))
 
 
-def metrics_resource(registry: CollectorRegistry = REGISTRY) -> resource.Resource:
-    """prometheus_client's Twisted resource (a WSGI app in the reactor's thread pool), without
-    ``_created`` series."""
-    from prometheus_client.twisted import (
-        MetricsResource,  # imports the global reactor: late
-    )
+class MetricsResource(resource.Resource):
+    """``GET /metrics``: the registry in the format the scraper accepts, encoded in the reactor's
+    thread pool. Not prometheus_client's Twisted resource: that one is WSGI, which fails for a
+    peer on a unix socket (it has no host), and the admin endpoint may listen on one."""
 
-    return MetricsResource(registry=WithoutCreated(registry))
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(self, registry: CollectorRegistry, reactor: Any = None) -> None:
+        super().__init__()
+        self._registry = registry
+        self._reactor = reactor
+
+    def render_GET(self, request: server.Request) -> int:
+        from prometheus_client.exposition import choose_encoder
+        from twisted.internet.threads import deferToThreadPool
+
+        reactor = self._reactor
+        if reactor is None:
+            # Late, as for every part of the gateway.
+            from twisted.internet import reactor
+        encoder, content_type = choose_encoder((request.getHeader(b"accept") or b"").decode("latin-1"))
+        d = deferToThreadPool(reactor, reactor.getThreadPool(), encoder, self._registry)
+
+        def answer(body: bytes) -> None:
+            if not request._disconnected:
+                request.setHeader(b"Content-Type", content_type.encode("ascii"))
+                request.write(body)
+                request.finish()
+
+        def failed(failure: Any) -> None:
+            self._log.failure("rendering /metrics", failure)
+            if not request._disconnected:
+                request.setResponseCode(http.INTERNAL_SERVER_ERROR)
+                request.finish()
+
+        d.addCallbacks(answer, failed)
+        return server.NOT_DONE_YET
+
+
+def metrics_resource(registry: CollectorRegistry = REGISTRY) -> resource.Resource:
+    """The registry at ``GET /metrics``, without ``_created`` series."""
+    return MetricsResource(WithoutCreated(registry))
 
 
 def build_admin_root(monitor: Monitor, registry: CollectorRegistry = REGISTRY) -> resource.Resource:

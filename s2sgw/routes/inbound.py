@@ -44,6 +44,7 @@ from s2sgw.transport import (
     HalfCloseTLSProtocol,
     TLSFactory,
     client_endpoint,
+    dial_factory,
     set_tcp_nodelay,
 )
 
@@ -130,7 +131,7 @@ class InboundSide(RelaySide):
             return
         self._cancel_timer()
         tlsalert.forget_secret(self.transport)
-        dialing = listener.backend.connect(_BackendFactory())
+        dialing = listener.backend.connect(dial_factory(BackendSide))
         dialing.addTimeout(listener.timeouts.connect, listener.clock)
         self._dialing = dialing
         dialing.addCallbacks(self._backend_connected, self._backend_failed)
@@ -224,11 +225,6 @@ class InboundSide(RelaySide):
                 session.outcome, session.reason = "closed", Reason.PEER_CLOSED
                 session.detail = "the peer left before the relay started"
         self.listener.gate.end(session)
-
-
-class _BackendFactory(Factory):
-    noisy = False  # no "Starting factory" line per dial
-    protocol = BackendSide
 
 
 class _InboundFactory(Factory):

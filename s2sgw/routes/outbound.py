@@ -42,6 +42,7 @@ from s2sgw.transport import (
     CurrentClientCreator,
     TLSFactory,
     client_endpoint,
+    dial_factory,
     endpoint_host,
     set_tcp_nodelay,
 )
@@ -310,6 +311,4 @@ class OutboundConnector(GatedRoute):
 
     def tls_factory_for(self, local: LocalSide) -> TLSFactory:
         """A TLS client factory whose one connection belongs to ``local``."""
-        remote_factory = Factory.forProtocol(lambda: RemoteSide(local))
-        remote_factory.noisy = False  # one per dial: no "Starting factory" line each time
-        return TLSFactory(self.creator, True, remote_factory)
+        return TLSFactory(self.creator, True, dial_factory(lambda: RemoteSide(local)))

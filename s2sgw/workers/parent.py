@@ -1,0 +1,30 @@
+"""``twistd s2sgw`` with ``workers = N`` (N > 1): the parent's services, wired."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from twisted.application.service import MultiService
+
+from s2sgw.config import GatewayConfig
+from s2sgw.ops.metrics import MetricsService
+from s2sgw.workers.admin import ParentAdminService
+from s2sgw.workers.supervisor import Supervisor, WorkerMetrics
+
+
+def build_parent(config: GatewayConfig, reactor: Any, registry: CollectorRegistry | None = None) -> MultiService:
+    """The supervisor of ``config.workers`` workers and, if configured, the admin endpoint over them.
+
+    The parent's own metrics go to a registry of their own (the workers' arrive merged beside
+    them on ``/metrics``), so the parent's process metrics do not mix with the workers'.
+    """
+    registry = CollectorRegistry() if registry is None else registry
+    top = MultiService()
+    metrics = WorkerMetrics()
+    MetricsService((metrics,), registry).setServiceParent(top)
+    supervisor = Supervisor(config, reactor, metrics)
+    supervisor.setServiceParent(top)
+    if config.admin is not None:
+        ParentAdminService(config.admin.listen, supervisor, reactor, registry).setServiceParent(top)
+    return top
