@@ -20,11 +20,14 @@ def fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
-def _write_temp(path: Path, data: bytes, mode: int, keep: os.stat_result | None = None) -> Path:
+def _write_temp(
+    path: Path, data: bytes, mode: int, keep: os.stat_result | None = None, owner: tuple[int, int] | None = None
+) -> Path:
     """Write ``data`` to a new hidden file beside ``path``, created with ``mode`` (never wider).
 
     With ``keep`` (the stat of the file being replaced) the new file takes its owner, group and
-    mode instead, set before any byte is written.
+    mode instead; else ``owner`` (uid, gid; -1 leaves one as it is) when given. Both are set
+    before any byte is written.
     """
     temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
@@ -32,6 +35,8 @@ def _write_temp(path: Path, data: bytes, mode: int, keep: os.stat_result | None 
         if keep is not None:
             os.fchown(fd, keep.st_uid, keep.st_gid)  # a no-op unless root, or a group we are in
             mode = stat.S_IMODE(keep.st_mode)
+        elif owner is not None and owner != (-1, -1):
+            os.fchown(fd, *owner)
         os.fchmod(fd, mode)  # the umask may have narrowed it; the caller asked for this mode
         view = memoryview(data)
         while view:
@@ -45,19 +50,21 @@ def _write_temp(path: Path, data: bytes, mode: int, keep: os.stat_result | None 
     return temp
 
 
-def write_files(files: Sequence[tuple[Path, bytes, int]], *, keep_owner: bool = False) -> None:
+def write_files(
+    files: Sequence[tuple[Path, bytes, int]], *, keep_owner: bool = False, owner: tuple[int, int] | None = None
+) -> None:
     """Write every ``(path, data, mode)`` or none: all to temporaries first, then rename each.
 
     With ``keep_owner`` a file that already exists is replaced by one with its owner, group and
-    mode (``mode`` applies to new files only): renewed keys stay readable by whoever could read
-    them. Raises OSError naming the file in ``error.filename`` when one cannot be written.
+    mode (``mode`` and ``owner`` apply to new files only): renewed keys stay readable by whoever
+    could read them. Raises OSError naming the file in ``error.filename`` when one cannot be written.
     """
     temps: list[tuple[Path, Path]] = []
     current = files[0][0]
     try:
         for current, data, mode in files:
             keep = _existing(current) if keep_owner else None
-            temps.append((_write_temp(current, data, mode, keep), current))
+            temps.append((_write_temp(current, data, mode, keep, owner), current))
         for temp, current in temps:
             os.replace(temp, current)
     except OSError as error:

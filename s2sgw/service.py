@@ -30,6 +30,7 @@ from s2sgw.reload import ReloadService
 from s2sgw.status.stapling import StapleMetrics, StapleService, inbound_targets, stapling_enabled
 from s2sgw.status.checker import make_status_checker
 from s2sgw.status.ocsp import OCSPStatusChecker, StatusMetrics
+from s2sgw.status.root_crl import IntermediateCheck, RootCRLFollower, root_crl_urls
 from s2sgw.truststore import TrustStore
 
 
@@ -143,6 +144,16 @@ def build_gateway(
     judging, cache = checker, IStatusCache(checker, None)
     if cache is None and feeds_at_start:
         judging = cache = PushedRevocations(checker, reactor)
+    # The root's CRL, fetched beside the CA's status URL: a revoked issuing CA refuses its leaves.
+    root_followers = [
+        RootCRLFollower(
+            root_url, reactor, lambda: trust_store.material.ca_certificates,
+            interval=config.status.crl_refresh, timeout=config.status.timeout,
+        )
+        for root_url in root_crl_urls(config.status)
+    ]
+    if root_followers:
+        judging = IntermediateCheck(judging, root_followers, reactor)
     authorizer = Authorizer(
         judging,
         trust_store.trust_domain or "",
@@ -261,6 +272,10 @@ def build_gateway(
         )
         operations.monitor.sections["crl_refresh"] = refresher.status
         refresher.setServiceParent(top)
+    if root_followers:
+        operations.monitor.sections["root_crl"] = lambda: [follower.status() for follower in root_followers]
+        for follower in root_followers:
+            follower.setServiceParent(top)
     operations.monitor.sections["descriptors"] = descriptors.status
     operations.setServiceParent(top)  # last: READY=1 after every bind, STOPPING=1 before draining
     return top, Gateway(config, trust_store, authorizer, routes, enforcer, feed, stapler)

@@ -12,8 +12,8 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
-from treq.testing import StubTreq
 from prometheus_client import CollectorRegistry
+from treq.testing import StubTreq
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -22,8 +22,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from s2sgw.ca.authority import CertificateAuthority
-from s2sgw.ca.responders import responders_for
 from s2sgw.ca.publisher import StatusPublisher, StoreWatcher
+from s2sgw.ca.responders import responders_for
 from s2sgw.ca.server import build_root
 from s2sgw.interfaces import IStatusChecker
 from s2sgw.timeutil import utc

@@ -217,6 +217,42 @@ def wait_for(condition, timeout: float = 10.0, step: float = 0.02) -> float:
     return time.monotonic() - start
 
 
+class ClientLoop:
+    """Calls through a route one after another until stopped; counts calls and failures."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.calls = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            payload = f"call {self.calls}\n".encode()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                    sock.settimeout(10)
+                    sock.sendall(payload)
+                    answer = b""
+                    while len(answer) < len(payload):
+                        chunk = sock.recv(100)
+                        if not chunk:
+                            break
+                        answer += chunk
+                if answer != payload:
+                    self.failures.append(f"call {self.calls}: got {answer!r}")
+            except OSError as error:
+                self.failures.append(f"call {self.calls}: {error}")
+            self.calls += 1
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
 def receive_notification(sock: socket.socket, wanted: str, timeout: float = 20.0) -> dict[str, str]:
     """The next sd_notify message on ``sock`` containing the field ``wanted`` (KEY=VALUE lines),
     skipping others (STATUS updates)."""

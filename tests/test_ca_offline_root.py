@@ -198,6 +198,10 @@ def test_root_crl_needs_the_matching_root_key(offline: tuple[Path, Path], tmp_pa
     )
     assert run("ca", "crl", "--dir", ca_dir, "--root", other) == 1
     assert "does not match its certificate" in capsys.readouterr().err
+    inside = ca_dir / "root.key"
+    inside.write_bytes(other.read_bytes())
+    assert run("ca", "crl", "--dir", ca_dir, "--root", inside) == 1
+    assert "outside the CA directory" in capsys.readouterr().err
     assert not (ca_dir / "root.crl").exists()
 
 
@@ -239,3 +243,16 @@ def test_running_server_takes_in_a_new_intermediate_without_a_restart(offline: t
         assert crl.issuer == ca.intermediate_cert.subject
     finally:
         h.watcher.stopService()
+
+
+def test_a_copy_of_the_current_issuing_ca_in_previous_is_not_another_one(offline: tuple[Path, Path]) -> None:
+    """What an interrupted rotation leaves behind (the copy made, the new pair not yet written)."""
+    import shutil
+
+    ca_dir, _ = offline
+    ca = CertificateAuthority.open(ca_dir)
+    kept = ca_dir / "previous" / format(ca.intermediate_cert.serial_number, "x")
+    kept.mkdir(parents=True)
+    for name in ("intermediate.pem", "intermediate.key", "ocsp.pem", "ocsp.key"):
+        shutil.copy(ca_dir / name, kept / name)
+    assert CertificateAuthority.open(ca_dir).previous == ()

@@ -78,3 +78,36 @@ def test_answers_and_the_feed_verify_across_three_rotations(tmp_path: Path, encr
     assert {row.serial for row in ca.store.rows(OCSP_SIGNER)} >= set(signers)
     life = on_disk.not_valid_after_utc - on_disk.not_valid_before_utc
     assert life <= LIFETIME + datetime.timedelta(seconds=13)
+
+
+def test_a_previous_issuing_ca_gets_its_own_signer_renewed_too(tmp_path: Path) -> None:
+    """During an intermediate rotation both issuing CAs' signers are renewed, each by its own CA."""
+    from s2sgw.ca.cafiles import load_key
+    from s2sgw.ca.rotation import new_intermediate
+
+    ca = CertificateAuthority.init(tmp_path / "ca", "example.org")
+    old_leaf, old = ca.issue("old").record.certificate(), ca.intermediate_cert
+    root_key = load_key(ca.directory / "root.key", ca.root_cert, "root key")
+    new_intermediate(ca, root_key, now=datetime.datetime.now(datetime.timezone.utc))
+    ca = CertificateAuthority.open(ca.directory)
+    new_leaf = ca.issue("new").record.certificate()
+    h = make_harness(ca)
+    h.publisher.signer_renewal = SignerRenewal(h.publisher, LIFETIME)
+    try:
+        for _ in range(100):
+            h.clock.advance(1.0)
+            now = datetime.datetime.fromtimestamp(h.clock.seconds(), datetime.timezone.utc)
+            for leaf, issuer in ((old_leaf, old), (new_leaf, ca.intermediate_cert)):
+                query = build_request(leaf, issuer, nonce=None)
+                _, der = h.fetch("POST", "/ocsp", data=query.der, headers={"Content-Type": "application/ocsp-request"})
+                assert verify_response(der, query, issuer, now=now).state == "good"
+        assert h.publisher.signer_renewal.renewals >= 4  # both seven-day ones, then both again
+        (previous,) = ca.previous
+        previous.ocsp_cert.verify_directly_issued_by(old)
+        assert previous.ocsp_cert.not_valid_after_utc - now <= LIFETIME
+        on_disk = x509.load_pem_x509_certificate(
+            (ca.directory / "previous" / format(old.serial_number, "x") / "ocsp.pem").read_bytes()
+        )
+        assert on_disk == previous.ocsp_cert
+    finally:
+        h.watcher.stopService()

@@ -15,6 +15,7 @@ from s2sgw.reload import ReloadService
 from s2sgw.routes.authz import Authorizer
 from s2sgw.service import build_gateway
 from s2sgw.status.crl import CRLStatusChecker
+from s2sgw.status.root_crl import IntermediateCheck
 from s2sgw.status.crl_refresh import CRLRefreshService
 from tests.doubles import FakeStatusChecker
 from s2sgw.ops.operations import Operations
@@ -58,7 +59,9 @@ def test_gateway_in_mode_crl_with_a_url_runs_a_crl_refresh_and_the_checker_follo
     top, gateway = build_gateway(config, store, reactor)
     refreshers = [s for s in top if isinstance(s, CRLRefreshService)]
     assert len(refreshers) == 1 and refreshers[0].interval == 60.0
-    checker = gateway.authorizer.status_checker
+    judging = gateway.authorizer.status_checker
+    assert isinstance(judging, IntermediateCheck)  # the root CRL beside crl_url is asked first
+    checker = judging.inner
     assert isinstance(checker, CRLStatusChecker)
     assert refreshers[0].on_reloaded is not None
 
@@ -102,10 +105,14 @@ def _wired(tmp_path: Path, status: str) -> tuple[Any, Any, Operations]:
 
 def test_the_ocsp_checker_is_handed_to_the_parts_using_its_cache_stapling_probe_and_counters(tmp_path: Path) -> None:
     _, gateway, operations = _wired(tmp_path, 'mode = "ocsp"\nurl = "http://127.0.0.1:1/ocsp"')
-    checker = gateway.authorizer.status_checker
+    judging = gateway.authorizer.status_checker
+    # The root CRL beside status.url is asked about the intermediate first, then the OCSP checker.
+    assert isinstance(judging, IntermediateCheck)
+    checker = judging.inner
     assert isinstance(checker, OCSPStatusChecker)
+    assert [follower.url for follower in judging.followers] == ["http://127.0.0.1:1/root.crl"]
     assert gateway.authorizer.staples is checker
-    assert gateway.enforcer.checker is checker and gateway.enforcer.cache is checker
+    assert gateway.enforcer.checker is judging and gateway.enforcer.cache is checker
     assert gateway.stapler is not None and gateway.stapler.source is checker
     assert operations.monitor.prober is checker and operations.monitor.cache_stats is checker
 

@@ -18,6 +18,7 @@ from s2sgw.ops.status_page import status_document
 from s2sgw.reload import ReloadService
 from s2sgw.service import build_gateway
 from s2sgw.status.ocsp import OCSPStatusChecker
+from s2sgw.status.root_crl import IntermediateCheck
 from s2sgw.status.responders import Responders
 from s2sgw.truststore import TrustStore
 from tests.doubles import SyncReactor
@@ -117,7 +118,9 @@ class Rig:
         self.top, self.gateway = build_gateway(config, self.store, reactor)
         (self.operations,) = [s for s in self.top if isinstance(s, Operations)]
         (self.reloader,) = [s for s in self.top if isinstance(s, ReloadService)]
-        self.checker = self.gateway.authorizer.status_checker
+        judging = self.gateway.authorizer.status_checker
+        assert isinstance(judging, IntermediateCheck)  # the root CRLs are asked first
+        self.checker = judging.inner
         assert isinstance(self.checker, OCSPStatusChecker)
 
     def write(self, status: str) -> None:

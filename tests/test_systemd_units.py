@@ -42,6 +42,16 @@ def test_gateway_unit_waits_for_the_gateways_own_readiness_notification() -> Non
     assert "--nodaemon" in text  # twistd itself is the main process that notifies
 
 
+def test_ca_unit_takes_the_key_passphrase_as_a_systemd_credential() -> None:
+    """The passphrase comes from LoadCredential= (the name the server reads), never the command line."""
+    from s2sgw.ca.passphrase import CREDENTIAL
+
+    text = (UNITS / "s2sgw-ca.service").read_text()
+    assert f"\nLoadCredential={CREDENTIAL}:/etc/s2sgw/ca-passphrase\n" in text
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    assert "passphrase" not in exec_start
+
+
 @pytest.mark.parametrize("unit", ["s2sgw@.service", "s2sgw-ca.service"])
 def test_units_give_room_for_many_connections(unit: str) -> None:
     """Not systemd's default soft limit of 1,024 descriptors: the gateway raises its soft limit to this."""

@@ -5,11 +5,12 @@ synchronous (key generation, files, the store): on a reactor, call it through ``
 An instance holds only immutable material and opens a new database connection per call,
 so one instance may be shared by threads.
 
-A CA directory holds ``root.pem root.key`` (the offline root), ``intermediate.pem
-intermediate.key`` (the issuing CA), ``ocsp.pem ocsp.key`` (the delegated OCSP signer),
-``bundle.pem`` (the trust bundle: the root) and ``ca.db``. ``ca.db`` appears last, so a
-directory with it is a complete CA. A directory whose state is in PostgreSQL holds ``store.url``
-in its place (:mod:`s2sgw.ca.stores`).
+A CA directory holds ``root.pem`` (and ``root.key`` unless ``init`` wrote the root's key
+elsewhere: it belongs offline), ``intermediate.pem intermediate.key`` (the issuing CA),
+``ocsp.pem ocsp.key`` (the delegated OCSP signer), ``bundle.pem`` (the trust bundle: the root),
+``ca.db``, and while an issuing CA is being replaced ``previous/SERIAL/``. ``ca.db`` appears
+last, so a directory with it is a complete CA. A directory whose state is in PostgreSQL holds
+``store.url`` in its place (:mod:`s2sgw.ca.stores`). Keys may be encrypted (:mod:`s2sgw.ca.passphrase`).
 """
 
 from __future__ import annotations
@@ -48,15 +49,14 @@ from s2sgw.ca.ceremony import (
     DATABASE,
     INTERMEDIATE_CERT,
     INTERMEDIATE_KEY,
+    ISSUING_FILES,
     MAX_CRL_HOURS,
     OCSP_CERT,
     OCSP_KEY,
-    ISSUING_FILES,
     ROOT_CERT,
     create_ca_files,
     inside,
 )
-from s2sgw.ca.passphrase import Passphrase, encrypted_pem
 from s2sgw.ca.inputs import (
     KEY_TYPES,
     REVOCATION_REASONS,
@@ -70,6 +70,7 @@ from s2sgw.ca.inputs import (
     validate_trust_domain,
     validate_url,
 )
+from s2sgw.ca.passphrase import Passphrase, encrypted_pem
 from s2sgw.ca.records import CertRecord, IssuedIdentity, row_for, san_strings
 from s2sgw.ca.store import LEAF, CAError, Row, SerialInUse
 from s2sgw.ca.stores import STORE_FILE, check_store_owner, check_store_url, open_store
@@ -205,7 +206,10 @@ class CertificateAuthority:
             ocsp_cert=ocsp_cert,
             ocsp_key=ocsp_key,
             store=opened,
-            previous=load_previous(directory, ISSUING_FILES, passphrase),
+            previous=tuple(  # a copy of the current one left by an interrupted rotation is not another CA
+                p for p in load_previous(directory, ISSUING_FILES, passphrase)
+                if p.cert.serial_number != intermediate_cert.serial_number
+            ),
             passphrase=passphrase,
         )
 
@@ -330,8 +334,19 @@ class CertificateAuthority:
             return CertRecord._from_row(row)
         raise CAError("could not find an unused serial number")
 
-    def write_identity(self, identity: IssuedIdentity, out_dir: Path | str) -> tuple[Path, Path]:
-        """Write ``NAME.pem`` (chain) and ``NAME.key`` (0600) into ``out_dir``, both or neither."""
+    def write_identity(
+        self,
+        identity: IssuedIdentity,
+        out_dir: Path | str,
+        *,
+        owner: tuple[int, int] | None = None,
+        key_mode: int = 0o600,
+    ) -> tuple[Path, Path]:
+        """Write ``NAME.pem`` (chain) and ``NAME.key`` into ``out_dir``, both or neither.
+
+        A file that is there already is replaced by one with its owner, group and mode; new ones
+        get ``owner`` (uid, gid) and ``key_mode`` for the key (0644 for the chain).
+        """
         out_dir = Path(out_dir)
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -339,7 +354,9 @@ class CertificateAuthority:
             raise CAError(f"cannot create {out_dir}: {error.strerror}") from None
         name = identity.record.name
         pem_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
-        write_ca_files([(key_path, identity.key_pem, 0o600), (pem_path, identity.chain_pem, 0o644)])
+        write_ca_files(
+            [(key_path, identity.key_pem, key_mode), (pem_path, identity.chain_pem, 0o644)], keep_owner=True, owner=owner
+        )
         return pem_path, key_path
 
     # -- revocation and status
@@ -416,7 +433,5 @@ def _unique(items: Iterable) -> list:
     for item in items:
         seen.setdefault(item, None)
     return list(seen)
-
-
 
 

@@ -17,10 +17,12 @@ from s2sgw.ca.passphrase import Passphrase, parse_key
 from s2sgw.ca.store import CAError
 
 
-def write_ca_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
-    """Write every file or none (CAError naming the file on failure)."""
+def write_ca_files(
+    files: Sequence[tuple[Path, bytes, int]], *, keep_owner: bool = False, owner: tuple[int, int] | None = None
+) -> None:
+    """Write every file or none (CAError naming the file on failure); see ``files.write_files``."""
     try:
-        files_module.write_files(files)
+        files_module.write_files(files, keep_owner=keep_owner, owner=owner)
     except OSError as error:
         raise CAError(f"cannot write {error.filename}: {error.strerror}") from None
 

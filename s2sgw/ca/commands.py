@@ -16,8 +16,6 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from s2sgw.ca.intermediate_commands import open_ca, register_intermediate, root_options, sign_root_crl_from_args
-from s2sgw.ca.passphrase import CREDENTIAL, read_passphrase
 from s2sgw.ca.authority import (
     KEY_TYPES,
     REVOCATION_REASONS,
@@ -31,6 +29,13 @@ from s2sgw.ca.authority import (
     validate_service_name,
     write_atomically,
 )
+from s2sgw.ca.intermediate_commands import (
+    open_ca,
+    register_intermediate,
+    root_options,
+    sign_root_crl_from_args,
+)
+from s2sgw.ca.passphrase import CREDENTIAL, read_passphrase
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,6 +80,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     issue.add_argument("--dns", action="append", default=[], metavar="N", help="extra DNS name (repeatable)")
     issue.add_argument("--ip", action="append", default=[], metavar="A", help="IP address SAN (repeatable)")
     issue.add_argument("--hours", type=float, default=24.0, metavar="H", help="lifetime (default: %(default)g)")
+    issue.add_argument("--owner", metavar="USER", help="owner of new files (files replaced keep theirs)")
+    issue.add_argument("--group", metavar="GROUP", help="group of new files (files replaced keep theirs)")
+    issue.add_argument(
+        "--mode", metavar="MODE", help="mode of a new key file, octal, without access for others (default: 0600)"
+    )
     issue.set_defaults(run=run_issue)
 
     token = commands.add_parser(
@@ -195,14 +205,52 @@ def run_issue(args: argparse.Namespace) -> int:
     for address in args.ip:
         validate_ip(address)
     validate_hours(args.hours, "the lifetime")
+    owner, key_mode = file_ownership(args.owner, args.group, args.mode)
     _prepare_out_dir(args.out)
+    earlier = [r for r in ca.records() if r.name == args.name and r.state(_now()) == "good"]
+    existing = [p for p in (args.out / f"{args.name}.pem", args.out / f"{args.name}.key") if p.exists()]
     identity = ca.issue(args.name, dns=args.dns, ips=args.ip, hours=args.hours)
-    pem, key = ca.write_identity(identity, args.out)
+    pem, key = ca.write_identity(identity, args.out, owner=owner, key_mode=key_mode)
     record = identity.record
     _out(f"issued {record.name} serial {record.serial_hex} valid until {_time(record.not_after)}")
+    if earlier:
+        serials = ", ".join(r.serial_hex for r in earlier)
+        _out(f"replaced {record.name}'s earlier certificate(s) {serials}: still valid until they expire or are "
+             "revoked (s2sgw ca revoke --serial)")
+    if existing:
+        _out(f"replaced {' and '.join(str(p) for p in existing)}, keeping their owner, group and mode")
     _out(f"certificate chain: {pem}")
     _out(f"private key: {key}")
     return 0
+
+
+def file_ownership(owner: str | None, group: str | None, mode: str | None) -> tuple[tuple[int, int] | None, int]:
+    """(uid, gid) and the key's mode for new files, from ``--owner``, ``--group`` and ``--mode``."""
+    import grp
+    import pwd
+
+    uid = gid = -1
+    try:
+        if owner is not None:
+            uid = int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
+        if group is not None:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise CAError(f"no such {'user' if uid == -1 and owner is not None else 'group'}: "
+                      f"{owner if uid == -1 and owner is not None else group}") from None
+    key_mode = 0o600
+    if mode is not None:
+        try:
+            key_mode = int(mode, 8)
+        except ValueError:
+            raise CAError(f"--mode {mode!r} is not an octal mode such as 0640") from None
+        if not 0 <= key_mode <= 0o777:
+            raise CAError(f"--mode {mode!r} is not a file mode")
+        if key_mode & 0o007:
+            raise CAError(f"--mode {mode}: a private key must not be open to others")
+        if not key_mode & 0o400:
+            raise CAError(f"--mode {mode}: the owner must be able to read the key")
+    return (None if (uid, gid) == (-1, -1) else (uid, gid)), key_mode
 
 
 def run_token(args: argparse.Namespace) -> int:

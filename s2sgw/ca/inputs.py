@@ -11,7 +11,7 @@ import urllib.parse
 from cryptography import x509
 
 from s2sgw.ca.store import CAError
-from s2sgw.names import SERVICE_NAME
+from s2sgw.names import SERVICE_NAME, service_name_problem
 
 _SERVICE_NAME = SERVICE_NAME  # the gateway's configuration checks service.name with the same rule
 
@@ -22,9 +22,12 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 
 def validate_service_name(name: str) -> str:
-    """A service name becomes a DNS label and a SPIFFE path segment, so both rules apply."""
-    if not _SERVICE_NAME.match(name):
-        raise CAError(f"invalid service name {name!r}: use a-z, 0-9 and '-', starting with a letter or digit")
+    """A service name becomes a DNS label and a SPIFFE path segment: the rule of :mod:`s2sgw.names`,
+    which a gateway's ``service.name`` follows too."""
+    problem = service_name_problem(name)
+    if problem is not None:
+        shown = name if len(name) <= 63 else name[:20] + "..."
+        raise CAError(f"invalid service name {shown!r}: {problem}")
     return name
 
 

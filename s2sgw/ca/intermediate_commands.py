@@ -11,8 +11,13 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 
+from s2sgw.ca.inputs import (
+    REVOCATION_REASONS,
+    parse_serial,
+    validate_hours,
+    validate_reason,
+)
 from s2sgw.ca.passphrase import Passphrase, read_passphrase
-from s2sgw.ca.inputs import REVOCATION_REASONS, parse_serial, validate_hours, validate_reason
 from s2sgw.ca.store import CAError, serial_hex
 
 if TYPE_CHECKING:

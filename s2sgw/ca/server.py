@@ -21,11 +21,11 @@ from cryptography.x509 import ocsp as x509_ocsp
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
-from s2sgw.ca.feed import FeedResource, RevocationFeed
 from s2sgw.ca.ceremony import ROOT_CRL
+from s2sgw.ca.feed import FeedResource, RevocationFeed
 from s2sgw.ca.ocsp import Answer
-from s2sgw.ca.root_crl import RootCRLFile, RootCRLResource
 from s2sgw.ca.publisher import StatusPublisher
+from s2sgw.ca.root_crl import RootCRLFile, RootCRLResource
 from s2sgw.wire.feed import DEFAULT_HOLD
 
 OCSP_REQUEST_TYPE = b"application/ocsp-request"

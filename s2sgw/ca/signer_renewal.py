@@ -72,14 +72,17 @@ class SignerRenewal:
 
     def _renewed(self, renewed: IssuingCA, index: int) -> None:
         ca, publisher = self.publisher.ca, self.publisher
-        if index == 0:
+        serial = renewed.cert.serial_number
+        # The issuing CAs may have changed meanwhile (IssuingReload): find this one again.
+        index = next((i for i, m in enumerate(publisher.responder.members) if m.issuer.serial_number == serial), -1)
+        if index < 0:
+            return  # retired meanwhile: its new signer is on disk and in the store, unused
+        if serial == ca.intermediate_cert.serial_number:
             ca.ocsp_cert, ca.ocsp_key = renewed.ocsp_cert, renewed.ocsp_key
             if publisher.feed is not None:
                 publisher.feed.replace_signer(renewed.ocsp_cert, renewed.ocsp_key)
         else:
-            previous = list(ca.previous)
-            previous[len(previous) - index] = renewed  # issuers lists the previous ones newest first
-            ca.previous = tuple(previous)
+            ca.previous = tuple(renewed if p.cert.serial_number == serial else p for p in ca.previous)
         dropped = publisher.responder.replace_signer(index, renewed.ocsp_cert, renewed.ocsp_key)
         self.renewals += 1
         self._failing = False

@@ -11,12 +11,12 @@ from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from s2sgw.ca.monitoring import add_endpoints
-from s2sgw.ca.responders import responders_for
-from s2sgw.ca.publisher import StatusPublisher, StoreWatcher, thread_runner
 from s2sgw.ca.issuing_reload import IssuingReload, issuing_stamp
-from s2sgw.ca.signer_renewal import SignerRenewal
+from s2sgw.ca.monitoring import add_endpoints
+from s2sgw.ca.publisher import StatusPublisher, StoreWatcher, thread_runner
+from s2sgw.ca.responders import responders_for
 from s2sgw.ca.server import DEFAULT_MAX_BODY, DEFAULT_TIMEOUT, StatusSite, build_root
+from s2sgw.ca.signer_renewal import SignerRenewal
 
 
 def _duration(what: str):
