@@ -21,6 +21,7 @@ from pathlib import Path
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from twisted.logger import Logger
 
 from s2sgw.ca.building import (
     CertificatePublicKey,
@@ -66,6 +67,9 @@ from s2sgw.ca.inputs import (
 )
 from s2sgw.ca.records import CertRecord, IssuedIdentity, row_for, san_strings
 from s2sgw.ca.store import LEAF, CAError, CAStore, Row, SerialInUse
+from s2sgw.files import remove_stale_temps
+
+_log = Logger()
 
 __all__ = [
     "KEY_TYPES",
@@ -193,6 +197,8 @@ class CertificateAuthority:
         database = directory / DATABASE
         if not database.is_file():
             raise CAError(f"{directory} is not a CA directory (no {DATABASE}; run `s2sgw ca init`)")
+        for stale in remove_stale_temps(directory):  # left by a CA command killed mid-write
+            _log.warn("removed a stale temporary file {path}", path=str(stale))
         store = CAStore(database)
         store.migrate()
         meta = store.meta()
@@ -314,6 +320,8 @@ class CertificateAuthority:
             raise CAError(f"cannot create {out_dir}: {error.strerror}") from None
         name = identity.record.name
         pem_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
+        for stale in remove_stale_temps(out_dir, (pem_path.name, key_path.name)):
+            _log.warn("removed a stale temporary file {path}", path=str(stale))
         write_ca_files([(key_path, identity.key_pem, 0o600), (pem_path, identity.chain_pem, 0o644)])
         return pem_path, key_path
 
