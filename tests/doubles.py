@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from s2sgw.ca.authority import CertificateAuthority
-from s2sgw.ca.ocsp import Responder
+from s2sgw.ca.responders import responders_for
 from s2sgw.ca.publisher import StatusPublisher, StoreWatcher
 from s2sgw.ca.server import build_root
 from s2sgw.interfaces import IStatusChecker
@@ -145,12 +145,7 @@ def make_harness(
     clock = task.Clock()
     clock.advance(datetime.datetime.now(datetime.timezone.utc).timestamp())
     inline = inline or Inline()
-    responder = Responder(
-        issuer=ca.intermediate_cert,
-        signer_cert=ca.ocsp_cert,
-        signer_key=ca.ocsp_key,
-        validity=datetime.timedelta(seconds=300),
-    )
+    responder = responders_for(ca, datetime.timedelta(seconds=300))
     publisher = StatusPublisher(ca=ca, responder=responder, clock=clock, in_thread=inline, **kwargs)
     watcher = StoreWatcher(publisher, clock, registry=CollectorRegistry() if registry is None else registry)
     watcher.startService()

@@ -68,7 +68,7 @@ def test_init_builds_a_root_an_intermediate_with_pathlen_zero_and_an_ocsp_signer
     intermediate.verify_directly_issued_by(root)
     ocsp.verify_directly_issued_by(intermediate)
     lifetimes = [(c.not_valid_after_utc - c.not_valid_before_utc).days for c in (root, intermediate, ocsp)]
-    assert lifetimes == [3650, 1825, 365]
+    assert lifetimes == [3650, 1825, 7]
 
 
 @pytest.mark.parametrize("key_type", KEY_TYPES)
@@ -279,16 +279,20 @@ def test_revoke_by_serial_and_its_errors(ca: CertificateAuthority) -> None:
         ca.revoke(serial=ca.ocsp_cert.serial_number)
 
 
-def test_change_marker_moves_on_issue_and_revoke_only(ca: CertificateAuthority) -> None:
+def test_change_marker_moves_on_issue_revoke_and_crl_only(ca: CertificateAuthority) -> None:
     start = ca.change_marker()
-    ca.make_crl()
     ca.records()
+    ca.lookup(1)
     assert ca.change_marker() == start
     ca.issue("web")
     issued = ca.change_marker()
     assert issued != start
     ca.revoke(name="web")
-    assert ca.change_marker() not in (start, issued)
+    revoked = ca.change_marker()
+    assert revoked not in (start, issued)
+    ca.make_crl()  # a CRL number taken: a running server must publish above it
+    assert ca.change_marker() not in (start, issued, revoked)
+    assert ca.store.crl_number() == 1
 
 
 def test_crl_numbers_strictly_increase_and_entries_carry_reasons(ca: CertificateAuthority) -> None:

@@ -22,6 +22,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from s2sgw import cli
 from s2sgw.ca import tap
 from s2sgw.ca.authority import CertificateAuthority
 from s2sgw.ca.server import StatusSite, build_root, decode_get_path
@@ -272,6 +273,56 @@ def test_crl_is_served_and_regenerated_on_revocation(harness: Harness) -> None:
     assert crl.get_revoked_certificate_by_serial_number(record.serial) is not None
 
 
+def _number(der: bytes) -> int:
+    return x509.load_der_x509_crl(der).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+def test_crl_made_by_hand_is_followed_by_a_higher_one_from_the_server(harness: Harness, tmp_path: Path) -> None:
+    """``s2sgw ca crl`` and the server share one CRL number sequence; after a CRL made by hand
+    the server publishes a higher number within one poll, so a gateway that was handed the
+    hand-made CRL never sees the server's go backwards."""
+    served = _number(harness.fetch("GET", "/crl")[1])
+    assert cli.main(["ca", "crl", "--dir", str(harness.ca.directory), "--out", str(tmp_path / "hand.crl")]) == 0
+    by_hand = _number((tmp_path / "hand.crl").read_bytes())
+    assert by_hand > served
+
+    harness.clock.advance(0.25)
+    after = _number(harness.fetch("GET", "/crl")[1])
+    assert after > by_hand
+    harness.clock.advance(0.25)  # the server's own CRL does not set off another one
+    assert _number(harness.fetch("GET", "/crl")[1]) == after
+
+
+def test_crl_asked_for_while_one_is_being_made_is_made_after_it(ca: CertificateAuthority) -> None:
+    """A revocation applied while a CRL is being signed may be missing from it: another follows."""
+    held: list[tuple[defer.Deferred, Callable[..., Any], tuple[Any, ...]]] = []
+    holding = [False]
+
+    def in_thread(f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        if holding[0] and getattr(f, "__name__", "") == "make":
+            d: defer.Deferred = defer.Deferred()
+            held.append((d, f, args))
+            return d
+        return defer.maybeDeferred(f, *args)
+
+    h = make_harness(ca, inline=in_thread, crl_hours=0.01)  # type: ignore[arg-type]
+    try:
+        holding[0] = True
+        h.clock.pump([1.0] * 20)  # past half the CRL's life: the refresh loop starts a new one
+        d, make, args = held.pop()
+        record = ca.issue("alice").record
+        ca.revoke(name="alice")
+        h.clock.advance(0.25)  # the revocation is seen while that CRL is still being made
+        d.callback(make(*args))
+        assert len(held) == 1, "a second CRL is made once the first is done"
+        d, make, args = held.pop()
+        d.callback(make(*args))
+        crl = x509.load_der_x509_crl(h.publisher.crl_der)
+        assert crl.get_revoked_certificate_by_serial_number(record.serial) is not None
+    finally:
+        h.watcher.stopService()
+
+
 def test_crl_is_regenerated_past_half_its_lifetime(ca: CertificateAuthority) -> None:
     """Without any change, a CRL is replaced once half its lifetime has passed, never served stale."""
     h = make_harness(ca, crl_hours=0.01)  # 36 seconds
@@ -422,9 +473,13 @@ def test_slow_client_is_dropped_after_the_idle_timeout_and_others_are_served(
 # -- twistd options ----------------------------------------------------------------------
 
 
-def test_options_refuse_a_directory_that_is_not_a_ca(tmp_path: Path) -> None:
-    with pytest.raises(usage.UsageError, match="not a usable CA directory"):
+def test_options_refuse_a_directory_that_is_not_a_ca(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One line on stderr and exit status 1: not the usage text, which is not the problem."""
+    with pytest.raises(SystemExit) as stopped:
         tap.Options().parseOptions(["--dir", str(tmp_path)])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "not a usable CA directory" in err
 
 
 def test_options_require_dir() -> None:

@@ -35,8 +35,10 @@ from s2sgw.ca.building import (
     subject_key_id,
 )
 from s2sgw.ca.cafiles import (
+    IssuingCA,
     load_cert,
     load_key,
+    load_previous,
     write_atomically,
     write_ca_files,
 )
@@ -49,9 +51,12 @@ from s2sgw.ca.ceremony import (
     MAX_CRL_HOURS,
     OCSP_CERT,
     OCSP_KEY,
+    ISSUING_FILES,
     ROOT_CERT,
     create_ca_files,
+    inside,
 )
+from s2sgw.ca.passphrase import Passphrase, encrypted_pem
 from s2sgw.ca.inputs import (
     KEY_TYPES,
     REVOCATION_REASONS,
@@ -160,6 +165,10 @@ class CertificateAuthority:
     ocsp_key: PrivateKey = attrs.field(repr=False)
     store: CAStore = attrs.field(repr=False)
     serial_source: Callable[[], int] = attrs.field(default=random_serial, repr=False, kw_only=True)
+    # Issuing CAs replaced by ``s2sgw ca intermediate`` and not yet retired, oldest first.
+    previous: tuple[IssuingCA, ...] = attrs.field(default=(), repr=False, kw_only=True)
+    # Encrypts every CA key this instance writes (a new OCSP signer, a new intermediate).
+    passphrase: Passphrase | None = attrs.field(default=None, repr=False, kw_only=True)
 
     # -- creating and opening
 
@@ -172,8 +181,14 @@ class CertificateAuthority:
         key_type: str = "ecdsa-p256",
         url: str | None = None,
         now: datetime.datetime | None = None,
+        root_key_out: Path | str | None = None,
+        passphrase: Passphrase | None = None,
     ) -> CertificateAuthority:
-        """Create root, intermediate and OCSP signer in ``directory`` (new or empty of CA files)."""
+        """Create root, intermediate and OCSP signer in ``directory`` (new or empty of CA files).
+
+        With ``root_key_out`` the root's key goes to that file (outside ``directory``, not there
+        yet) and the directory holds only what the online CA needs.
+        """
         directory = Path(directory)
         validate_trust_domain(trust_domain)
         validate_key_type(key_type)
@@ -185,12 +200,22 @@ class CertificateAuthority:
         if existing:
             raise CAError(f"{directory} already holds a CA ({existing[0]} exists)")
 
-        create_ca_files(directory, trust_domain, key_type, url, _utc(now))
-        return cls.open(directory)
+        if root_key_out is not None:
+            root_key_out = Path(root_key_out)
+            if inside(root_key_out, directory):
+                raise CAError(f"the root key must be kept outside the CA directory, not at {root_key_out}")
+            if root_key_out.exists() or root_key_out.is_symlink():
+                raise CAError(f"{root_key_out} already exists; a root key is never overwritten")
+        create_ca_files(
+            directory, trust_domain, key_type, url, _utc(now), root_key_out=root_key_out, passphrase=passphrase
+        )
+        return cls.open(directory, passphrase)
 
     @classmethod
-    def open(cls, directory: Path | str) -> CertificateAuthority:
-        """Load a CA directory; CAError if it is not one or its material is missing or corrupt."""
+    def open(cls, directory: Path | str, passphrase: Passphrase | None = None) -> CertificateAuthority:
+        """Load a CA directory; CAError if it is not one or its material is missing or corrupt,
+        or a key is encrypted and ``passphrase`` does not open it. Decrypting is slow CPU work:
+        a server opens its directory before its reactor runs."""
         directory = Path(directory)
         if not directory.is_dir():
             raise CAError(f"{directory} is not a directory")
@@ -205,8 +230,8 @@ class CertificateAuthority:
         root_cert = load_cert(directory / ROOT_CERT, "root certificate")
         intermediate_cert = load_cert(directory / INTERMEDIATE_CERT, "intermediate certificate")
         ocsp_cert = load_cert(directory / OCSP_CERT, "OCSP signer certificate")
-        intermediate_key = load_key(directory / INTERMEDIATE_KEY, intermediate_cert, "CA key")
-        ocsp_key = load_key(directory / OCSP_KEY, ocsp_cert, "OCSP signer key")
+        intermediate_key = load_key(directory / INTERMEDIATE_KEY, intermediate_cert, "CA key", passphrase)
+        ocsp_key = load_key(directory / OCSP_KEY, ocsp_cert, "OCSP signer key", passphrase)
         key_type = str(meta.get("key_type"))
         return cls(
             directory=directory,
@@ -219,7 +244,39 @@ class CertificateAuthority:
             ocsp_cert=ocsp_cert,
             ocsp_key=ocsp_key,
             store=store,
+            previous=load_previous(directory, ISSUING_FILES, passphrase),
+            passphrase=passphrase,
         )
+
+    def signing_pair(self) -> tuple[x509.Certificate, PrivateKey]:
+        """The issuing CA's certificate and key, read together while another thread may swap
+        them (``IssuingReload`` sets the key first, then the certificate)."""
+        while True:
+            cert = self.intermediate_cert
+            key = self.intermediate_key
+            if cert is self.intermediate_cert:
+                return cert, key
+
+    def issuer_of(self, leaf: x509.Certificate) -> x509.Certificate:
+        """The issuing CA (current or previous) that signed ``leaf``: what its chain carries."""
+        for issuing in self.issuers:
+            if issuing.cert.subject == leaf.issuer:
+                return issuing.cert
+        return self.intermediate_cert
+
+    def key_bytes(self, key: PrivateKey) -> bytes:
+        """A new CA key as it is written to disk: encrypted when this CA has a passphrase."""
+        return encrypted_pem(key, self.passphrase)
+
+    @property
+    def issuing(self) -> IssuingCA:
+        """The current issuing CA: the one that signs new leaves."""
+        return IssuingCA(self.intermediate_cert, self.intermediate_key, self.ocsp_cert, self.ocsp_key)
+
+    @property
+    def issuers(self) -> tuple[IssuingCA, ...]:
+        """Every issuing CA whose leaves this CA still answers for: the current one first."""
+        return (self.issuing, *reversed(self.previous))
 
     @property
     def hash_algorithm(self) -> hashes.HashAlgorithm | None:
@@ -251,7 +308,7 @@ class CertificateAuthority:
         record = self.certify(name, key.public_key(), sans, lifetime=lifetime, now=now)
         return IssuedIdentity(
             record=record,
-            chain_pem=record.pem + cert_pem(self.intermediate_cert),
+            chain_pem=record.pem + cert_pem(self.issuer_of(record.certificate())),
             key_pem=key_pem(key),
         )
 
@@ -294,15 +351,16 @@ class CertificateAuthority:
             not_after = now + lifetime
         except OverflowError:
             raise CAError(f"the lifetime of {lifetime} is too long") from None
-        if not_after > self.intermediate_cert.not_valid_after_utc:
+        issuer_cert, issuer_key = self.signing_pair()
+        if not_after > issuer_cert.not_valid_after_utc:
             raise CAError(
                 f"a lifetime of {lifetime.total_seconds() / 3600:g} hours would outlive the issuing CA "
-                f"(valid until {self.intermediate_cert.not_valid_after_utc:%Y-%m-%d})"
+                f"(valid until {issuer_cert.not_valid_after_utc:%Y-%m-%d})"
             )
         for _attempt in range(8):
             cert = leaf_builder(
-                name, public_key, list(sans), self.serial_source(), not_before, not_after, self.intermediate_cert, self.url
-            ).sign(self.intermediate_key, self.hash_algorithm)
+                name, public_key, list(sans), self.serial_source(), not_before, not_after, issuer_cert, self.url
+            ).sign(issuer_key, hash_for(issuer_key))
             row = row_for(cert, LEAF, name, san_strings(sans), issued_via)
             try:
                 self.store.insert(row, claim=claim)
@@ -372,14 +430,15 @@ class CertificateAuthority:
             raise CAError(f"the CRL lifetime must be at most {MAX_CRL_HOURS:g} hours")
         now = _utc(now)
         number, rows = self.store.next_crl_number()
+        issuer_cert, issuer_key = self.signing_pair()
         builder = (
             x509.CertificateRevocationListBuilder()
-            .issuer_name(self.intermediate_cert.subject)
+            .issuer_name(issuer_cert.subject)
             .last_update(now)
             .next_update(now + datetime.timedelta(hours=hours))
             .add_extension(x509.CRLNumber(number), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(subject_key_id(self.intermediate_cert)),
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(subject_key_id(issuer_cert)),
                 critical=False,
             )
         )
@@ -390,7 +449,7 @@ class CertificateAuthority:
             if row.reason and row.reason != x509.ReasonFlags.unspecified.value:
                 entry = entry.add_extension(x509.CRLReason(x509.ReasonFlags(row.reason)), critical=False)
             builder = builder.add_revoked_certificate(entry.build())
-        return builder.sign(self.intermediate_key, self.hash_algorithm)
+        return builder.sign(issuer_key, hash_for(issuer_key))
 
 
 def _unique(items: Iterable) -> list:

@@ -16,6 +16,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from s2sgw.ca.intermediate_commands import open_ca, register_intermediate, root_options, sign_root_crl_from_args
+from s2sgw.ca.passphrase import CREDENTIAL, read_passphrase
 from s2sgw.ca.authority import (
     KEY_TYPES,
     REVOCATION_REASONS,
@@ -53,6 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--url",
         metavar="URL",
         help="public base URL of the status server (http://HOST:PORT); leaves then name URL/crl and URL/ocsp",
+    )
+    init.add_argument(
+        "--root-key-out",
+        metavar="PATH",
+        type=Path,
+        help="write the root's private key to PATH (outside DIR; keep it offline) instead of DIR/root.key",
     )
     init.set_defaults(run=run_init)
 
@@ -97,13 +105,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     crl = commands.add_parser(
         "crl",
-        help="write a fresh CRL signed by the issuing CA",
-        description="Write a CRL with the next CRL number, valid for 24 hours.",
+        help="write a fresh CRL signed by the issuing CA, or with --root the root's CRL",
+        description="Write a CRL with the next CRL number, valid for 24 hours. With --root, sign the "
+        "root's CRL instead (revoking issuing CAs with --revoke-intermediate); it is also written to "
+        "DIR/root.crl, which the status server publishes at /root.crl.",
     )
     _dir_option(crl)
-    crl.add_argument("--out", required=True, metavar="FILE", type=Path, help="where to write the CRL")
+    crl.add_argument("--out", metavar="FILE", type=Path, help="where to write the CRL (required without --root)")
     crl.add_argument("--pem", action="store_true", help="write PEM instead of DER")
+    root_options(crl)
     crl.set_defaults(run=run_crl)
+
+    register_intermediate(commands, _dir_option)
 
     listing = commands.add_parser("list", help="show every issued certificate and its status")
     _dir_option(listing)
@@ -112,6 +125,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _dir_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", required=True, metavar="DIR", type=Path, help="the CA directory")
+    parser.add_argument(
+        "--passphrase-file", metavar="FILE", type=Path,
+        help=f"the passphrase of the CA's keys (default: $CREDENTIALS_DIRECTORY/{CREDENTIAL} when set; "
+        "without one, keys are written unencrypted)",
+    )
 
 
 def _now() -> datetime.datetime:
@@ -127,8 +145,24 @@ def _time(moment: datetime.datetime) -> str:
 
 
 def run_init(args: argparse.Namespace) -> int:
-    ca = CertificateAuthority.init(args.dir, args.trust_domain, key_type=args.key_type, url=args.url)
+    passphrase = read_passphrase(args.passphrase_file)
+    ca = CertificateAuthority.init(
+        args.dir,
+        args.trust_domain,
+        key_type=args.key_type,
+        url=args.url,
+        root_key_out=args.root_key_out,
+        passphrase=passphrase,
+    )
     _out(f"created CA for trust domain {ca.trust_domain} in {ca.directory} ({ca.key_type})")
+    if passphrase is None:
+        _out("keys are NOT encrypted (give --passphrase-file or the systemd credential to encrypt them)")
+    else:
+        _out(f"keys are encrypted with the passphrase from {passphrase.source}")
+    if args.root_key_out is not None:
+        _out(f"root key: {args.root_key_out} (not in {ca.directory}; keep it offline)")
+    else:
+        _out(f"root key: {ca.directory / 'root.key'} (move it offline: see --root-key-out)")
     _out(f"trust bundle: {ca.directory / 'bundle.pem'}")
     if ca.url:
         _out(f"leaves point at {ca.url}/crl and {ca.url}/ocsp")
@@ -147,7 +181,7 @@ def _prepare_out_dir(out_dir: Path) -> None:
 
 
 def run_issue(args: argparse.Namespace) -> int:
-    ca = CertificateAuthority.open(args.dir)
+    ca = open_ca(args)
     validate_service_name(args.name)
     for name in args.dns:
         validate_dns_name(name)
@@ -173,7 +207,7 @@ def run_token(args: argparse.Namespace) -> int:
         ttl = datetime.timedelta(seconds=parse_duration(args.ttl))
     except ValueError as error:
         raise CAError(f"--ttl: {error}") from None
-    ca = CertificateAuthority.open(args.dir)
+    ca = open_ca(args)
     _out(TokenBook(ca.store).create(args.name, dns=args.dns, ttl=ttl, now=_now()))
     return 0
 
@@ -181,7 +215,7 @@ def run_token(args: argparse.Namespace) -> int:
 def run_revoke(args: argparse.Namespace) -> int:
     if (args.name is None) == (args.serial is None):
         raise CAError("revoke needs exactly one of NAME or --serial HEX")
-    ca = CertificateAuthority.open(args.dir)
+    ca = open_ca(args)
     serial = None if args.serial is None else parse_serial(args.serial)
     for record in ca.revoke(name=args.name, serial=serial, reason=args.reason):
         _out(f"revoked {record.name} serial {record.serial_hex} ({record.reason})")
@@ -189,15 +223,17 @@ def run_revoke(args: argparse.Namespace) -> int:
 
 
 def run_crl(args: argparse.Namespace) -> int:
-    ca = CertificateAuthority.open(args.dir)
-    crl = ca.make_crl()
+    if args.root is None and (args.out is None or args.revoke_intermediate):
+        raise CAError("crl needs --out FILE" if args.out is None else "--revoke-intermediate needs --root ROOTKEY")
+    ca = open_ca(args)
+    crl = ca.make_crl(hours=24.0 if args.hours is None else args.hours) if args.root is None else sign_root_crl_from_args(ca, args)
     encoding = serialization.Encoding.PEM if args.pem else serialization.Encoding.DER
-    write_atomically(args.out, crl.public_bytes(encoding), 0o644)
+    if args.out is not None:
+        write_atomically(args.out, crl.public_bytes(encoding), 0o644)
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    _out(
-        f"wrote CRL number {number} with {len(crl)} entries to {args.out}, "
-        f"next update {_time(crl.next_update_utc)}"
-    )
+    where = " and ".join(str(p) for p in (args.out, None if args.root is None else ca.directory / "root.crl") if p)
+    whose = "root CRL" if args.root is not None else "CRL"
+    _out(f"wrote {whose} number {number} with {len(crl)} entries to {where}, next update {_time(crl.next_update_utc)}")
     return 0
 
 
@@ -207,7 +243,7 @@ def status_text(record: CertRecord, now: datetime.datetime) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    ca = CertificateAuthority.open(args.dir)
+    ca = open_ca(args)
     now = _now()
     rows = [("SERIAL", "NAME", "NOT AFTER", "ISSUED", "STATUS")]
     rows += [(r.serial_hex, r.name, _time(r.not_after), r.issued_via, status_text(r, now)) for r in ca.records()]

@@ -244,7 +244,7 @@ class Enroller:
             raise
         return Issued(
             record=record,
-            chain=(record.certificate(), self.ca.intermediate_cert),
+            chain=(record.certificate(), self.ca.issuer_of(record.certificate())),
             identity=self.ca.spiffe_id(name),
             via=via,
         )

@@ -105,6 +105,18 @@ class RevocationFeed:
         self._issuer_hash = key_hash(self.issuer)
         self._signer_der = self.signer_cert.public_bytes(serialization.Encoding.DER)
 
+    def replace_issuer(self, issuer: x509.Certificate, cert: x509.Certificate, key: Any) -> None:
+        """Speak for a new issuing CA (after ``s2sgw ca intermediate``), signed by its signer."""
+        self.issuer = issuer
+        self._issuer_hash = key_hash(issuer)
+        self.replace_signer(cert, key)
+
+    def replace_signer(self, cert: x509.Certificate, key: Any) -> None:
+        """Sign from now on with a renewed delegated signer; documents signed before are dropped."""
+        self.signer_cert, self.signer_key = cert, key
+        self._signer_der = cert.public_bytes(serialization.Encoding.DER)
+        self._signed.clear()
+
     @property
     def latest(self) -> int:
         return self._entries[-1].seq if self._entries else 0

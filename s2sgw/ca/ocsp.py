@@ -252,6 +252,21 @@ class Responder:
             return UNAUTHORIZED_ANSWER
         return Query(serial, algorithm, name_hash, key_hash, nonce)
 
+    def replace_signer(self, cert: x509.Certificate, key: CertificateIssuerPrivateKeyTypes) -> int:
+        """Sign from now on with a renewed delegated signer (same issuer); return how many cached
+        answers were dropped. They were signed by the old one, which expires soon: the next
+        asker gets a fresh answer."""
+        self.signer_cert, self.signer_key = cert, key
+        self._signing_algorithm = _signing_hash(key)
+        self._signer_der = cert.public_bytes(serialization.Encoding.DER)
+        dropped = len(self._cache)
+        self._cache.clear()
+        return dropped
+
+    def answers(self, query: Query) -> bool:
+        """Whether ``query`` names this responder's issuer."""
+        return self._hashes.get(query.algorithm.name) == (query.issuer_name_hash, query.issuer_key_hash)
+
     # -- answering -----------------------------------------------------------------------
 
     def cached(self, query: Query, now: datetime.datetime) -> Answer | None:
@@ -287,7 +302,9 @@ class Responder:
     def refresh_point(self, answer: Answer) -> datetime.datetime:
         """After this an answer is re-signed rather than served: half its validity left."""
         assert answer.this_update is not None
-        return answer.this_update + self.validity / 2
+        if answer.next_update is None:
+            return answer.this_update + self.validity / 2
+        return answer.this_update + (answer.next_update - answer.this_update) / 2
 
     # -- the cache -----------------------------------------------------------------------
 
@@ -347,6 +364,10 @@ class Responder:
     def _sign(self, query: Query, status: SerialStatus, now: datetime.datetime) -> Answer:
         this_update = now.replace(microsecond=0)
         next_update = this_update + self.validity
+        signer_end = self.signer_cert.not_valid_after_utc
+        if this_update < signer_end < next_update:
+            # Not beyond the signer's own life: after that no gateway accepts its signature.
+            next_update = signer_end
         cert_status = {
             "good": ocsp.OCSPCertStatus.GOOD,
             "revoked": ocsp.OCSPCertStatus.REVOKED,

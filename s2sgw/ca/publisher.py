@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import REGISTRY, CollectorRegistry
 from twisted.application.service import Service
@@ -26,12 +27,13 @@ from s2sgw.ca.ocsp_multi import answer_each, combine
 from s2sgw.timeutil import utc
 
 
-def _read_changes(ca: Any, marker: int | None, last_seq: int) -> tuple[int, list[Any]] | None:
-    """Thread side of one watcher step: None when nothing changed since ``marker``."""
+def _read_changes(ca: Any, marker: int | None, last_seq: int) -> tuple[int, list[Any], int] | None:
+    """Thread side of one watcher step: None when nothing changed since ``marker``, else the
+    new marker, the revocations since ``last_seq`` and the last CRL number taken."""
     current = ca.change_marker()
     if current == marker:
         return None
-    return current, ca.revocations_since(last_seq)
+    return current, ca.revocations_since(last_seq), ca.store.crl_number()
 
 
 
@@ -56,17 +58,22 @@ class StatusPublisher:
     crl_etag: str | None = None
     crl_this_update: datetime.datetime | None = None
     crl_next_update: datetime.datetime | None = None
+    crl_number: int | None = None  # the CRL number of crl_der
     marker: int | None = None
     last_seq: int = 0
     last_poll: float | None = None  # clock seconds of the last successful store poll
     # Called with each batch of revocation records _apply takes in (the revocation feed).
     listeners: list[Callable[[list[Any]], None]] = attrs.field(factory=list)
     feed: Any = None  # the RevocationFeed build_root attached, for health
+    root_crl: Any = None  # the RootCRLFile build_root attached: followed on every refresh
+    signer_renewal: Any = None  # a SignerRenewal: checked on every refresh
+    issuing_reload: Any = None  # an IssuingReload: checked on every refresh
 
     _statuses: dict[int, SerialStatus] = attrs.field(factory=dict)
     _generation: int = 0
     _poll_failing: bool = False
     _crl_busy: bool = False
+    _crl_again: bool = False  # asked for while one was being made: make another after it
 
     _log = Logger()
 
@@ -176,14 +183,22 @@ class StatusPublisher:
         d.addCallbacks(self._poll_ok, self._poll_failed)
         return d
 
-    def _changes_read(self, result: tuple[int, list[Any]] | None) -> defer.Deferred[None] | None:
+    def _changes_read(self, result: tuple[int, list[Any], int] | None) -> defer.Deferred[None] | None:
         if result is None:
             return None
-        marker, revocations = result
+        marker, revocations, crl_number = result
         self._apply(marker, revocations)
-        if revocations:
+        if revocations or self._overtaken(crl_number):
             return self.regenerate_crl()
         return None
+
+    def _overtaken(self, crl_number: int) -> bool:
+        """True when a CRL numbered above the published one was made elsewhere (``s2sgw ca crl``).
+
+        A gateway that was handed that CRL refuses any lower number as a replay, so the server
+        publishes a newer CRL at once rather than at half its lifetime.
+        """
+        return self.crl_number is not None and crl_number > self.crl_number
 
     def _poll_ok(self, _: object) -> None:
         self.last_poll = self.clock.seconds()
@@ -235,6 +250,12 @@ class StatusPublisher:
     def refresh(self) -> defer.Deferred[None] | None:
         """Re-sign answers before they go stale; regenerate the CRL past half its life."""
         self.responder.refresh(self.now())
+        if self.root_crl is not None:
+            self.root_crl.poll()
+        if self.issuing_reload is not None:
+            self.issuing_reload.check()
+        if self.signer_renewal is not None:
+            self.signer_renewal.check()
         if self.crl_this_update is not None and self.crl_next_update is not None:
             half = self.crl_this_update + (self.crl_next_update - self.crl_this_update) / 2
             if self.now() >= half:
@@ -245,8 +266,11 @@ class StatusPublisher:
 
     def regenerate_crl(self) -> defer.Deferred[None]:
         if self._crl_busy:
+            # The one being made may have read the store before this change: make another.
+            self._crl_again = True
             return defer.succeed(None)
         self._crl_busy = True
+        self._crl_again = False
 
         def make() -> bytes:
             return self.ca.make_crl(hours=self.crl_hours, now=utc(self.clock.seconds())).public_bytes(
@@ -254,21 +278,22 @@ class StatusPublisher:
             )
 
         def done(der: bytes) -> None:
-            from cryptography import x509
-
             crl = x509.load_der_x509_crl(der)
             self.crl_der = der
             self.crl_etag = '"' + hashlib.sha256(der).hexdigest()[:32] + '"'
             self.crl_this_update = crl.last_update_utc
             self.crl_next_update = crl.next_update_utc
+            self.crl_number = _crl_number(crl)
             self._log.info(
                 "CRL {number} published, next update {next_update}",
-                number=_crl_number(crl),
+                number=self.crl_number,
                 next_update=self.crl_next_update.isoformat() if self.crl_next_update else None,
             )
 
         def finished(result: object) -> object:
             self._crl_busy = False
+            if self._crl_again:
+                self.regenerate_crl().addErrback(lambda failure: self._log.failure("CRL regeneration failed", failure))
             return result
 
         d = self.in_thread(make)
@@ -293,8 +318,6 @@ class StatusPublisher:
 
 
 def _crl_number(crl: Any) -> int | None:
-    from cryptography import x509
-
     try:
         return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound:

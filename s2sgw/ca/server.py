@@ -22,7 +22,9 @@ from twisted.logger import Logger
 from twisted.web import http, resource, server
 
 from s2sgw.ca.feed import FeedResource, RevocationFeed
+from s2sgw.ca.ceremony import ROOT_CRL
 from s2sgw.ca.ocsp import Answer
+from s2sgw.ca.root_crl import RootCRLFile, RootCRLResource
 from s2sgw.ca.publisher import StatusPublisher
 from s2sgw.wire.feed import DEFAULT_HOLD
 
@@ -234,10 +236,13 @@ def build_root(publisher: StatusPublisher, *, feed_hold: float = DEFAULT_HOLD) -
             feed.seed, lambda failure: _log.failure("reading revocations for the feed failed", failure)
         )
     publisher.feed = feed
+    if publisher.root_crl is None:
+        publisher.root_crl = RootCRLFile(publisher.ca.directory / ROOT_CRL, publisher.in_thread)
     root = resource.Resource()
     root.putChild(b"revocations", FeedResource(feed))
     root.putChild(b"ocsp", OCSPResource(publisher))
     root.putChild(b"crl", CRLResource(publisher))
+    root.putChild(b"root.crl", RootCRLResource(publisher.root_crl))
     root.putChild(b"bundle.pem", BundleResource(publisher))
     root.putChild(b"healthz", HealthResource(publisher))
     return root

@@ -31,7 +31,7 @@ CREATE TABLE meta (
 );
 CREATE TABLE certificates (
     serial TEXT PRIMARY KEY,          -- lowercase hex, no leading zeros
-    kind TEXT NOT NULL,               -- 'leaf', 'ocsp-signer' or 'est-server'
+    kind TEXT NOT NULL,               -- 'leaf', 'ocsp-signer', 'est-server' or 'intermediate'
     name TEXT NOT NULL,
     sans TEXT NOT NULL,               -- JSON list of "URI:...", "DNS:...", "IP:..."
     not_before TEXT NOT NULL,         -- ISO 8601, UTC
@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS enrollment_tokens (
 
 LEAF = "leaf"
 OCSP_SIGNER = "ocsp-signer"
+INTERMEDIATE = "intermediate"  # an issuing CA this directory has held; revoked only by the root's CRL
 EST_SERVER = "est-server"  # the EST listener's own certificate: serverAuth only, no service identity
 ISSUED_VIA = ("cli", "token", "renewal")
 
@@ -364,10 +365,37 @@ class CAStore:
             ).fetchall()
         return [_row(values) for values in found]
 
+    def revoke_intermediate(self, serial: int, *, reason: str, revoked_at: datetime.datetime) -> Row:
+        """Mark an issuing CA revoked, for the root's CRL. It takes no ``revocation_seq``: the
+        leaves' OCSP answers, CRL and feed speak only of leaves."""
+        with self._write() as connection:
+            found = connection.execute(
+                "SELECT revoked_at FROM certificates WHERE kind = ? AND serial = ?", (INTERMEDIATE, serial_hex(serial))
+            ).fetchone()
+            if found is None:
+                raise NotRevocable(f"no issuing CA with serial {serial_hex(serial)}")
+            if found[0] is not None:
+                raise NotRevocable(f"issuing CA {serial_hex(serial)} is already revoked")
+            connection.execute(
+                "UPDATE certificates SET revoked_at = ?, reason = ? WHERE serial = ?",
+                (_iso(revoked_at), reason, serial_hex(serial)),
+            )
+            connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'changes'")
+            values = connection.execute(
+                f"SELECT {_COLUMNS} FROM certificates WHERE serial = ?", (serial_hex(serial),)
+            ).fetchone()
+        return _row(values)
+
     def next_crl_number(self) -> tuple[int, list[Row]]:
-        """Take the next CRL number and, in the same transaction, every revoked leaf."""
+        """Take the next CRL number and, in the same transaction, every revoked leaf.
+
+        The one CRL number sequence of this CA: ``s2sgw ca crl`` and the status server both
+        take their numbers here. Taking one also bumps the change marker, so a running server
+        notices a CRL made by hand and publishes a newer one (see ``crl_number``).
+        """
         with self._write() as connection:
             connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'crl_number'")
+            connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'changes'")
             (number,) = connection.execute("SELECT value FROM meta WHERE key = 'crl_number'").fetchone()
             found = connection.execute(
                 f"SELECT {_COLUMNS} FROM certificates WHERE kind = 'leaf' AND revocation_seq IS NOT NULL "
@@ -375,8 +403,14 @@ class CAStore:
             ).fetchall()
         return number, [_row(values) for values in found]
 
+    def crl_number(self) -> int:
+        """The last CRL number handed out (0 before the first CRL)."""
+        with self._connect() as connection:
+            (value,) = connection.execute("SELECT value FROM meta WHERE key = 'crl_number'").fetchone()
+        return value
+
     def change_marker(self) -> int:
-        """A counter bumped by every issue and revoke; one indexed read."""
+        """A counter bumped by every issue, revoke and CRL number taken; one indexed read."""
         with self._connect() as connection:
             (value,) = connection.execute("SELECT value FROM meta WHERE key = 'changes'").fetchone()
         return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import sys
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -11,8 +12,10 @@ from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from s2sgw.ca.monitoring import add_endpoints
-from s2sgw.ca.ocsp import Responder
+from s2sgw.ca.responders import responders_for
 from s2sgw.ca.publisher import StatusPublisher, StoreWatcher, thread_runner
+from s2sgw.ca.issuing_reload import IssuingReload, issuing_stamp
+from s2sgw.ca.signer_renewal import SignerRenewal
 from s2sgw.ca.server import DEFAULT_MAX_BODY, DEFAULT_TIMEOUT, StatusSite, build_root
 
 
@@ -55,6 +58,8 @@ class Options(usage.Options):
     )
     optParameters = [
         ["dir", "d", None, "CA directory made by `s2sgw ca init`.", str],
+        ["passphrase-file", None, None, "File holding the passphrase of the CA's keys (default: "
+         "$CREDENTIALS_DIRECTORY/s2sgw-ca-passphrase when that exists).", str],
         ["listen", "l", "tcp:8080:interface=127.0.0.1", "Endpoint to listen on.", str],
         ["validity", None, 300.0, "Seconds from thisUpdate to nextUpdate of OCSP answers.",
          _positive(float, "--validity")],
@@ -66,6 +71,8 @@ class Options(usage.Options):
          _positive(float, "--timeout")],
         ["poll-interval", None, 0.25, "Seconds between checks of the CA store for changes.",
          _positive(float, "--poll-interval")],
+        ["ocsp-lifetime", None, "7d", "Lifetime of the delegated OCSP signers this server re-issues before "
+         "they expire (30s at least).", _duration("--ocsp-lifetime")],
         ["est", None, None, "Endpoint of the EST (HTTPS) listener, e.g. tcp:8443:interface=127.0.0.1.", str],
         ["est-lifetime", None, "24h", "Lifetime of certificates issued over EST (60s, 15m, 24h, 7d).",
          _duration("--est-lifetime")],
@@ -98,7 +105,7 @@ class Options(usage.Options):
             raise usage.UsageError("--dir is required")
         if self["validity"] < 10:
             raise usage.UsageError("--validity must be at least 10 seconds")
-        for flag, least in (("est-lifetime", 10), ("est-server-lifetime", 2)):
+        for flag, least in (("est-lifetime", 10), ("est-server-lifetime", 2), ("ocsp-lifetime", 30)):
             if isinstance(self[flag], str):  # the default, not parsed by usage
                 self[flag] = _duration(f"--{flag}")(self[flag])
             if self[flag] < datetime.timedelta(seconds=least):
@@ -113,23 +120,23 @@ class Options(usage.Options):
             except (ValueError, KeyError, TypeError) as error:
                 raise usage.UsageError(f"--est {self['est']!r} is not an endpoint: {error}") from None
         from s2sgw.ca.authority import CAError, CertificateAuthority
+        from s2sgw.ca.passphrase import read_passphrase
 
         try:
-            self.ca = CertificateAuthority.open(self["dir"])
+            passphrase = read_passphrase(self["passphrase-file"])
+            # Decrypting the keys is slow CPU work: done here, before the reactor runs.
+            self.ca = CertificateAuthority.open(self["dir"], passphrase)
         except CAError as error:
-            raise usage.UsageError(f"--dir {self['dir']} is not a usable CA directory: {error}") from None
+            # One line, no usage text: this is about the directory or its keys, not the flags.
+            sys.stderr.write(f"s2sgw-ca: cannot start: --dir {self['dir']} is not a usable CA directory: {error}\n")
+            raise SystemExit(1) from None
 
 
 def makeService(options: Options, reactor: Any = None, registry: CollectorRegistry = REGISTRY) -> IService:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     ca = options.ca
-    responder = Responder(
-        issuer=ca.intermediate_cert,
-        signer_cert=ca.ocsp_cert,
-        signer_key=ca.ocsp_key,
-        validity=datetime.timedelta(seconds=options["validity"]),
-    )
+    responder = responders_for(ca, datetime.timedelta(seconds=options["validity"]))
     publisher = StatusPublisher(
         ca=ca,
         responder=responder,
@@ -137,6 +144,8 @@ def makeService(options: Options, reactor: Any = None, registry: CollectorRegist
         in_thread=thread_runner(reactor),
         crl_hours=options["crl-hours"],
     )
+    publisher.signer_renewal = SignerRenewal(publisher, options["ocsp-lifetime"])
+    publisher.issuing_reload = IssuingReload(publisher, issuing_stamp(ca.directory))
     top = MultiService()
     # The watcher puts the publisher's gauges in ``registry`` while it runs; /metrics serves it.
     StoreWatcher(publisher, reactor, poll_interval=options["poll-interval"], registry=registry).setServiceParent(top)
