@@ -426,7 +426,8 @@ def test_a_request_about_several_certificates_gets_one_answer_about_each_signed_
     responder = Responder(authority.intermediate_cert, authority.ocsp_cert, authority.ocsp_key)
     lookup = lambda serial: SerialStatus.from_record(authority.lookup(serial))  # noqa: E731
     now = datetime.datetime.now(datetime.UTC)
-    joined = combine([responder.answer(single, now, lookup) for single in singles], authority.ocsp_key)
+    answers = [responder.answer(single, now, lookup) for single in singles]
+    joined = combine(answers, [(authority.ocsp_cert, authority.ocsp_key)])
     response = ocsp.load_der_ocsp_response(joined.der)
     assert [(r.serial_number, r.certificate_status) for r in response.responses] == [
         (serials[0], ocsp.OCSPCertStatus.GOOD),
@@ -443,6 +444,9 @@ def test_a_request_about_several_certificates_gets_one_answer_about_each_signed_
         from cryptography.hazmat.primitives.asymmetric import padding
 
         public_key.verify(response.signature, response.tbs_response_bytes, padding.PKCS1v15(), hashes.SHA256())
+    other = CertificateAuthority.init(tmp_path / "other", "example.org", key_type=key_type)
+    strangers = combine(answers, [(other.ocsp_cert, other.ocsp_key)])  # a signer replaced meanwhile
+    assert strangers.status is ocsp.OCSPResponseStatus.TRY_LATER
     many = [arg for _ in range(MAX_CERTIFICATES + 1) for arg in ("-cert", str(tmp_path / "alice.pem"))]
     subprocess.run(
         ["openssl", "ocsp", "-issuer", str(authority.directory / "intermediate.pem"), *many, "-reqout", str(request)],

@@ -9,16 +9,24 @@ the usual way (cached, looked up, signed), and the answers' SingleResponses are 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from cryptography.hazmat.primitives import hashes
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
 )
 from cryptography.x509 import ocsp
 
-from s2sgw.ca.ocsp import MALFORMED_ANSWER, Answer, _header, _tlv
+from s2sgw.ca.ocsp import (
+    MALFORMED_ANSWER,
+    TRY_LATER_ANSWER,
+    UNAUTHORIZED_ANSWER,
+    Answer,
+    _header,
+    _tlv,
+)
 
 MAX_CERTIFICATES = 20  # per request: more is refused as malformed (each costs a lookup)
 
@@ -114,12 +122,28 @@ def _sign(key: CertificateIssuerPrivateKeyTypes, data: bytes) -> bytes:
     raise TypeError(f"cannot sign with a {type(key).__name__}")
 
 
-def combine(answers: list[Answer], signer_key: CertificateIssuerPrivateKeyTypes) -> Answer:
-    """One answer holding the SingleResponses of ``answers`` (each a signed single answer of the
-    same signer, in request order), signed anew; the first one's error if any is unsuccessful."""
+def combine(
+    answers: list[Answer], signers: Sequence[tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]]
+) -> Answer:
+    """One answer holding the SingleResponses of ``answers`` (signed single answers, in request
+    order), signed anew by the delegated signer that signed them (found among ``signers``).
+
+    The first unsuccessful answer if any is; ``unauthorized`` when the certificates belong to
+    issuing CAs with different signers (one answer has one signer); ``tryLater`` when the signer
+    was replaced meanwhile.
+    """
     for answer in answers:
         if answer.status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
             return answer
+    unwrapped = [_unwrap(answer.der) for answer in answers]
+    signed_by = {basic[fields[3][1] : fields[3][2]] for _, _, basic, fields in unwrapped if len(fields) > 3}
+    if len(signed_by) != 1 or any(len(fields) < 4 for *_, fields in unwrapped):
+        return UNAUTHORIZED_ANSWER
+    (certs,) = signed_by
+    keys = {_tlv(0xA0, _tlv(0x30, cert.public_bytes(serialization.Encoding.DER))): key for cert, key in signers}
+    signer_key = keys.get(certs)
+    if signer_key is None:
+        return TRY_LATER_ANSWER
     first = answers[0].der
     tbs, _ = _single_responses(first)
     singles = [single for answer in answers for single in _single_responses(answer.der)[1]]
@@ -128,11 +152,10 @@ def combine(answers: list[Answer], signer_key: CertificateIssuerPrivateKeyTypes)
     for tag, offset, end in _elements(tbs, tbs_start, len(tbs)):
         parts.append(_tlv(0x30, b"".join(singles)) if tag == 0x30 else tbs[offset:end])
     new_tbs = _tlv(0x30, b"".join(parts))
-    status, oid, basic, fields = _unwrap(first)
+    status, oid, basic, fields = unwrapped[0]
     # BasicOCSPResponse ::= SEQUENCE { tbsResponseData, signatureAlgorithm, signature BIT STRING,
     #     certs [0] EXPLICIT SEQUENCE OF Certificate OPTIONAL }
     algorithm = basic[fields[1][1] : fields[1][2]]
-    certs = b"".join(basic[offset:end] for _, offset, end in fields[3:])
     signature = _tlv(0x03, b"\x00" + _sign(signer_key, new_tbs))
     new_basic = _tlv(0x30, new_tbs + algorithm + signature + certs)
     der = _tlv(0x30, status + _tlv(0xA0, _tlv(0x30, oid + _tlv(0x04, new_basic))))
