@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import stat
+import time
 from collections.abc import Sequence
 from pathlib import Path
+
+# What _write_temp names its temporaries: ".NAME.<12 hex digits>.tmp" beside NAME.
+_TEMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{12}\.tmp$")
+STALE_AFTER = 60.0  # seconds: no write of ours takes this long between creating and renaming
 
 
 def fsync_directory(directory: Path) -> None:
@@ -48,6 +54,33 @@ def _write_temp(
         raise
     os.close(fd)
     return temp
+
+
+def remove_stale_temps(
+    directory: Path, names: Sequence[str] | None = None, *, older_than: float = STALE_AFTER, now: float | None = None
+) -> list[Path]:
+    """Remove the temporaries our writes left in ``directory`` (a process killed between write
+    and rename leaves one, maybe holding a private key); only those of ``names`` if given, and
+    only those older than ``older_than`` seconds, so a write in progress keeps its own. Returns
+    what was removed; files we did not make are never touched."""
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP.match(entry.name)
+        if match is None or (names is not None and match.group("name") not in names):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False) or now - entry.stat(follow_symlinks=False).st_mtime < older_than:
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+    return removed
 
 
 def write_files(

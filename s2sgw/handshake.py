@@ -11,7 +11,7 @@ from typing import Any
 from cryptography import x509
 from OpenSSL import SSL
 from OpenSSL._util import lib as _ssl_lib
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
 from s2sgw.interfaces import Reason
@@ -62,8 +62,8 @@ def handshake_failure(tls_protocol: Any, reason: Failure | None) -> tuple[str, s
     recorded = chain_error(tls_protocol)
     if recorded is not None:
         return recorded
-    if reason is None or reason.check(ConnectionDone):
-        return Reason.TLS_ERROR, "connection closed before the TLS handshake completed"
+    if reason is None or reason.check(ConnectionDone, ConnectionLost):
+        return Reason.CLOSED_BEFORE_HANDSHAKE, "closed by the other side before the TLS handshake completed"
     text = failure_words(reason)
     lowered = str(reason.value).lower() + " " + text.lower()
     if "peer did not return a certificate" in lowered or "alert certificate required" in lowered:

@@ -29,6 +29,7 @@ class Reason:
     BAD_CERTIFICATE = "bad_certificate"  # wrong EKU, CA:TRUE leaf, weak key or signature
     TLS_ERROR = "tls_error"  # protocol version, ciphers, garbage bytes
     HANDSHAKE_TIMEOUT = "handshake_timeout"
+    CLOSED_BEFORE_HANDSHAKE = "closed_before_handshake"  # the client left before any TLS error or verdict
     # identity and authorization
     NO_IDENTITY = "no_identity"  # no usable SAN
     IDENTITY_NOT_ALLOWED = "identity_not_allowed"  # inbound: not on the allow-list
@@ -50,6 +51,7 @@ class Reason:
     IDLE_TIMEOUT = "idle_timeout"
     SHUTDOWN = "shutdown"
     PEER_CLOSED = "peer_closed"
+    BACKEND_CLOSED = "backend_closed"  # inbound: the backend ended a live connection first
     # identity layer of a route (identity = "http-headers" | "jwt"; see s2sgw/identity/)
     HTTP_BAD_REQUEST = "http_bad_request"  # malformed or oversized request head, bad framing
     HTTP_UPGRADE_REFUSED = "http_upgrade_refused"  # Upgrade / CONNECT: cannot be rewritten

@@ -122,8 +122,10 @@ class Relay:
     closed_by: str | None = None  # "a" | "b" | None (timeout, shutdown)
     finished: bool = False
     close_grace: float = 10.0  # after one side is gone, how long the other may take to flush
+    b_closed: str = Reason.PEER_CLOSED  # the reason when ``b`` ends first (inbound: backend_closed)
     _idle_call: IDelayedCall | None = None
     _grace_call: IDelayedCall | None = None
+    _ended_first: RelaySide | None = None  # the side whose end (EOF or close) came first
 
     @property
     def bytes_a_to_b(self) -> int:
@@ -159,10 +161,17 @@ class Relay:
     def _other(self, side: RelaySide) -> RelaySide:
         return self.b if side is self.a else self.a
 
+    def _ordinary_close(self, side: RelaySide) -> str:
+        """The reason for an ordinary end: named after the side that ended first."""
+        if self._ended_first is None:
+            self._ended_first = side
+        return self.b_closed if self._ended_first is self.b else Reason.PEER_CLOSED
+
     def _read_closed(self, side: RelaySide) -> None:
         other = self._other(side)
+        reason = self._ordinary_close(side)
         if other.read_closed:
-            self._close_both(Reason.PEER_CLOSED, None)
+            self._close_both(reason, None)
             return
         if _connected(other):
             shut = getattr(other.transport, "loseWriteConnection", None)
@@ -176,7 +185,7 @@ class Relay:
             # A TLS failure on a live connection (a renegotiation attempt, a bad record) is not
             # an ordinary close.
             failed_tls = side.lost_reason is not None and side.lost_reason.check(SSL.Error)
-            self.reason = Reason.TLS_ERROR if failed_tls else Reason.PEER_CLOSED
+            self.reason = Reason.TLS_ERROR if failed_tls else self._ordinary_close(side)
             if failed_tls:
                 self.detail = failure_words(side.lost_reason)
             self.closed_by = "a" if side is self.a else "b"
@@ -252,12 +261,14 @@ def splice(
     idle_timeout: float | None,
     on_close: Callable[[Relay], object] = lambda relay: None,
     a_sink: Callable[[bytes], None] | None = None,
+    b_closed: str = Reason.PEER_CLOSED,
 ) -> Relay:
     """Join two connected sides; both must have paused reading until now (this resumes them).
 
     ``on_close`` is called once, after both connections are gone. ``a_sink``, if given, receives
     ``a``'s bytes instead of ``b``'s transport (an identity layer that rewrites them on the way).
+    ``b_closed`` is the reason recorded when ``b``'s connection ends first.
     """
-    relay = Relay(a, b, clock, idle_timeout, on_close)
+    relay = Relay(a, b, clock, idle_timeout, on_close, b_closed=b_closed)
     relay._start(a_sink)
     return relay

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import os
 import stat
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -348,3 +349,23 @@ def test_parse_serial_accepts_common_hex_spellings() -> None:
     for bad in ("zz", "", "0"):
         with pytest.raises(CAError):
             parse_serial(bad)
+
+
+def test_the_ca_removes_stale_temporaries_of_its_own_writes(ca: CertificateAuthority, tmp_path: Path) -> None:
+    """A CA command killed mid-write (``kill -9`` of ``s2sgw ca issue``) may leave a key in a
+    temporary: opening the CA removes those in its directory, issuing into a directory removes
+    those of the files it writes there."""
+    old = 1_000_000
+    in_ca = ca.directory / ".intermediate.key.0123456789ab.tmp"
+    out = tmp_path / "out"
+    out.mkdir()
+    in_out = out / ".users.key.0123456789ab.tmp"
+    unrelated = out / ".orders.key.0123456789ab.tmp"
+    for path in (in_ca, in_out, unrelated):
+        path.write_bytes(b"-----BEGIN PRIVATE KEY-----")
+        os.utime(path, (old, old))
+    reopened = CertificateAuthority.open(ca.directory)
+    assert not in_ca.exists()
+    reopened.write_identity(reopened.issue("users"), out)
+    assert not in_out.exists() and unrelated.exists()
+    assert (out / "users.key").exists()

@@ -389,3 +389,68 @@ def test_verify_signed_rejects_a_tampered_answer(ca: CertificateAuthority, alice
     der[der.index(b"\x18\x0f") + 5] ^= 1  # a digit of thisUpdate (GeneralizedTime)
     with pytest.raises(InvalidSignature):
         verify_signed(ocsp.load_der_ocsp_response(bytes(der)), ca.ocsp_cert)
+
+
+@pytest.mark.parametrize("key_type", ["ecdsa-p256", "rsa3072", "ed25519"])
+def test_a_request_about_several_certificates_gets_one_answer_about_each_signed_by_the_signer(
+    tmp_path: Path, key_type: str
+) -> None:
+    """Split into single requests (the nonce kept in each), answered, joined and signed once more:
+    the joined answer verifies with the signer's key and lists every certificate in order."""
+    import subprocess
+
+    from s2sgw.ca.ocsp import Responder, SerialStatus
+    from s2sgw.ca.ocsp_multi import MAX_CERTIFICATES, combine, split_request
+
+    authority = CertificateAuthority.init(tmp_path / "ca", "example.org", key_type=key_type)
+    names = ("alice", "bob", "carol")
+    for name in names:
+        authority.write_identity(authority.issue(name), tmp_path)
+    authority.revoke(name="bob", reason="keyCompromise")
+    request = tmp_path / "request.der"
+    certs = [arg for name in names for arg in ("-cert", str(tmp_path / f"{name}.pem"))]
+    subprocess.run(
+        ["openssl", "ocsp", "-issuer", str(authority.directory / "intermediate.pem"), *certs, "-reqout", str(request)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    body = request.read_bytes()
+    singles = split_request(body)
+    assert singles is not None and len(singles) == 3
+    parsed = [ocsp.load_der_ocsp_request(single) for single in singles]
+    serials = [x509.load_pem_x509_certificate((tmp_path / f"{n}.pem").read_bytes()).serial_number for n in names]
+    assert [p.serial_number for p in parsed] == serials
+    nonces = {p.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce for p in parsed}
+    assert len(nonces) == 1  # the one nonce of the request, in each part
+    assert split_request(singles[0]) is None  # one certificate: the usual path
+
+    responder = Responder(authority.intermediate_cert, authority.ocsp_cert, authority.ocsp_key)
+    lookup = lambda serial: SerialStatus.from_record(authority.lookup(serial))  # noqa: E731
+    now = datetime.datetime.now(datetime.UTC)
+    answers = [responder.answer(single, now, lookup) for single in singles]
+    joined = combine(answers, [(authority.ocsp_cert, authority.ocsp_key)])
+    response = ocsp.load_der_ocsp_response(joined.der)
+    assert [(r.serial_number, r.certificate_status) for r in response.responses] == [
+        (serials[0], ocsp.OCSPCertStatus.GOOD),
+        (serials[1], ocsp.OCSPCertStatus.REVOKED),
+        (serials[2], ocsp.OCSPCertStatus.GOOD),
+    ]
+    assert response.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce in nonces
+    public_key = authority.ocsp_cert.public_key()
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        public_key.verify(response.signature, response.tbs_response_bytes)
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        public_key.verify(response.signature, response.tbs_response_bytes, ec.ECDSA(hashes.SHA256()))
+    else:
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        public_key.verify(response.signature, response.tbs_response_bytes, padding.PKCS1v15(), hashes.SHA256())
+    other = CertificateAuthority.init(tmp_path / "other", "example.org", key_type=key_type)
+    strangers = combine(answers, [(other.ocsp_cert, other.ocsp_key)])  # a signer replaced meanwhile
+    assert strangers.status is ocsp.OCSPResponseStatus.TRY_LATER
+    many = [arg for _ in range(MAX_CERTIFICATES + 1) for arg in ("-cert", str(tmp_path / "alice.pem"))]
+    subprocess.run(
+        ["openssl", "ocsp", "-issuer", str(authority.directory / "intermediate.pem"), *many, "-reqout", str(request)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="more than"):
+        split_request(request.read_bytes())

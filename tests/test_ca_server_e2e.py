@@ -168,6 +168,22 @@ def test_revocation_shows_within_a_second_without_restart(server: Server) -> Non
     ) is not None
 
 
+@pytest.mark.parametrize("nonce", ["-nonce", "-no_nonce"])
+def test_one_request_about_several_certificates_is_answered_about_each(server: Server, nonce: str) -> None:
+    """RFC 6960 lets a request list several certificates: `openssl ocsp` with three gets one signed
+    answer about all three, each with its own status (bob was revoked above, or now)."""
+    run(BIN / "s2sgw", "ca", "revoke", "--dir", server.ca, "bob", "--reason", "keyCompromise", check=False)
+    deadline = time.monotonic() + 5
+    while "bob.pem: revoked" not in server.ocsp("bob", "-no_nonce") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    out = server.ocsp("alice", nonce, "-cert", server.certs / "bob.pem", "-cert", server.certs / "carol.pem")
+    assert "Response verify OK" in out, out
+    assert "alice.pem: good" in out and "bob.pem: revoked" in out and "carol.pem: good" in out, out
+    assert "nonce" not in out.lower(), out
+    foreign = server.ocsp("alice", "-cert", server.foreign / "certs" / "mallory.pem")
+    assert "alice.pem: good" in foreign and "mallory.pem: unknown" in foreign, foreign
+
+
 def test_foreign_certificate_is_never_good(server: Server) -> None:
     """Another CA's certificate is `unauthorized` under its issuer and `unknown` under ours (same names)."""
     foreign_certs = server.foreign / "certs"

@@ -219,3 +219,36 @@ def test_an_answer_is_read_by_key_and_signature_not_by_order() -> None:
     assert est.certificate_for_key(shuffled, key.public_key()) == leaf
     assert est.certificate_for_key(shuffled, ca.root_key.public_key()) is None
     assert est.chain_for(leaf, shuffled) == [leaf, ca.intermediate]
+
+
+def test_a_shared_failover_keeps_the_est_server_in_use_and_goes_back_when_the_first_recovers() -> None:
+    """Renewal keeps one Failover: once the first server failed, the next requests start at the
+    second; a background check brings the first back without spending a request on it."""
+    from s2sgw.enroll.client import BootstrapTLS, ESTClient
+    from s2sgw.wire.failover import Failover
+
+    harness = Harness()
+    first, second = "https://127.0.0.2:8443", URL
+    reachable = {"first": False}
+
+    def probe(url: str) -> defer.Deferred[object]:
+        return defer.succeed(None) if reachable["first"] else defer.fail(ConnectionRefusedError(url))
+
+    servers = Failover((first, second), harness.clock, probe=probe, recheck=5.0, label="EST server")
+    client = ESTClient((first, second), harness.clock, BootstrapTLS(), http=harness.http, servers=servers)
+    harness.down.add("https://127.0.0.2")
+
+    def cacerts() -> Any:
+        outcome: list[Any] = []
+        client.cacerts().addBoth(outcome.append)
+        harness.stub.flush()
+        return outcome[0]
+
+    assert isinstance(cacerts(), list) and servers.current == second
+    asked = len(harness.fake.seen)
+    assert isinstance(cacerts(), list) and len(harness.fake.seen) == asked + 1  # straight to the second
+    harness.down.clear()
+    reachable["first"] = True
+    harness.clock.advance(5.0)
+    assert servers.current == first
+    servers.stop()

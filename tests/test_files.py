@@ -58,3 +58,25 @@ def test_a_failed_write_leaves_every_file_as_it_was(tmp_path: Path) -> None:
     assert raised.value.filename == str(tmp_path / "missing" / "b.key")
     assert old.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pem"]
+
+
+def test_stale_temporaries_of_ours_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    """A write killed between creating its temporary and renaming it leaves ``.NAME.<hex>.tmp``
+    (maybe a private key): removed once older than a write takes, others' files never touched."""
+    from s2sgw.files import remove_stale_temps
+
+    stale_key = tmp_path / ".users.key.0123456789ab.tmp"
+    stale_pem = tmp_path / ".users.pem.ba9876543210.tmp"
+    fresh = tmp_path / ".users.key.fedcba987654.tmp"  # a write in progress
+    other_name = tmp_path / ".orders.key.0123456789ab.tmp"
+    not_ours = [tmp_path / ".users.key.tmp", tmp_path / "users.key.0123456789ab.tmp", tmp_path / ".x.ZZZZZZZZZZZZ.tmp"]
+    for path in (stale_key, stale_pem, fresh, other_name, *not_ours):
+        path.write_bytes(b"secret")
+    now = 1_000_000.0
+    for path in (stale_key, stale_pem, other_name, *not_ours):
+        os.utime(path, (now - 120, now - 120))
+    os.utime(fresh, (now - 5, now - 5))
+    assert sorted(remove_stale_temps(tmp_path, ("users.key", "users.pem"), now=now)) == sorted([stale_key, stale_pem])
+    assert other_name.exists() and fresh.exists() and all(path.exists() for path in not_ours)
+    assert remove_stale_temps(tmp_path, now=now) == [other_name]
+    assert fresh.exists()

@@ -177,7 +177,7 @@ def test_a_backend_that_resets_at_once_ends_the_peers_connection(world: World) -
     exchange = tls_exchange(world.ports["reset-in"], world.allowed, marker("reset"))
     assert exchange.received == b"" and exchange.seconds < 3, exchange
     line = world.gateway.wait_audit(mark, "reset-in", "outcome=")
-    assert "reason=peer_closed " in line or "reason=backend_unreachable " in line, line
+    assert "reason=backend_closed " in line or "reason=backend_unreachable " in line, line
     assert world.backends["reset"].received() == b""
     world.assert_still_serving()
 

@@ -207,7 +207,7 @@ def test_a_truncated_client_hello_then_close_is_refused(world: World) -> None:
     mark, before = world.gateway.mark(), world.backend.snapshot()
     with socket.create_connection(("127.0.0.1", world.port), timeout=5) as sock:
         sock.sendall(hello[: len(hello) // 2])
-    world.expect_refusal(mark, before, "tls_error")
+    world.expect_refusal(mark, before, "closed_before_handshake")
 
 
 def test_a_client_hello_with_a_lying_length_is_refused(world: World) -> None:

@@ -169,11 +169,11 @@ def test_an_allowed_peer_is_relayed_to_the_backend_and_audited(pki: PKI, audit_e
         "orders-in",
         "inbound",
         "closed",
-        Reason.PEER_CLOSED,
+        Reason.BACKEND_CLOSED,
     )
     assert event["peer"] == "spiffe://example.test/users" and event["serial"] == "0ABC"
     assert event["tls_version"] == "TLSv1.3" and event["cipher"] != "-"
-    assert "route=orders-in outcome=closed reason=peer_closed peer=spiffe://example.test/users" in formatEvent(event)
+    assert "route=orders-in outcome=closed reason=backend_closed peer=spiffe://example.test/users" in formatEvent(event)
     assert (event["bytes_in"], event["bytes_out"]) == (18, 19)
     assert rig.sample("s2sgw_handshakes_total", route="orders-in", result="ok", reason="") == 1
     assert rig.sample("s2sgw_relay_bytes_total", route="orders-in", direction="in") == 18

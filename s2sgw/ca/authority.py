@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from twisted.logger import Logger
 
 from s2sgw.ca.building import (
     CertificatePublicKey,
@@ -74,7 +75,10 @@ from s2sgw.ca.passphrase import Passphrase, encrypted_pem
 from s2sgw.ca.records import CertRecord, IssuedIdentity, row_for, san_strings
 from s2sgw.ca.store import LEAF, CAError, Row, SerialInUse
 from s2sgw.ca.stores import STORE_FILE, check_store_owner, check_store_url, open_store
+from s2sgw.files import remove_stale_temps
 from s2sgw.interfaces import ICAStore
+
+_log = Logger()
 
 __all__ = [
     "KEY_TYPES",
@@ -188,6 +192,8 @@ class CertificateAuthority:
         opened = open_store(directory, directory / DATABASE, store)
         opened.migrate()
         meta = opened.meta()
+        for stale in remove_stale_temps(directory):  # left by a CA command killed mid-write
+            _log.warn("removed a stale temporary file {path}", path=str(stale))
         root_cert = load_cert(directory / ROOT_CERT, "root certificate")
         intermediate_cert = load_cert(directory / INTERMEDIATE_CERT, "intermediate certificate")
         check_store_owner(meta, root_cert, directory)
@@ -354,6 +360,8 @@ class CertificateAuthority:
             raise CAError(f"cannot create {out_dir}: {error.strerror}") from None
         name = identity.record.name
         pem_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
+        for stale in remove_stale_temps(out_dir, (pem_path.name, key_path.name)):
+            _log.warn("removed a stale temporary file {path}", path=str(stale))
         write_ca_files(
             [(key_path, identity.key_pem, key_mode), (pem_path, identity.chain_pem, 0o644)], keep_owner=True, owner=owner
         )

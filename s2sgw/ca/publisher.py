@@ -23,6 +23,8 @@ from twisted.python.failure import Failure
 
 from s2sgw.ca.monitoring import PublisherCollector
 from s2sgw.ca.ocsp import TRY_LATER_ANSWER, Answer, Query, Responder, SerialStatus
+from s2sgw.ca.ocsp_multi import answer_each, combine
+from s2sgw.ca.responders import Responders
 from s2sgw.timeutil import utc
 
 
@@ -87,7 +89,27 @@ class StatusPublisher:
     # -- answering ------------------------------------------------------------------------
 
     def answer(self, body: bytes) -> Answer | defer.Deferred[Answer]:
-        """An Answer at once when the status is in memory, else a Deferred after a store lookup."""
+        """An Answer at once when the status is in memory, else a Deferred after a store lookup.
+
+        A request about several certificates gets one answer about all of them
+        (:mod:`s2sgw.ca.ocsp_multi`).
+        """
+        each = answer_each(body, self._answer_one)
+        if each is None:
+            return self._answer_one(body)
+        if isinstance(each, Answer):
+            return each
+        if not any(isinstance(part, defer.Deferred) for part in each):
+            return combine(each, self._signers())
+        parts = [part if isinstance(part, defer.Deferred) else defer.succeed(part) for part in each]
+        return defer.gatherResults(parts).addCallback(lambda answers: combine(answers, self._signers()))
+
+    def _signers(self) -> list[tuple[x509.Certificate, Any]]:
+        """Every delegated signer answering now (one per issuing CA)."""
+        members = self.responder.members if isinstance(self.responder, Responders) else (self.responder,)
+        return [(member.signer_cert, member.signer_key) for member in members]
+
+    def _answer_one(self, body: bytes) -> Answer | defer.Deferred[Answer]:
         parsed = self.responder.parse(body)
         if isinstance(parsed, Answer):
             return parsed

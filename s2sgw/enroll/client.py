@@ -37,6 +37,7 @@ from zope.interface import implementer
 from s2sgw import pki, tls
 from s2sgw.errors import S2sgwError
 from s2sgw.wire import est
+from s2sgw.wire.failover import Failover
 from s2sgw.wire.http import read_limited
 
 MAX_ANSWER_BYTES = 256 * 1024
@@ -287,7 +288,9 @@ class ESTClient:
     """EST requests to ``urls`` (tried in order while they are unreachable) under ``tls``.
 
     ``http(policy)`` returns a treq-like client (``request``); by default a real one over
-    ``reactor``. Every request gets ``timeout`` seconds.
+    ``reactor``. Every request gets ``timeout`` seconds. ``servers``, when given, is the
+    :class:`~s2sgw.wire.failover.Failover` over ``urls`` kept by a long-lived caller (renewal):
+    requests start at the server in use and it moves on and back like the status servers'.
     """
 
     urls: tuple[str, ...]
@@ -295,6 +298,7 @@ class ESTClient:
     tls: PinnedTLS | BootstrapTLS
     timeout: float = DEFAULT_TIMEOUT
     http: Callable[[Any], Any] | None = None
+    servers: Failover | None = None
 
     def cacerts(self) -> Deferred[list[x509.Certificate]]:
         """The CA's certificates (roots and issuing intermediates)."""
@@ -315,15 +319,31 @@ class ESTClient:
         return defer.ensureDeferred(self._fetch(est.SIMPLEREENROLL, est.encode_csr(csr), {}))
 
     async def _fetch(self, operation: str, body: bytes | None, headers: dict[str, list[str]]) -> list[x509.Certificate]:
+        if not self.urls:
+            raise ESTError("no EST server configured", UNREACHABLE)
+        servers = self.servers if self.servers is not None else Failover(self.urls, self.reactor, label="EST server")
         unreachable: list[str] = []
-        for base in self.urls:
+
+        async def once(base: str) -> list[x509.Certificate]:
             try:
                 return await self._once(operation_url(base, operation), body, headers)
             except ESTError as error:
-                if error.kind != UNREACHABLE:
-                    raise
-                unreachable.append(f"{base}: {error}")
-        raise ESTError("; ".join(unreachable) or "no EST server configured", UNREACHABLE)
+                if error.kind == UNREACHABLE:
+                    unreachable.append(f"{base}: {error}")
+                raise
+
+        def unreachable_only(failure: Failure) -> bool:
+            return failure.check(ESTError) is not None and failure.value.kind == UNREACHABLE
+
+        try:
+            return await servers.request(lambda base: defer.ensureDeferred(once(base)), unreachable_only)
+        except ESTError as error:
+            if error.kind != UNREACHABLE:
+                raise
+            raise ESTError("; ".join(unreachable), UNREACHABLE) from None
+        finally:
+            if servers is not self.servers:
+                servers.stop()  # this one lives for one request: no background check
 
     async def _once(self, url: str, body: bytes | None, headers: dict[str, list[str]]) -> list[x509.Certificate]:
         http = self.http(self.tls) if self.http is not None else default_http(self.reactor, self.tls, self.timeout)

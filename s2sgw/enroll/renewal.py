@@ -56,6 +56,7 @@ from s2sgw.enroll.schedule import (
 from s2sgw.errors import S2sgwError
 from s2sgw.files import write_files
 from s2sgw.wire import est
+from s2sgw.wire.failover import Failover
 
 UTC = datetime.UTC
 BUNDLE_INTERVAL = 3600.0  # seconds between /cacerts refreshes besides those before renewals
@@ -103,6 +104,7 @@ class RenewalService(Service):
     _bundle_timer: IDelayedCall | None = attrs.field(default=None, init=False)
     _collector: Any = attrs.field(default=None, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
+    _servers: Failover | None = attrs.field(default=None, init=False)  # the EST servers, kept across renewals
 
     def __attrs_post_init__(self) -> None:
         self._states = {name: ServiceRenewal(name) for name in self.services}
@@ -134,6 +136,8 @@ class RenewalService(Service):
         if self._collector is not None:
             self.registry.unregister(self._collector)
             self._collector = None
+        if self._servers is not None:
+            self._servers.stop()
 
     def state(self, name: str) -> ServiceRenewal:
         return self._states[name]
@@ -194,7 +198,12 @@ class RenewalService(Service):
         pinned = [root for root in self.trust_store.roots if est.fingerprint(root) == enrollment.fingerprint]
         if not pinned:
             raise RenewalError(f"the trust bundle holds no root with the pinned fingerprint {enrollment.fingerprint}")
-        return ESTClient(enrollment.urls, self.reactor, PinnedTLS((pinned[0],), chain, key), self.timeout, self.http)
+        if self._servers is None or self._servers.urls != enrollment.urls:
+            if self._servers is not None:
+                self._servers.stop()
+            self._servers = Failover(enrollment.urls, self.reactor, label="EST server")
+        tls = PinnedTLS((pinned[0],), chain, key)
+        return ESTClient(enrollment.urls, self.reactor, tls, self.timeout, self.http, servers=self._servers)
 
     # -- renewal -------------------------------------------------------------------------------
 
@@ -339,6 +348,7 @@ class RenewalService(Service):
         enrollment = self.trust_store.config.enrollment
         return {
             "urls": list(enrollment.urls) if enrollment is not None else [],
+            "in_use": self._servers.current if self._servers is not None else None,
             "fingerprint": enrollment.fingerprint if enrollment is not None else None,
             "renew_at": enrollment.renew_at if enrollment is not None else None,
             "trust_bundle": dict(self.bundle_status),

@@ -164,6 +164,7 @@ class InboundSide(RelaySide):
             idle_timeout=listener.timeouts.idle,
             on_close=lambda relay: listener.gate.end(self.session),
             a_sink=a_sink,
+            b_closed=Reason.BACKEND_CLOSED,
         )
         listener.gate.spliced(self.session, relay)
 
