@@ -7,9 +7,9 @@ import itertools
 from typing import Any
 
 import attrs
-from prometheus_client import CollectorRegistry
 import pytest
 from cryptography import x509
+from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
@@ -31,7 +31,7 @@ from s2sgw.interfaces import Decision, Reason
 from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
 from s2sgw.ops.metrics import RouteMetrics
 from s2sgw.routes.inbound import InboundListener
-from s2sgw.transport import TLSFactory
+from s2sgw.tlstransport import TLSFactory
 from tests.tlshelpers import (
     PKI,
     FakeAuthorizer,

@@ -27,19 +27,16 @@ from s2sgw.ca.ocsp import Responder
 from s2sgw.ca.publisher import StatusPublisher
 from s2sgw.ca.server import build_root
 from s2sgw.config import InboundRoute, OutboundRoute, TimeoutsConfig
-from s2sgw.interfaces import Decision, Reason
+from s2sgw.interfaces import Decision, IStatusCache, IStatusChecker, Reason
 from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
+from s2sgw.ops.metrics import RouteMetrics
 from s2sgw.routes.inbound import InboundListener
 from s2sgw.routes.outbound import OutboundConnector
-from s2sgw.status.enforce import Enforcer, PushedRevocations
-from s2sgw.status.enforce import LiveCloseMetrics
-from s2sgw.interfaces import IStatusCache, IStatusChecker
-from s2sgw.wire.ocsp import StatusUnavailable
-from s2sgw.ops.metrics import RouteMetrics
+from s2sgw.status.enforce import Enforcer, LiveCloseMetrics, PushedRevocations
 from s2sgw.status.ocsp import OCSPStatusChecker
-from s2sgw.transport import TLSFactory
+from s2sgw.tlstransport import TLSFactory
 from s2sgw.wire.feed import FeedDocument, FeedEntry
-from s2sgw.wire.ocsp import key_hash
+from s2sgw.wire.ocsp import StatusUnavailable, key_hash
 from tests.doubles import FakeStatusChecker
 from tests.tlshelpers import (
     PKI,

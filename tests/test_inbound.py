@@ -27,14 +27,10 @@ from zope.interface import implementer
 from s2sgw.config import InboundRoute, TimeoutsConfig
 from s2sgw.interfaces import Decision, Reason
 from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
+from s2sgw.ops.metrics import RouteMetrics
 from s2sgw.routes.inbound import InboundListener
-from s2sgw.transport import (
-    EagerClient,
-    EagerPort,
-    TLSFactory,
-    client_endpoint,
-    server_endpoint,
-)
+from s2sgw.tlstransport import TLSFactory
+from s2sgw.transport import EagerClient, EagerPort, client_endpoint, server_endpoint
 from tests.tlshelpers import (
     PKI,
     FakeAuthorizer,
@@ -44,7 +40,6 @@ from tests.tlshelpers import (
     WireEndpoint,
     pump_all,
 )
-from s2sgw.ops.metrics import RouteMetrics
 
 ALLOWED = Decision(True, Reason.OK, "spiffe://example.test/users", 0xABC)
 TIMEOUTS = TimeoutsConfig(handshake=10.0, connect=5.0, idle=300.0, drain=10.0)

@@ -22,10 +22,11 @@ from zope.interface import implementer
 from s2sgw.config import InboundRoute, OutboundRoute, TimeoutsConfig
 from s2sgw.interfaces import Decision, Reason
 from s2sgw.ops.audit import AUDIT_NAMESPACE, AuditLog
+from s2sgw.ops.metrics import RouteMetrics
 from s2sgw.routes.inbound import InboundListener
 from s2sgw.routes.outbound import OutboundConnector
-from s2sgw.ops.metrics import RouteMetrics
-from s2sgw.transport import TLSFactory, client_endpoint, server_endpoint
+from s2sgw.tlstransport import TLSFactory
+from s2sgw.transport import client_endpoint, server_endpoint
 from tests.tlshelpers import (
     PKI,
     FakeAuthorizer,

@@ -15,8 +15,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
-from treq.testing import StubTreq
 from prometheus_client import CollectorRegistry
+from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory
@@ -32,11 +32,18 @@ from s2sgw.config import OutboundRoute, load_config
 from s2sgw.interfaces import Reason
 from s2sgw.routes.authz import Authorizer
 from s2sgw.routes.outbound import OutboundConnector
-from s2sgw.wire.ocsp import CertStatus, StatusInvalid
-from s2sgw.status.stapling import Staple, StapleCache, StapleMetrics, StapleService, fingerprint, inbound_targets
 from s2sgw.status.ocsp import OCSPStatusChecker
-from s2sgw.transport import TLSFactory
+from s2sgw.status.stapling import (
+    Staple,
+    StapleCache,
+    StapleMetrics,
+    StapleService,
+    fingerprint,
+    inbound_targets,
+)
+from s2sgw.tlstransport import TLSFactory
 from s2sgw.truststore import TrustStore
+from s2sgw.wire.ocsp import CertStatus, StatusInvalid
 from tests.tlshelpers import HalfCloseCollector, Wire, WireEndpoint, connect, pump_all
 
 DOMAIN = "s2s.test"

@@ -13,7 +13,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 
 from s2sgw import tls, tlsalert
-from s2sgw.transport import TLSFactory
+from s2sgw.tlstransport import TLSFactory
 from tests.pkifactory import TestCA
 from tests.tlshelpers import Recorder
 

@@ -17,11 +17,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer, providedBy
 from zope.interface.verify import verifyObject
 
+from s2sgw.tlstransport import HalfCloseTLSProtocol, TLSFactory
 from s2sgw.transport import (
     EagerServer,
     _EagerTCPReactor,
-    HalfCloseTLSProtocol,
-    TLSFactory,
     client_endpoint,
     endpoint_host,
     server_endpoint,

@@ -26,7 +26,8 @@ from s2sgw.ops.audit import AuditLog, AuditRecord, Direction
 from s2sgw.ops.metrics import RouteMetrics
 from s2sgw.relay import Relay
 from s2sgw.serials import serial_text
-from s2sgw.transport import TLSFactory, server_endpoint
+from s2sgw.tlstransport import TLSFactory
+from s2sgw.transport import server_endpoint
 
 
 def dial_error(failure: Failure, timeout: float) -> str:

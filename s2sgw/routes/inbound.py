@@ -39,14 +39,8 @@ from s2sgw.routes.gate import (
     Session,
     dial_error,
 )
-from s2sgw.transport import (
-    CurrentServerCreator,
-    HalfCloseTLSProtocol,
-    TLSFactory,
-    client_endpoint,
-    dial_factory,
-    set_tcp_nodelay,
-)
+from s2sgw.tlstransport import CurrentServerCreator, HalfCloseTLSProtocol, TLSFactory
+from s2sgw.transport import client_endpoint, dial_factory, set_tcp_nodelay
 
 # ---------------------------------------------------------------------------------------------
 # Per-connection bookkeeping

@@ -38,9 +38,8 @@ from s2sgw.routes.gate import (
     dial_error,
 )
 from s2sgw.tls import received_staple
+from s2sgw.tlstransport import CurrentClientCreator, TLSFactory
 from s2sgw.transport import (
-    CurrentClientCreator,
-    TLSFactory,
     client_endpoint,
     dial_factory,
     endpoint_host,
