@@ -47,24 +47,6 @@ from s2sgw.status.stapling import StapleCache, stapling_enabled
 UTC = datetime.UTC
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 @implementer(ITrustStore)
 @attrs.define(eq=False)
 class TrustStore:

@@ -40,17 +40,8 @@ DEFAULT_TIMEOUT = 10.0
 _log = Logger()
 
 
-
 def _http_date(moment: datetime.datetime) -> bytes:
     return http.datetimeToString(moment.timestamp())
-
-
-
-
-
-
-
-
 
 
 # -- HTTP ---------------------------------------------------------------------------------

@@ -33,17 +33,9 @@ LIFETIME = "20s"  # certificates issued over EST: short, so that renewals show w
 SERVICES = ("users", "orders", "billing")
 
 
-
-
 def say(text: str = "") -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
-
-
-
-
-
-
 
 
 @attrs.define(eq=False)
@@ -413,8 +405,6 @@ class Demo:
             raise DemoFailed(f"orders was still admitted after its revocation (HTTP {code})")
         say("   a new call from orders is refused")
         say("   users gateway:  " + await self.audit_line(self.users_log, "users-in", "outcome=refused reason=revoked "))
-
-
 
 
 def header(title: str, explanation: str) -> None:

@@ -41,8 +41,6 @@ UTC = datetime.UTC
 EXPIRY_CHECK_INTERVAL = 60.0
 
 
-
-
 def _duration(seconds: float) -> str:
     seconds = abs(seconds)
     if seconds >= 2 * 86400:

@@ -46,14 +46,6 @@ from s2sgw.transport import client_endpoint, dial_factory, set_tcp_nodelay
 # Per-connection bookkeeping
 
 
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------------------------------------
 # Inbound
 
@@ -230,10 +222,6 @@ class _InboundFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> InboundSide:
         return InboundSide(self.listener, addr)
-
-
-
-
 
 
 @attrs.define(eq=False)

@@ -80,41 +80,7 @@ class StatusMetrics(MetricSet):
 
 
 # ---------------------------------------------------------------------------------------------
-# codec (pure)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------------------------------------
 # OCSP client
-
-
-
-
-
-
 
 
 class _HTTPStatus(StatusUnavailable):
@@ -147,7 +113,6 @@ def _describe(failure: Failure) -> str:
 class _Entry:
     status: CertStatus
     expires: float  # clock seconds
-
 
 
 @implementer(IStatusChecker, IStatusCache, IStatusCacheStats, IStapleSource, IStatusProbe)
@@ -472,11 +437,5 @@ class OCSPStatusChecker:
 
 # ---------------------------------------------------------------------------------------------
 # CRL and off
-
-
-
-
-
-
 
 

@@ -39,17 +39,13 @@ from s2sgw.wire.ocsp import (
 DOCUMENT_TYPE = "s2sgw-revocations"
 
 
-
 DOCUMENT_VERSION = 1
-
 
 
 FEED_CONTENT_TYPE = b"application/json"
 
 
-
 DEFAULT_HOLD = 25.0
-
 
 
 @attrs.frozen
@@ -75,7 +71,6 @@ class FeedEntry:
             "revoked_at": _iso(self.revoked_at),
             "reason": self.reason,
         }
-
 
 
 @attrs.frozen
@@ -106,20 +101,14 @@ class FeedDocument:
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-
 def _iso(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
-
-
-
-
 
 
 def _signing_hash(key: Any) -> hashes.HashAlgorithm | None:
     if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
         return None
     return hashes.SHA256()
-
 
 
 def sign(payload: bytes, key: Any, signer_der: bytes) -> bytes:
