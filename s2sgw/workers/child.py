@@ -98,6 +98,21 @@ def build(args: argparse.Namespace, reactor: Any) -> Any:
     return service
 
 
+def stop_once_on_signals(reactor: Any) -> None:
+    """SIGTERM and SIGINT stop the worker once. A worker usually hears SIGTERM twice, from its
+    parent and from systemd's control-group kill; Twisted's own handler would stop a stopping
+    reactor on the second and log ReactorNotRunning."""
+    stopping: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        if not stopping:
+            stopping.append(signum)
+            reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Until the reload service takes SIGHUP over, a reload request must not kill the worker.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -124,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         flushing.start(LOG_FLUSH_INTERVAL)
         reactor.callWhenRunning(service.startService)
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-        reactor.run()
+        stop_once_on_signals(reactor)
+        reactor.run(installSignalHandlers=False)
         return 0
     finally:
         output.flush_now()
