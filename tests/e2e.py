@@ -21,6 +21,13 @@ BIN = Path(sys.executable).parent
 TRUST_DOMAIN = "e2e.s2sgw.test"
 
 
+def s2sgw(*args: str | Path, timeout: float = 120.0) -> str:
+    """Run the ``s2sgw`` command installed beside this Python; it must succeed. Its output."""
+    result = subprocess.run([str(BIN / "s2sgw"), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"s2sgw {' '.join(map(str, args))}: {result.stdout}{result.stderr}"
+    return result.stdout
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

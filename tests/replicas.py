@@ -30,13 +30,6 @@ BIN = Path(sys.executable).parent
 TIMEOUT = 30.0
 
 
-def s2sgw(*args: str | Path) -> str:
-    result = subprocess.run(
-        [str(BIN / "s2sgw"), *map(str, args)], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, f"{args}: {result.stdout}{result.stderr}"
-    return result.stdout
-
 
 def load_cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())

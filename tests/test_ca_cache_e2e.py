@@ -17,8 +17,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from tests.e2e import Processes, free_port
-from tests.replicas import ReplicaSet, feed, load_cert, ocsp_status, s2sgw
+from tests.e2e import Processes, free_port, s2sgw
+from tests.replicas import ReplicaSet, feed, load_cert, ocsp_status
 
 pytestmark = pytest.mark.e2e
 

@@ -19,8 +19,8 @@ import attrs
 import pytest
 
 from s2sgw.ca.authority import CertificateAuthority
-from tests.e2e import TRUST_DOMAIN, EchoServer, Processes, free_port, wait_for
-from tests.replicas import Replica, ReplicaSet, s2sgw
+from tests.e2e import TRUST_DOMAIN, EchoServer, Processes, free_port, s2sgw, wait_for
+from tests.replicas import Replica, ReplicaSet
 
 pytestmark = pytest.mark.e2e
 

@@ -15,8 +15,8 @@ import pytest
 from cryptography import x509
 
 from s2sgw.wire.feed import check_sequence
-from tests.e2e import Processes
-from tests.replicas import ReplicaSet, feed, load_cert, ocsp_status, openssl_ocsp, s2sgw
+from tests.e2e import Processes, s2sgw
+from tests.replicas import ReplicaSet, feed, load_cert, ocsp_status, openssl_ocsp
 
 pytestmark = pytest.mark.e2e
 

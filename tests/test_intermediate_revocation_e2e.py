@@ -9,8 +9,6 @@ users-ocsp. The root's CRL revoking A is signed with the offline root key while 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import attrs
@@ -23,19 +21,14 @@ from tests.e2e import (
     Processes,
     free_port,
     gateway_config,
+    s2sgw,
     service_block,
     wait_for,
 )
 
 pytestmark = pytest.mark.e2e
 
-S2SGW = str(Path(sys.executable).parent / "s2sgw")
 
-
-def s2sgw(*args: str | Path) -> str:
-    result = subprocess.run([S2SGW, *map(str, args)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 @attrs.define

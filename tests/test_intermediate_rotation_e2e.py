@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,19 +23,14 @@ from tests.e2e import (
     callers_of,
     free_port,
     gateway_config,
+    s2sgw,
     service_block,
     wait_for,
 )
 
 pytestmark = pytest.mark.e2e
 
-S2SGW = str(Path(sys.executable).parent / "s2sgw")
 
-
-def s2sgw(*args: str | Path) -> str:
-    result = subprocess.run([S2SGW, *map(str, args)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def _issuer_of(pem: Path) -> x509.Name:
