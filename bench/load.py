@@ -17,7 +17,7 @@ import ssl
 import subprocess
 import time
 
-from bench.procs import BenchError, cpu_seconds, established, raise_nofile, rss_kib
+from bench.procs import BenchError, cpu_seconds, established, machine_busy_seconds, raise_nofile, rss_kib
 
 REQUEST = b"GET /small HTTP/1.1\r\nHost: bench\r\n\r\n"
 TLS_VERSIONS = {"1.3": ssl.TLSVersion.TLSv1_3, "1.2": ssl.TLSVersion.TLSv1_2}
@@ -168,9 +168,10 @@ def connections(
     with concurrent.futures.ProcessPoolExecutor(clients, mp_context=context) as pool:
         futures = [pool.submit(_connect_worker, port, version, identity, warmup, seconds) for _ in range(clients)]
         time.sleep(warmup)
-        before = cpu_seconds(pids)
+        before, machine_before, started = cpu_seconds(pids), machine_busy_seconds(), time.monotonic()
         results = [future.result(timeout=warmup + seconds + 60) for future in futures]
         cpu = cpu_seconds(pids) - before
+        machine = (machine_busy_seconds() - machine_before) / (time.monotonic() - started)
     count = sum(result["count"] for result in results)
     errors = sum(result["errors"] for result in results)
     if errors > count * 0.01 or not count:
@@ -183,6 +184,7 @@ def connections(
         "p50_ms": 1000 * latencies[len(latencies) // 2],
         "cpu_us_per_connection": 1e6 * cpu / count if pids else None,
         "client_cpu_cores": sum(result["cpu_s"] for result in results) / seconds,
+        "machine_busy_cores": machine,  # everything on the machine: proxy, clients, backend, the rest
     }
 
 

@@ -81,6 +81,13 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / ticks
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent on anything but idle and I/O wait since boot (``/proc/stat``)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pids: list[int]) -> int:
     total = 0
     for pid in pids:

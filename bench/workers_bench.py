@@ -12,8 +12,10 @@ handshakes
     New mTLS connections per second (TLS 1.3, full handshake with the client certificate, ``GET
     /small``) against one inbound gateway with ``workers = 1`` and one with ``workers = 2``, from
     the same closed-loop client processes; the gateway's CPU (all its processes) per connection
-    and the client processes' CPU in cores beside it: when the client uses the cores the
-    gateway needs, the figure says more about the machine than about the gateway.
+    and the client processes' CPU in cores beside it, and how many of the machine's cores were
+    busy in all: when one worker already keeps every core busy (the client's handshakes cost
+    about as much CPU as the gateway's), a second worker has nothing to run on, and the figure
+    says more about the machine than about the gateway.
 
 Every figure records the load average before and after it: other work on the machine moves
 absolute figures and ratios alike.
@@ -157,12 +159,13 @@ def handshakes(lab: Lab, args: argparse.Namespace) -> dict:
             results[name].append(figures)
             say(f"  handshakes run {run + 1}/{args.runs} {name}: {figures['per_s']:.0f}/s, "
                 f"{figures['cpu_us_per_connection']:.0f} us/conn, client CPU {figures['client_cpu_cores']:.2f} cores, "
+                f"machine busy {figures['machine_busy_cores']:.2f} of {os.cpu_count()} cores, "
                 f"load {figures['loadavg'][0]}")  # fmt: skip
     summary: dict = {"runs": results, "median": {}}
     for name, runs in results.items():
         summary["median"][name] = {
             key: statistics.median(run[key] for run in runs)
-            for key in ("per_s", "cpu_us_per_connection", "client_cpu_cores", "p50_ms")
+            for key in ("per_s", "cpu_us_per_connection", "client_cpu_cores", "machine_busy_cores", "p50_ms")
         }
     one, two = summary["median"]["workers=1"]["per_s"], summary["median"]["workers=2"]["per_s"]
     summary["speedup"] = round(two / one, 2) if one else None

@@ -170,11 +170,15 @@ def test_list_shows_good_revoked_and_expired(tmp_path: Path) -> None:
 
 
 def test_revoke_by_serial_accepts_the_hex_that_list_prints(tmp_path: Path) -> None:
+    """issue, list and revoke print a serial as openssl does (and as audit lines do); revoke takes any case."""
     ca_dir = tmp_path / "ca"
     s2sgw("ca", "init", "--dir", ca_dir, "--trust-domain", DOMAIN, "--key-type", "ed25519")
-    s2sgw("ca", "issue", "--dir", ca_dir, "web", "--out", tmp_path / "out")
+    issued = s2sgw("ca", "issue", "--dir", ca_dir, "web", "--out", tmp_path / "out").stdout
     serial = s2sgw("ca", "list", "--dir", ca_dir).stdout.splitlines()[1].split()[0]
-    revoked = s2sgw("ca", "revoke", "--dir", ca_dir, "--serial", serial.upper(), "--reason", "cessationOfOperation")
+    shown = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "out" / "web.pem"), "-noout", "-serial"],
+                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert shown == f"serial={serial}" and f"serial {serial} " in issued
+    revoked = s2sgw("ca", "revoke", "--dir", ca_dir, "--serial", serial.lower(), "--reason", "cessationOfOperation")
     assert serial in revoked.stdout
     fails_with_one_line(s2sgw("ca", "revoke", "--dir", ca_dir, "--serial", serial, check=False), "already revoked")
     assert "revoked (cessationOfOperation)" in s2sgw("ca", "list", "--dir", ca_dir).stdout

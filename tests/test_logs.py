@@ -15,7 +15,8 @@ from twisted.logger import (
 )
 
 from s2sgw.ops.audit import AUDIT_FIELDS, AuditLog, AuditRecord
-from s2sgw.ops.logs import LogSetup
+from s2sgw.ops.logs import LogSetup, worker_observer
+from s2sgw.workers.supervisor import Worker, _WorkerOutput
 
 LOGFMT_PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^ ]*)')
 
@@ -99,3 +100,33 @@ def test_audit_lines_read_as_logfmt(detail: str) -> None:
     assert fields["detail"] == detail
     assert fields["route"] == "users-in" and fields["peer"] == "spiffe://example.org/billing"
     assert fields["reason"] == "identity_not_allowed" and fields["alert"] == "-"
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_a_worker_writes_finished_lines_at_the_parents_level_and_format(form: str) -> None:
+    out = io.StringIO()
+    publisher = LogPublisher(worker_observer(out, "warn", form, worker=1))
+    log = Logger(namespace="s2sgw.test", observer=publisher)
+    log.info("quiet {n}", n=1)
+    log.warn("loud {n}", n=2)
+    Logger(namespace="twisted.internet.protocol", observer=publisher).warn("Starting factory {f}", f=0)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and "quiet" not in lines[0]
+    if form == "json":
+        record = json.loads(lines[0])
+        assert (record["message"], record["level"], record["worker"]) == ("loud 2", "warn", 1)
+    else:
+        assert lines[0].endswith("[s2sgw.test#warn] loud 2")
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_the_parent_writes_worker_lines_as_they_are_whatever_its_level(form: str) -> None:
+    publisher, out, logs = setup(level="error", form=form)
+    output = _WorkerOutput(supervisor=None, worker=Worker(1, {}))  # type: ignore[arg-type]
+    output._log = Logger(namespace="s2sgw.workers", observer=publisher)
+    output.outReceived(b'{"message": "first"}\n{"mess')
+    assert out.getvalue() == '{"message": "first"}\n'
+    output.outReceived(b'age": "second"}\n')
+    Logger(namespace="s2sgw.test", observer=publisher).warn("the parent's own {n}", n=3)
+    logs.restore()
+    assert out.getvalue() == '{"message": "first"}\n{"message": "second"}\n'

@@ -1,8 +1,8 @@
 """End to end: ``workers = 2`` behaves as one process, on two cores.
 
-Layout: `twistd s2sgw-ca` (OCSP and the revocation feed); users-gw runs with ``workers = 2`` and
-an admin endpoint, admitting orders, reports and billing and relaying to an echo backend;
-callers-gw (one process) hosts the three callers' outbound routes.
+Layout: `twistd s2sgw-ca` (OCSP and the revocation feed); users-gw runs with ``workers = 2``, an
+admin endpoint and ``--log-format json``, admitting orders, reports and billing and relaying to an
+echo backend; callers-gw (one process) hosts the three callers' outbound routes.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         callers = callers_of(pki, ("orders", "reports", "billing"), ports, ports["users_gw"])
         (root / "callers-gw.toml").write_text(gateway_config(pki, ports["ca"], callers))
         procs.wait_port(ports["ca"])
-        procs.twistd("users-gw", "s2sgw", "--config", str(root / "users-gw.toml"))
+        procs.twistd("users-gw", "s2sgw", "--config", str(root / "users-gw.toml"), "--log-format", "json")
         procs.twistd("callers-gw", "s2sgw", "--config", str(root / "callers-gw.toml"))
         for name in ("admin", "orders", "reports", "billing"):
             procs.wait_port(ports[name])
@@ -167,6 +167,20 @@ def test_connections_are_spread_over_both_workers_and_metrics_sum_them(world: Wo
     for sock in socks:
         sock.close()
     wait_for(lambda: world.metric('s2sgw_active_connections{route="users-in"}') == 0)
+
+
+def test_every_worker_logs_json_lines_through_the_parent(world: World) -> None:
+    """With --log-format json, both workers' audit lines reach the parent's log as JSON objects."""
+    for sock in spread(world, "orders"):
+        sock.close()
+
+    def audit_workers() -> set[int]:
+        records = [json.loads(line) for line in world.procs.log("users-gw").splitlines() if line.startswith("{")]
+        return {r["worker"] for r in records if r.get("route") == "users-in" and r.get("peer", "").endswith("/orders")}
+
+    wait_for(lambda: audit_workers() == {0, 1}, timeout=10)
+    started = [line for line in world.procs.log("users-gw").splitlines() if "worker 1 started" in line]
+    assert started and json.loads(started[0])["message"].startswith("worker 1 started")  # the parent's own, as JSON
 
 
 def test_a_reload_reaches_every_worker(world: World) -> None:

@@ -18,7 +18,8 @@ from s2sgw.ca.inputs import (
     validate_reason,
 )
 from s2sgw.ca.passphrase import Passphrase, read_passphrase
-from s2sgw.ca.store import CAError, serial_hex
+from s2sgw.ca.store import CAError
+from s2sgw.serials import serial_text
 
 if TYPE_CHECKING:
     from s2sgw.ca.authority import CertificateAuthority
@@ -94,13 +95,13 @@ def run_intermediate(args: argparse.Namespace) -> int:
     ca = open_ca(args)
     if args.retire is not None:
         cert = retire_intermediate(ca, parse_serial(args.retire), now=_now(), force=args.force)
-        _out(f"retired issuing CA {serial_hex(cert.serial_number)} ({cert.subject.rfc4514_string()})")
+        _out(f"retired issuing CA {serial_text(cert.serial_number)} ({cert.subject.rfc4514_string()})")
         return 0
     old = ca.intermediate_cert
     cert = new_intermediate(ca, load_root_key(ca, args.root_key, _root_passphrase(args, ca)), now=_now())
-    _out(f"new issuing CA {serial_hex(cert.serial_number)} ({cert.subject.rfc4514_string()}) "
+    _out(f"new issuing CA {serial_text(cert.serial_number)} ({cert.subject.rfc4514_string()}) "
          f"valid until {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
-    _out(f"previous issuing CA {serial_hex(old.serial_number)} kept in {ca.directory / 'previous'} "
+    _out(f"previous issuing CA {serial_text(old.serial_number)} kept in {ca.directory / 'previous'} "
          "until `s2sgw ca intermediate --retire`")
     return 0
 

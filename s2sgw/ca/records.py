@@ -9,7 +9,8 @@ import attrs
 from cryptography import x509
 
 from s2sgw.ca.building import cert_pem
-from s2sgw.ca.store import Row, serial_hex
+from s2sgw.ca.store import Row
+from s2sgw.serials import serial_text
 
 
 @attrs.frozen
@@ -29,7 +30,8 @@ class CertRecord:
 
     @property
     def serial_hex(self) -> str:
-        return serial_hex(self.serial)
+        """The serial as operators see it everywhere (``openssl x509 -serial``, audit lines)."""
+        return serial_text(self.serial)
 
     def certificate(self) -> x509.Certificate:
         return x509.load_pem_x509_certificate(self.pem)

@@ -7,11 +7,16 @@ Twisted's ``Starting factory``/``Stopping factory`` lines (one pair per dial, mo
 and, for ``json``, a writer of one JSON object per line to the same file. Audit events keep
 their fields as JSON keys. What twistd writes before services start (its own banner, the trust
 material loaded while options are checked) stays in its text form.
+
+Worker processes (``workers = N``) format their own lines with the same level and format
+(:func:`worker_observer`); the parent hands them to its files as they are (:data:`PREFORMATTED`),
+so a worker's event is formatted once, in the worker, and the parent only copies bytes.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 from typing import Any
 
@@ -27,6 +32,7 @@ from twisted.logger import (
     PredicateResult,
     formatEvent,
     globalLogPublisher,
+    textFileLogObserver,
 )
 
 from s2sgw.ops.audit import AUDIT_FIELDS
@@ -34,6 +40,7 @@ from s2sgw.ops.audit import AUDIT_FIELDS
 LEVELS = ("debug", "info", "warn", "error", "critical")
 FORMATS = ("text", "json")
 _CHATTER = ("Starting factory", "Stopping factory")
+PREFORMATTED = "preformatted"  # event key: lines a worker already formatted, written as they are
 
 
 def no_factory_chatter(event: dict[str, Any]) -> PredicateResult:
@@ -43,8 +50,38 @@ def no_factory_chatter(event: dict[str, Any]) -> PredicateResult:
     return PredicateResult.maybe
 
 
-def json_line(event: dict[str, Any]) -> str | None:
-    """One event as one JSON object on one line: time, level, namespace, message (+ audit fields)."""
+def preformatted_passes(event: dict[str, Any]) -> PredicateResult:
+    """Lines a worker formatted were filtered there, by the same level."""
+    return PredicateResult.yes if PREFORMATTED in event else PredicateResult.maybe
+
+
+def passing_preformatted(formatter: Any) -> Any:
+    """``formatter``, except that an event carrying worker lines is written as those lines."""
+
+    def format_event(event: dict[str, Any]) -> str | None:
+        lines = event.get(PREFORMATTED)
+        return lines if isinstance(lines, str) else formatter(event)
+
+    return format_event
+
+
+def level_predicates(level: str) -> list[Any]:
+    return [LogLevelFilterPredicate(LogLevel.levelWithName(level)), no_factory_chatter]
+
+
+def worker_observer(out: Any, level: str, format: str, worker: int) -> ILogObserver:
+    """What worker ``worker`` writes to its parent: finished lines in the parent's ``format``
+    (JSON lines also name the worker), at ``level``."""
+    if format == "json":
+        writer = FileLogObserver(out, functools.partial(json_line, worker=worker))
+    else:
+        writer = textFileLogObserver(out)
+    return FilteringLogObserver(writer, level_predicates(level))
+
+
+def json_line(event: dict[str, Any], worker: int | None = None) -> str | None:
+    """One event as one JSON object on one line: time, level, namespace, message (+ audit fields,
+    + the worker that logged it)."""
     when = event.get("log_time")
     level = event.get("log_level")
     record: dict[str, Any] = {
@@ -55,6 +92,8 @@ def json_line(event: dict[str, Any]) -> str | None:
         "namespace": event.get("log_namespace"),
         "message": formatEvent(event),
     }
+    if worker is not None:
+        record["worker"] = worker
     if event.get("audit"):
         record.update({name: event.get(name) for name in AUDIT_FIELDS})
     failure = event.get("log_failure")
@@ -85,12 +124,13 @@ class LogSetup(Service):
         super().privilegedStartService()
         if self._swapped:
             return
-        predicates = [LogLevelFilterPredicate(LogLevel.levelWithName(self.level)), no_factory_chatter]
+        predicates = [preformatted_passes, *level_predicates(self.level)]
         for observer in list(self.publisher._observers):  # no public listing; stable since Twisted 15
             writer = observer
             out = getattr(observer, "_outFile", None)
-            if self.format == "json" and isinstance(observer, FileLogObserver) and out is not None:
-                writer = FileLogObserver(out, json_line)
+            if isinstance(observer, FileLogObserver) and out is not None:
+                formatter = json_line if self.format == "json" else observer.formatEvent
+                writer = FileLogObserver(out, passing_preformatted(formatter))
             wrapped = FilteringLogObserver(writer, predicates)
             self.publisher.removeObserver(observer)
             self.publisher.addObserver(wrapped)

@@ -1,13 +1,14 @@
 """One worker process: the whole gateway on sockets its parent made, logging to the parent.
 
     python -m s2sgw.workers.child --config FILE --index N --listen ROUTE=FD:FAMILY ... --admin unix:PATH
+        [--log-level LEVEL] [--log-format text|json]
 
 Started only by :class:`~s2sgw.workers.supervisor.Supervisor`. The worker runs the same
 gateway as a single process (:func:`s2sgw.service.build_gateway`, :mod:`s2sgw.reactor`): it
 follows the revocation feed itself, reloads on SIGHUP and drains on SIGTERM. Its routes adopt
 the inherited sockets; its admin endpoint listens on a private unix socket the parent asks for
 metrics and status; it reports readiness through the ``NOTIFY_SOCKET`` the parent gives it;
-its log events go to stdout as JSON records, which the parent re-emits into its own log.
+its log lines go to stdout already formatted, and the parent copies them into its own log.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from typing import Any
 
 import attrs
 
+from s2sgw.ops.logs import FORMATS, LEVELS
+
 PR_SET_PDEATHSIG = 1
 LOG_FLUSH_INTERVAL = 0.05  # seconds: log records reach the parent in batches at most this old
 
 
 class BatchedOutput:
-    """The worker's stdout for JSON log records, flushed on a timer instead of after each record.
+    """The worker's stdout for finished log lines, flushed on a timer instead of after each line.
 
     Why: a record per pipe write costs the parent a wake-up and a read per log event (several
     per connection); batching them costs at most ``LOG_FLUSH_INTERVAL`` of delay, and the
@@ -56,6 +59,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--listen", action="append", default=[], help="ROUTE=FD:FAMILY (inet or inet6)")
     parser.add_argument("--admin", required=True, help="the private admin endpoint, unix:PATH")
+    parser.add_argument("--log-level", default="info", choices=LEVELS)
+    parser.add_argument("--log-format", default="text", choices=FORMATS)
     return parser.parse_args(argv)
 
 
@@ -119,13 +124,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     die_with_parent()
     args = parse_args(argv)
     from twisted.internet.task import LoopingCall
-    from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+    from twisted.logger import Logger, globalLogBeginner
 
+    from s2sgw.ops.logs import worker_observer
     from s2sgw.reactor import install
 
     reactor = install()
     output = BatchedOutput(open(sys.stdout.fileno(), "w", buffering=1 << 16, encoding="utf-8", closefd=False))
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(output)], redirectStandardIO=False)
+    observer = worker_observer(output, args.log_level, args.log_format, args.index)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     log = Logger(namespace="s2sgw.workers")
     try:
         try:

@@ -8,22 +8,33 @@ from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
 
 from s2sgw.config import GatewayConfig
+from s2sgw.ops.logs import LogSetup
 from s2sgw.ops.metrics import MetricsService
 from s2sgw.workers.admin import ParentAdminService
 from s2sgw.workers.supervisor import Supervisor, WorkerMetrics
 
 
-def build_parent(config: GatewayConfig, reactor: Any, registry: CollectorRegistry | None = None) -> MultiService:
+def build_parent(
+    config: GatewayConfig,
+    reactor: Any,
+    registry: CollectorRegistry | None = None,
+    log_level: str = "info",
+    log_format: str = "text",
+) -> MultiService:
     """The supervisor of ``config.workers`` workers and, if configured, the admin endpoint over them.
+
+    The workers log at ``log_level`` in ``log_format`` as a single process would; the parent's
+    own log (:class:`LogSetup`, first to start) takes their lines as they are.
 
     The parent's own metrics go to a registry of their own (the workers' arrive merged beside
     them on ``/metrics``), so the parent's process metrics do not mix with the workers'.
     """
     registry = CollectorRegistry() if registry is None else registry
     top = MultiService()
+    LogSetup(log_level, log_format).setServiceParent(top)
     metrics = WorkerMetrics()
     MetricsService((metrics,), registry).setServiceParent(top)
-    supervisor = Supervisor(config, reactor, metrics)
+    supervisor = Supervisor(config, reactor, metrics, log_level=log_level, log_format=log_format)
     supervisor.setServiceParent(top)
     if config.admin is not None:
         ParentAdminService(config.admin.listen, supervisor, reactor, registry).setServiceParent(top)

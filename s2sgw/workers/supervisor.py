@@ -13,8 +13,9 @@ workers (:mod:`s2sgw.workers.child`) that adopt them, and then only supervises:
   tells systemd READY=1 once every worker is ready, and frames a reload with RELOADING=1 and
   READY=1 when every worker has finished it.
 
-Worker log events arrive as JSON records on the worker's stdout and are re-emitted into the
-parent's log with a ``worker`` key; the worker's stderr is logged as warnings.
+Workers write finished log lines (the parent's level and format, :func:`s2sgw.ops.logs.worker_observer`)
+to their stdout; the parent copies whole lines into its own log files as they are, without
+parsing them again. A worker's stderr is logged as warnings.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from prometheus_client import Counter, Gauge
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from s2sgw.config import GatewayConfig
+from s2sgw.ops.logs import PREFORMATTED
 from s2sgw.ops.metrics import MetricSet
 from s2sgw.ops.notify import Notifier, monotonic_usec
 from s2sgw.workers.sockets import TCPListen, reuseport_sockets
@@ -44,7 +46,6 @@ from s2sgw.workers.sockets import TCPListen, reuseport_sockets
 FIRST_RESTART_DELAY = 0.1
 MAX_RESTART_DELAY = 5.0
 YOUNG = 10.0  # a worker that dies sooner than this after starting backs off further
-RECORD_SEPARATOR = b"\x1e"
 STOP_GRACE = 15.0  # beyond the drain timeout, before a worker that will not stop is killed
 
 
@@ -83,7 +84,7 @@ class Worker:
 
 
 class _WorkerOutput(ProcessProtocol):
-    """A worker's stdout (JSON log records) and stderr, and its exit."""
+    """A worker's stdout (finished log lines) and stderr, and its exit."""
 
     _log = Logger(namespace="s2sgw.workers")
 
@@ -93,20 +94,13 @@ class _WorkerOutput(ProcessProtocol):
         self._buffer = b""
 
     def outReceived(self, data: bytes) -> None:
-        self._buffer += data
-        *records, self._buffer = self._buffer.split(RECORD_SEPARATOR)
-        for record in records:
-            if record.strip():
-                self._emit(record)
+        whole, newline, self._buffer = (self._buffer + data).rpartition(b"\n")
+        if newline:
+            self._emit(whole + newline)
 
-    def _emit(self, record: bytes) -> None:
-        try:
-            event = eventFromJSON(record.decode("utf-8", "replace"))
-        except ValueError:
-            self._log.warn("worker {worker}: {line}", worker=self.worker.index, line=record.decode("utf-8", "replace"))
-            return
-        event["worker"] = self.worker.index
-        globalLogPublisher(event)
+    def _emit(self, lines: bytes) -> None:
+        text = lines.decode("utf-8", "replace")
+        self._log.info("{worker_lines}", worker_lines=text.rstrip("\n"), worker=self.worker.index, **{PREFORMATTED: text})
 
     def errReceived(self, data: bytes) -> None:
         for line in data.decode("utf-8", "replace").splitlines():
@@ -115,7 +109,7 @@ class _WorkerOutput(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         if self._buffer.strip():
-            self._emit(self._buffer)
+            self._emit(self._buffer + b"\n")
         self.supervisor.ended(self.worker, reason)
 
 
@@ -138,6 +132,8 @@ class Supervisor(Service):
     config: GatewayConfig
     reactor: Any
     metrics: WorkerMetrics = attrs.Factory(WorkerMetrics)
+    log_level: str = "info"
+    log_format: str = "text"
     notifier: Notifier | None = attrs.Factory(lambda: Notifier.from_environ(os.environ))
     python: str = sys.executable
     workers: list[Worker] = attrs.field(factory=list, init=False)
@@ -196,7 +192,8 @@ class Supervisor(Service):
         admin = self.admin_path(worker)
         admin.unlink(missing_ok=True)  # a dead predecessor's socket file
         argv = [self.python, "-m", "s2sgw.workers.child", "--config", str(self.config.path),
-                "--index", str(worker.index), "--admin", f"unix:{admin}"]  # fmt: skip
+                "--index", str(worker.index), "--admin", f"unix:{admin}",
+                "--log-level", self.log_level, "--log-format", self.log_format]  # fmt: skip
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         for number, (route, (fd, family)) in enumerate(sorted(worker.fds.items()), start=3):
             child_fds[number] = fd
