@@ -9,7 +9,6 @@ users-ocsp. The root's CRL revoking A is signed with the offline root key while 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import attrs
@@ -17,6 +16,9 @@ import pytest
 
 from s2sgw.ca.authority import CertificateAuthority
 from tests.e2e import (
+    closed,
+    echoes,
+    live_connection,
     EchoServer,
     Pki,
     Processes,
@@ -104,47 +106,20 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         echo.close()
 
 
-def echoes(world: World, route: str) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", world.ports[route]), timeout=5) as sock:
-            sock.settimeout(5)
-            sock.sendall(b"hello\n")
-            return sock.recv(100) == b"hello\n"
-    except OSError:
-        return False
-
-
-def live(world: World, route: str) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", world.ports[route]), timeout=5)
-    sock.sendall(b"ping\n")
-    assert sock.recv(100) == b"ping\n"
-    return sock
-
-
-def closed(sock: socket.socket) -> bool:
-    sock.settimeout(0.05)
-    try:
-        return sock.recv(100) == b""
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
-
-
 def test_revoked_intermediate_refuses_its_leaves_in_ocsp_and_crl_mode(world: World) -> None:
     """New connections of leaves under the revoked issuing CA are refused, and live ones close."""
     for route in ("bad_ocsp", "bad_crl", "good_ocsp"):
-        assert echoes(world, route), f"{route} before any revocation"
+        assert echoes(world.ports[route]), f"{route} before any revocation"
     for gateway in ("users-ocsp", "users-crl"):
         wait_for(lambda: "publishes no root CRL" in world.procs.log(gateway), timeout=10)
-    open_before = {route: live(world, route) for route in ("bad_ocsp", "bad_crl", "good_ocsp")}
+    open_before = {route: live_connection(world.ports[route]) for route in ("bad_ocsp", "bad_crl", "good_ocsp")}
 
     s2sgw("ca", "crl", "--dir", world.pki.directory / "ca", "--root", world.root_key,
           "--revoke-intermediate", format(world.old_serial, "x"), "--reason", "keyCompromise")  # fmt: skip
 
-    wait_for(lambda: not echoes(world, "bad_ocsp"), timeout=15)
-    wait_for(lambda: not echoes(world, "bad_crl"), timeout=15)
-    assert echoes(world, "good_ocsp"), "a leaf under the new issuing CA is still admitted"
+    wait_for(lambda: not echoes(world.ports["bad_ocsp"]), timeout=15)
+    wait_for(lambda: not echoes(world.ports["bad_crl"]), timeout=15)
+    assert echoes(world.ports["good_ocsp"]), "a leaf under the new issuing CA is still admitted"
     wait_for(lambda: closed(open_before["bad_ocsp"]) and closed(open_before["bad_crl"]), timeout=5)
     survivor = open_before["good_ocsp"]
     survivor.settimeout(5)
