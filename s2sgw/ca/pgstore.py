@@ -43,6 +43,7 @@ from s2sgw.ca.store import (
     serial_hex,
 )
 from s2sgw.interfaces import ICAStore
+from s2sgw.serials import serial_text
 
 SCHEMA_VERSION = 1  # of this PostgreSQL schema; the SQLite file has its own numbering
 CHANNEL = "s2sgw_ca"
@@ -282,8 +283,8 @@ class PgStore:
         with self._write() as connection:
             if serial is not None:
                 where, args = "serial = %s", (serial_hex(serial),)
-                unknown = f"no certificate with serial {serial_hex(serial)}"
-                done = f"certificate {serial_hex(serial)} is already revoked"
+                unknown = f"no certificate with serial {serial_text(serial)}"
+                done = f"certificate {serial_text(serial)} is already revoked"
             else:
                 where, args = "name = %s", (name,)
                 unknown = f"no certificate was issued to {name!r}"
@@ -294,16 +295,16 @@ class PgStore:
             ).fetchall()
             if not matched:
                 raise NotRevocable(unknown)
-            pending = [serial_text for serial_text, already in matched if already is None]
+            pending = [stored for stored, already in matched if already is None]
             if not pending:
                 raise NotRevocable(done)
             (last,) = connection.execute(
                 "UPDATE counters SET value = value + %s WHERE name = 'revocation_seq' RETURNING value", (len(pending),)
             ).fetchone()
-            for seq, serial_text in enumerate(pending, start=last - len(pending) + 1):
+            for seq, stored in enumerate(pending, start=last - len(pending) + 1):
                 connection.execute(
                     "UPDATE certificates SET revoked_at = %s, reason = %s, revocation_seq = %s WHERE serial = %s",
-                    (_iso(revoked_at), reason, seq, serial_text),
+                    (_iso(revoked_at), reason, seq, stored),
                 )
             self._changed(connection)
             found = connection.execute(
@@ -320,9 +321,9 @@ class PgStore:
                 (INTERMEDIATE, serial_hex(serial)),
             ).fetchone()
             if found is None:
-                raise NotRevocable(f"no issuing CA with serial {serial_hex(serial)}")
+                raise NotRevocable(f"no issuing CA with serial {serial_text(serial)}")
             if found[0] is not None:
-                raise NotRevocable(f"issuing CA {serial_hex(serial)} is already revoked")
+                raise NotRevocable(f"issuing CA {serial_text(serial)} is already revoked")
             connection.execute(
                 "UPDATE certificates SET revoked_at = %s, reason = %s WHERE serial = %s",
                 (_iso(revoked_at), reason, serial_hex(serial)),

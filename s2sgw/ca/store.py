@@ -22,6 +22,7 @@ from zope.interface import implementer
 from s2sgw.ca.batching import GroupCommit
 from s2sgw.errors import S2sgwError
 from s2sgw.interfaces import ICAStore
+from s2sgw.serials import serial_text
 
 SCHEMA_VERSION = 2  # 2: certificates.issued_via and enrollment_tokens
 BUSY_TIMEOUT_MS = 30_000
@@ -342,8 +343,8 @@ class CAStore:
         with self._write() as connection:
             if serial is not None:
                 where, args = "serial = ?", (serial_hex(serial),)
-                unknown = f"no certificate with serial {serial_hex(serial)}"
-                done = f"certificate {serial_hex(serial)} is already revoked"
+                unknown = f"no certificate with serial {serial_text(serial)}"
+                done = f"certificate {serial_text(serial)} is already revoked"
             else:
                 where, args = "name = ?", (name,)
                 unknown = f"no certificate was issued to {name!r}"
@@ -353,15 +354,15 @@ class CAStore:
             ).fetchall()
             if not matched:
                 raise NotRevocable(unknown)
-            pending = [serial_text for serial_text, already in matched if already is None]
+            pending = [stored for stored, already in matched if already is None]
             if not pending:
                 raise NotRevocable(done)
             (seq,) = connection.execute("SELECT value FROM meta WHERE key = 'revocation_seq'").fetchone()
-            for serial_text in pending:
+            for stored in pending:
                 seq += 1
                 connection.execute(
                     "UPDATE certificates SET revoked_at = ?, reason = ?, revocation_seq = ? WHERE serial = ?",
-                    (_iso(revoked_at), reason, seq, serial_text),
+                    (_iso(revoked_at), reason, seq, stored),
                 )
             connection.execute("UPDATE meta SET value = ? WHERE key = 'revocation_seq'", (seq,))
             connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'changes'")
@@ -380,9 +381,9 @@ class CAStore:
                 "SELECT revoked_at FROM certificates WHERE kind = ? AND serial = ?", (INTERMEDIATE, serial_hex(serial))
             ).fetchone()
             if found is None:
-                raise NotRevocable(f"no issuing CA with serial {serial_hex(serial)}")
+                raise NotRevocable(f"no issuing CA with serial {serial_text(serial)}")
             if found[0] is not None:
-                raise NotRevocable(f"issuing CA {serial_hex(serial)} is already revoked")
+                raise NotRevocable(f"issuing CA {serial_text(serial)} is already revoked")
             connection.execute(
                 "UPDATE certificates SET revoked_at = ?, reason = ? WHERE serial = ?",
                 (_iso(revoked_at), reason, serial_hex(serial)),
