@@ -23,7 +23,7 @@ import datetime
 import json
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import psycopg
@@ -33,13 +33,14 @@ from zope.interface import implementer
 from s2sgw.ca.store import (
     _COLUMNS,
     INTERMEDIATE,
-    LEAF,
+    CertificateReads,
     NotRevocable,
     Row,
     SerialInUse,
     StoreError,
     _iso,
     _row,
+    revoke_target,
     serial_hex,
 )
 from s2sgw.interfaces import ICAStore
@@ -116,8 +117,10 @@ def _describe(url: str) -> str:
 
 @implementer(ICAStore)
 @attrs.define(eq=False)
-class PgStore:
+class PgStore(CertificateReads):
     """One PostgreSQL database holding one CA's state."""
+
+    _insertion_order: ClassVar[str] = "id"
 
     url: str = attrs.field(repr=False)
     _idle: list[psycopg.Connection] = attrs.field(factory=list, init=False, repr=False)
@@ -251,27 +254,6 @@ class PgStore:
         connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(marker)))
         return marker
 
-    def get(self, serial: int, kind: str = LEAF) -> Row | None:
-        with self._connect() as connection:
-            values = connection.execute(
-                f"SELECT {_COLUMNS} FROM certificates WHERE serial = %s AND kind = %s", (serial_hex(serial), kind)
-            ).fetchone()
-        return None if values is None else _row(values)
-
-    def rows(self, kind: str = LEAF) -> list[Row]:
-        with self._connect() as connection:
-            found = connection.execute(
-                f"SELECT {_COLUMNS} FROM certificates WHERE kind = %s ORDER BY not_before, id", (kind,)
-            ).fetchall()
-        return [_row(values) for values in found]
-
-    def revoked_since(self, seq: int) -> list[Row]:
-        with self._connect() as connection:
-            found = connection.execute(
-                f"SELECT {_COLUMNS} FROM certificates WHERE revocation_seq > %s ORDER BY revocation_seq", (seq,)
-            ).fetchall()
-        return [_row(values) for values in found]
-
     def revoke(
         self, *, name: str | None, serial: int | None, reason: str, revoked_at: datetime.datetime
     ) -> list[Row]:
@@ -281,14 +263,8 @@ class PgStore:
         the second sees it revoked once the first commits.
         """
         with self._write() as connection:
-            if serial is not None:
-                where, args = "serial = %s", (serial_hex(serial),)
-                unknown = f"no certificate with serial {serial_text(serial)}"
-                done = f"certificate {serial_text(serial)} is already revoked"
-            else:
-                where, args = "name = %s", (name,)
-                unknown = f"no certificate was issued to {name!r}"
-                done = f"every certificate issued to {name!r} is already revoked"
+            where, args, unknown, done = revoke_target(name, serial)
+            where = where.replace("?", "%s")
             matched = connection.execute(
                 f"SELECT serial, revoked_at FROM certificates WHERE kind = 'leaf' AND {where} ORDER BY serial FOR UPDATE",
                 args,
