@@ -82,7 +82,7 @@ def _move(source: SSL.Connection, sink: SSL.Connection) -> bool:
     return True
 
 
-def handshake(server_context: SSL.Context, client_context: SSL.Context) -> None:
+def mutual_handshake(server_context: SSL.Context, client_context: SSL.Context) -> None:
     """One full mutual handshake in memory; raises unless both sides verified the other."""
     server, client = SSL.Connection(server_context, None), SSL.Connection(client_context, None)
     targets = (_Target(), _Target())
@@ -125,12 +125,12 @@ def measure(kind: str, directory: Path, handshakes: int, rounds: int) -> dict[st
     def forgetting() -> None:
         for verifier in strict[2]:
             verifier._accepted.clear()
-        handshake(strict[0], strict[1])
+        mutual_handshake(strict[0], strict[1])
 
     variants: dict[str, Callable[[], None]] = {
-        "without": lambda: handshake(without[0], without[1]),
+        "without": lambda: mutual_handshake(without[0], without[1]),
         "new path": forgetting,
-        "seen path": lambda: handshake(strict[0], strict[1]),
+        "seen path": lambda: mutual_handshake(strict[0], strict[1]),
     }
     for run in variants.values():  # warm up: imports, caches
         for _ in range(5):

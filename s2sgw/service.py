@@ -152,8 +152,9 @@ def build_gateway(
         )
         for root_url in root_crl_urls(config.status)
     ]
+    intermediates = None
     if root_followers:
-        judging = IntermediateCheck(judging, root_followers, reactor)
+        judging = intermediates = IntermediateCheck(judging, root_followers, reactor)
     authorizer = Authorizer(
         judging,
         trust_store.trust_domain or "",
@@ -204,6 +205,10 @@ def build_gateway(
         metrics=close_metrics,
     )
     enforcer.setServiceParent(top)
+    if intermediates is not None:  # a newer root CRL also closes live connections under a revoked issuing CA
+        judge = intermediates.issuer_status
+        for follower in root_followers:
+            follower.on_change.append(lambda: enforcer.issuers_revoked(judge))
     stapler = None
     if stapling_enabled(config) and staples is not None:
         # Our own OCSP answers for the inbound listeners to staple (the server contexts read this cache).

@@ -214,6 +214,36 @@ class EchoServer:
         self.sock.close()
 
 
+def echoes(port: int) -> bool:
+    """Does a new connection to 127.0.0.1:``port`` (a route in front of an EchoServer) get an echo?"""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.settimeout(5)
+            sock.sendall(b"hello\n")
+            return sock.recv(100) == b"hello\n"
+    except OSError:
+        return False
+
+
+def live_connection(port: int) -> socket.socket:
+    """A connection to 127.0.0.1:``port`` that has been proven to echo, left open."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"ping\n")
+    assert sock.recv(100) == b"ping\n"
+    return sock
+
+
+def closed(sock: socket.socket) -> bool:
+    """Has the far end closed (or reset) ``sock``? Waits at most 10 ms."""
+    sock.settimeout(0.01)
+    try:
+        return sock.recv(100) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
 def wait_for(condition, timeout: float = 10.0, step: float = 0.02) -> float:
     """Seconds until ``condition()`` held; fails after ``timeout``."""
     start = time.monotonic()

@@ -208,7 +208,7 @@ def shared_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
     "args, fragment",
     [
         (["revoke", "nobody"], "no certificate was issued to 'nobody'"),
-        (["revoke", "--serial", "abcdef"], "no certificate with serial abcdef"),
+        (["revoke", "--serial", "abcdef"], "no certificate with serial ABCDEF"),
         (["revoke", "--serial", "xyz"], "invalid serial"),
         (["revoke"], "exactly one of NAME or --serial"),
         (["revoke", "web", "--serial", "01"], "exactly one of NAME or --serial"),

@@ -21,11 +21,12 @@ from twisted.internet import defer, task
 from twisted.logger import formatEvent, globalLogPublisher
 
 from s2sgw.ca.authority import CertificateAuthority
-from s2sgw.ca.enroll import Enroller, PeerCertificate, RateLimiter, openssl_serial
+from s2sgw.ca.enroll import Enroller, PeerCertificate, RateLimiter
 from s2sgw.ca.est import EstSite, build_est_root
 from s2sgw.ca.ocsp import Responder
 from s2sgw.ca.publisher import StatusPublisher
 from s2sgw.ca.tokens import TokenBook
+from s2sgw.serials import serial_text
 from s2sgw.wire import est as wire
 
 DOMAIN = "example.org"
@@ -219,7 +220,7 @@ def test_a_token_buys_a_certificate_the_ca_names_from_the_token(h: Harness) -> N
     assert record is not None and record.issued_via == "token" and record.certificate() == leaf
     (line,) = [line for line in h.log if line.startswith("EST issued")]
     assert line == (
-        f"EST issued identity=spiffe://{DOMAIN}/orders serial={openssl_serial(leaf.serial_number)} "
+        f"EST issued identity=spiffe://{DOMAIN}/orders serial={serial_text(leaf.serial_number)} "
         f"authorized=token client=127.0.0.1 not_after={leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
     )
 
@@ -487,4 +488,4 @@ def test_unknown_paths_and_methods_are_not_enrollments(h: Harness) -> None:
 
 def test_serials_are_logged_as_openssl_prints_them() -> None:
     """Upper-case hex in whole octets, so a log line can be matched with `openssl x509 -serial`."""
-    assert [openssl_serial(s) for s in (0xABC, 0x1F, 0x100)] == ["0ABC", "1F", "0100"]
+    assert [serial_text(s) for s in (0xABC, 0x1F, 0x100)] == ["0ABC", "1F", "0100"]

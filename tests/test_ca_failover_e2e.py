@@ -19,7 +19,7 @@ import attrs
 import pytest
 
 from s2sgw.ca.authority import CertificateAuthority
-from tests.e2e import TRUST_DOMAIN, EchoServer, Processes, free_port, s2sgw, wait_for
+from tests.e2e import TRUST_DOMAIN, EchoServer, Processes, closed, echoes, free_port, live_connection, s2sgw, wait_for
 from tests.replicas import Replica, ReplicaSet
 
 pytestmark = pytest.mark.e2e
@@ -49,29 +49,10 @@ class World:
 
     def call(self, caller: str) -> bool:
         """One new connection through ``caller``'s route to the echo backend."""
-        try:
-            with socket.create_connection(("127.0.0.1", self.ports[caller]), timeout=5) as sock:
-                sock.settimeout(5)
-                sock.sendall(b"hello\n")
-                return sock.recv(100) == b"hello\n"
-        except OSError:
-            return False
+        return echoes(self.ports[caller])
 
     def live(self, caller: str) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.ports[caller]), timeout=10)
-        sock.sendall(b"ping\n")
-        assert sock.recv(100) == b"ping\n"
-        sock.settimeout(0.01)
-        return sock
-
-
-def _closed(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(100) == b""
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
+        return live_connection(self.ports[caller])
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +106,7 @@ def test_a_revocation_through_replica_a_closes_live_connections_at_gateways_foll
     orders = world.live("orders")  # a bystander
     s2sgw("ca", "revoke", "--dir", a.directory, "reports", "--reason", "keyCompromise")
     revoked_at = time.monotonic()
-    wait_for(lambda: _closed(reports), timeout=5)
+    wait_for(lambda: closed(reports), timeout=5)
     closed_after = time.monotonic() - revoked_at
     assert closed_after < 1.0, f"live connection closed {closed_after:.3f} s after the revocation"
     assert not world.call("reports")

@@ -47,6 +47,9 @@ def test_demo_interrupted_with_ctrl_c_stops_every_process(tmp_path: Path) -> Non
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # As from a terminal: a test run started in the background inherits SIGINT ignored,
+        # and Twisted then leaves Ctrl-C alone.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         for line in demo.stdout:

@@ -36,7 +36,7 @@ from s2sgw.status.enforce import Enforcer, LiveCloseMetrics, PushedRevocations
 from s2sgw.status.ocsp import OCSPStatusChecker
 from s2sgw.tlstransport import TLSFactory
 from s2sgw.wire.feed import FeedDocument, FeedEntry
-from s2sgw.wire.ocsp import StatusUnavailable, key_hash
+from s2sgw.wire.ocsp import CertStatus, StatusUnavailable, key_hash
 from tests.doubles import FakeStatusChecker
 from tests.tlshelpers import (
     PKI,
@@ -357,3 +357,44 @@ def test_revalidation_asks_the_ca_only_when_the_cached_answer_runs_out(pki: PKI,
     assert checker.queries == 2
     assert caller.lost is not None
     assert reasons(audit_events) == [("orders-in", "closed", "revoked")]
+
+
+def test_a_newer_root_crl_closes_live_connections_under_the_issuing_ca_it_revokes(
+    pki: PKI, audit_events: list[dict]
+) -> None:
+    rig = Rig(pki, FakeStatusChecker(MemoryReactorClock()))
+    caller, local = rig.call_in("caller"), rig.call_out()
+    revoked_issuer: list[int] = []
+    asked: list[int] = []
+
+    def judge(issuer: Any) -> CertStatus | None:
+        asked.append(issuer.serial_number)
+        if issuer.serial_number not in revoked_issuer:
+            return None
+        now = datetime.datetime.fromtimestamp(rig.clock.seconds(), datetime.UTC)
+        return CertStatus("revoked", now, None, revoked_at=now, revocation_reason="keyCompromise")
+
+    assert rig.enforcer.issuers_revoked(judge) == 0  # a root CRL that revokes another issuing CA
+    rig.pump()
+    assert caller.lost is None and local.lost is None
+    assert asked == [pki.ca.intermediate_cert.serial_number]  # once per issuing CA, not per connection
+
+    revoked_issuer.append(pki.ca.intermediate_cert.serial_number)
+    assert rig.enforcer.issuers_revoked(judge) == 2
+    rig.pump()
+    assert caller.lost is not None and local.lost is not None
+    assert sorted(reasons(audit_events)) == [("orders-in", "closed", "revoked"), ("orders-to-users", "closed", "revoked")]
+    assert all("from the root CRL" in event["detail"] for event in audit_events)
+    assert rig.registry.get_sample_value("s2sgw_live_closes_total", {"reason": "revoked", "cause": "root_crl"}) == 2
+
+
+def test_a_stale_root_crl_closes_nothing_on_its_own(pki: PKI) -> None:
+    rig = Rig(pki, FakeStatusChecker(MemoryReactorClock()))
+    caller = rig.call_in("caller")
+
+    def stale(issuer: Any) -> CertStatus | None:
+        raise StatusUnavailable("the root CRL held is stale")
+
+    assert rig.enforcer.issuers_revoked(stale) == 0
+    rig.pump()
+    assert caller.lost is None

@@ -173,7 +173,7 @@ def test_an_unreachable_remote_gateway_closes_the_local_client_with_remote_unrea
 
 def test_a_backend_that_resets_at_once_ends_the_peers_connection(world: World) -> None:
     """The backend accepts and resets without reading: the peer is closed, nothing was read."""
-    mark, before = world.gateway.mark(), world.untouched()
+    mark = world.gateway.mark()
     exchange = tls_exchange(world.ports["reset-in"], world.allowed, marker("reset"))
     assert exchange.received == b"" and exchange.seconds < 3, exchange
     line = world.gateway.wait_audit(mark, "reset-in", "outcome=")

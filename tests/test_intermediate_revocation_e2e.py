@@ -16,6 +16,9 @@ import pytest
 
 from s2sgw.ca.authority import CertificateAuthority
 from tests.e2e import (
+    closed,
+    echoes,
+    live_connection,
     EchoServer,
     Pki,
     Processes,
@@ -79,7 +82,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
                 allow = {allow}
                 """)  # fmt: skip
             config = gateway_config(pki, ports["ca"], users, mode=mode).replace(
-                "max_cache_age = 1.0", "max_cache_age = 1.0\ncrl_refresh = 0.5"
+                "max_cache_age = 1.0", "max_cache_age = 60.0\ncrl_refresh = 0.5"  # live closes come from the root CRL, not re-validation
             )
             if mode == "crl":
                 config = config.replace(
@@ -103,31 +106,29 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         echo.close()
 
 
-def echoes(world: World, route: str) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", world.ports[route]), timeout=5) as sock:
-            sock.settimeout(5)
-            sock.sendall(b"hello\n")
-            return sock.recv(100) == b"hello\n"
-    except OSError:
-        return False
-
-
 def test_revoked_intermediate_refuses_its_leaves_in_ocsp_and_crl_mode(world: World) -> None:
+    """New connections of leaves under the revoked issuing CA are refused, and live ones close."""
     for route in ("bad_ocsp", "bad_crl", "good_ocsp"):
-        assert echoes(world, route), f"{route} before any revocation"
+        assert echoes(world.ports[route]), f"{route} before any revocation"
     for gateway in ("users-ocsp", "users-crl"):
         wait_for(lambda: "publishes no root CRL" in world.procs.log(gateway), timeout=10)
+    open_before = {route: live_connection(world.ports[route]) for route in ("bad_ocsp", "bad_crl", "good_ocsp")}
 
     s2sgw("ca", "crl", "--dir", world.pki.directory / "ca", "--root", world.root_key,
           "--revoke-intermediate", format(world.old_serial, "x"), "--reason", "keyCompromise")  # fmt: skip
 
-    wait_for(lambda: not echoes(world, "bad_ocsp"), timeout=15)
-    wait_for(lambda: not echoes(world, "bad_crl"), timeout=15)
-    assert echoes(world, "good_ocsp"), "a leaf under the new issuing CA is still admitted"
+    wait_for(lambda: not echoes(world.ports["bad_ocsp"]), timeout=15)
+    wait_for(lambda: not echoes(world.ports["bad_crl"]), timeout=15)
+    assert echoes(world.ports["good_ocsp"]), "a leaf under the new issuing CA is still admitted"
+    wait_for(lambda: closed(open_before["bad_ocsp"]) and closed(open_before["bad_crl"]), timeout=5)
+    survivor = open_before["good_ocsp"]
+    survivor.settimeout(5)
+    survivor.sendall(b"still here\n")
+    assert survivor.recv(100) == b"still here\n"
+    for sock in open_before.values():
+        sock.close()
     for gateway in ("users-ocsp", "users-crl"):
         log = world.procs.log(gateway)
         assert "root CRL" in log and "is revoked by the root CRL" in log, log[-3000:]
+        assert "reason=revoked" in log and "from the root CRL" in log, log[-3000:]
         assert "Traceback" not in log

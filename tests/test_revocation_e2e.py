@@ -20,6 +20,9 @@ import pytest
 
 from tests.e2e import (
     EchoServer,
+    closed,
+    echoes,
+    live_connection,
     Pki,
     Processes,
     callers_of,
@@ -149,35 +152,6 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         echo.close()
 
 
-def live_connection(world: World, caller: str) -> socket.socket:
-    """A connection through caller's gateway and users-gw to the echo backend, proven to work."""
-    sock = socket.create_connection(("127.0.0.1", world.ports[caller]), timeout=10)
-    sock.sendall(b"ping\n")
-    assert sock.recv(100) == b"ping\n"
-    sock.settimeout(0.01)
-    return sock
-
-
-def closed(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(100) == b""
-    except TimeoutError:
-        return False
-    except OSError:  # reset
-        return True
-
-
-def echoes(world: World, caller: str) -> bool:
-    """Does a new connection through ``caller``'s route get an echo?"""
-    try:
-        with socket.create_connection(("127.0.0.1", world.ports[caller]), timeout=5) as sock:
-            sock.settimeout(5)
-            sock.sendall(b"hello\n")
-            return sock.recv(100) == b"hello\n"
-    except OSError:
-        return False
-
-
 def revoke(world: World, name: str) -> float:
     """`s2sgw ca revoke NAME`; returns the monotonic time the command finished."""
     subprocess.run(
@@ -190,12 +164,12 @@ def revoke(world: World, name: str) -> float:
 
 
 def test_revoking_a_caller_closes_its_live_connection_and_refuses_new_ones_within_a_second(world: World) -> None:
-    reports = live_connection(world, "reports")
-    orders = live_connection(world, "orders")  # a bystander
+    reports = live_connection(world.ports["reports"])
+    orders = live_connection(world.ports["orders"])  # a bystander
     revoked = revoke(world, "reports")
     wait_for(lambda: closed(reports), timeout=5)
     closed_after = time.monotonic() - revoked
-    assert not echoes(world, "reports")
+    assert not echoes(world.ports["reports"])
     refused_after = time.monotonic() - revoked
     assert closed_after < 1.0, f"live connection closed {closed_after:.3f} s after the revocation"
     assert refused_after < 1.0, f"new connection refused {refused_after:.3f} s after the revocation"
@@ -228,7 +202,7 @@ def test_the_status_document_and_metrics_show_how_fresh_the_feed_is(world: World
 
 
 def test_with_the_feed_cut_a_revocation_takes_effect_at_revalidation(world: World) -> None:
-    billing = live_connection(world, "billing")
+    billing = live_connection(world.ports["billing"])
     world.relay.cut()
     wait_for(lambda: "revocation feed at" in world.procs.log("users-gw") and "failed" in world.procs.log("users-gw"))
     revoked = revoke(world, "billing")
@@ -243,7 +217,7 @@ def test_with_the_feed_cut_a_revocation_takes_effect_at_revalidation(world: Worl
 
 def test_revoking_the_remote_closes_outbound_connections_to_it(world: World) -> None:
     """Last: afterwards no caller reaches users any more."""
-    orders = live_connection(world, "orders")
+    orders = live_connection(world.ports["orders"])
     revoked = revoke(world, "users")
     wait_for(lambda: closed(orders), timeout=5)
     assert time.monotonic() - revoked < 1.0

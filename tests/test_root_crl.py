@@ -16,6 +16,7 @@ from twisted.web import resource
 from s2sgw.ca.authority import CertificateAuthority
 from s2sgw.ca.cafiles import load_key
 from s2sgw.ca.rotation import new_intermediate, sign_root_crl
+from s2sgw.pki import crl_number as pki_crl_number
 from s2sgw.config import ResponderConfig, StatusConfig
 from s2sgw.status.root_crl import (
     IntermediateCheck,
@@ -111,6 +112,8 @@ def test_follower_and_check_refuse_leaves_of_a_revoked_intermediate(rotated) -> 
     )
     inner = Inner()
     check = IntermediateCheck(inner, [follower], clock)
+    changes: list[int | None] = []
+    follower.on_change.append(lambda: changes.append(pki_crl_number(follower.crl)))
 
     result_of(follower.refresh())
     assert follower.published is False and follower.crl is None  # an older CA: no root CRL
@@ -120,6 +123,8 @@ def test_follower_and_check_refuse_leaves_of_a_revoked_intermediate(rotated) -> 
     served.der = crl.public_bytes(serialization.Encoding.DER)
     result_of(follower.refresh())
     assert follower.published is True and follower.crl == crl
+    result_of(follower.refresh())  # the same one again: no change to act on
+    assert changes == [pki_crl_number(crl)]
     status = result_of(check.check(old_leaf, old))
     assert status.state == "revoked" and status.revocation_reason == "keyCompromise"
     assert result_of(check.check(old_leaf, ca.intermediate_cert)).state == "good"  # the new one is not on it
@@ -128,7 +133,7 @@ def test_follower_and_check_refuse_leaves_of_a_revoked_intermediate(rotated) -> 
     served.der = None  # a 404 later does not forget a revocation
     result_of(follower.refresh())
     assert follower.crl == crl and result_of(check.check(old_leaf, old)).state == "revoked"
-    assert len(inner.asked) == asked
+    assert len(inner.asked) == asked and len(changes) == 1
 
     clock.advance(31 * 86400)  # the held root CRL goes stale: status.fail decides
     failure = check.check(old_leaf, ca.intermediate_cert)

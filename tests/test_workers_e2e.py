@@ -22,6 +22,9 @@ import attrs
 import pytest
 
 from tests.e2e import (
+    closed,
+    echoes,
+    live_connection,
     BIN,
     EchoServer,
     Pki,
@@ -120,37 +123,10 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         echo.close()
 
 
-def live_connection(world: World, caller: str) -> socket.socket:
-    """A connection through caller's gateway and users-gw to the echo backend, proven to work."""
-    sock = socket.create_connection(("127.0.0.1", world.ports[caller]), timeout=10)
-    sock.sendall(b"ping\n")
-    assert sock.recv(100) == b"ping\n"
-    return sock
-
-
-def closed(sock: socket.socket) -> bool:
-    sock.settimeout(0.01)
-    try:
-        return sock.recv(100) == b""
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
-
-
-def echoes(world: World, caller: str) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", world.ports[caller]), timeout=5) as sock:
-            sock.sendall(b"hello\n")
-            return sock.recv(100) == b"hello\n"
-    except OSError:
-        return False
-
-
 def spread(world: World, caller: str, count: int = 12) -> list[socket.socket]:
     """``count`` live connections of ``caller``, once both workers hold some of them (and no others)."""
     wait_for(lambda: world.live() == [0, 0], timeout=10, step=0.1)  # those of other tests have closed
-    socks = [live_connection(world, caller) for _ in range(count)]
+    socks = [live_connection(world.ports[caller]) for _ in range(count)]
     wait_for(lambda: sum(n or 0 for n in world.live()) >= count, timeout=10, step=0.1)
     assert all(n for n in world.live()), f"connections not spread over both workers: {world.live()}"
     return socks
@@ -195,13 +171,13 @@ def test_a_reload_reaches_every_worker(world: World) -> None:
 def test_a_revocation_closes_live_connections_in_every_worker(world: World) -> None:
     """reports is revoked: its live connections close in both workers, new ones are refused."""
     socks = spread(world, "reports")
-    bystander = live_connection(world, "orders")
+    bystander = live_connection(world.ports["orders"])
     subprocess.run(
         [S2SGW, "ca", "revoke", "--dir", str(world.pki.directory / "ca"), "reports", "--reason", "keyCompromise"],
         check=True, capture_output=True, timeout=30,
     )  # fmt: skip
     wait_for(lambda: all(closed(sock) for sock in socks), timeout=5)
-    assert not echoes(world, "reports")
+    assert not echoes(world.ports["reports"])
     bystander.sendall(b"still here\n")
     assert bystander.recv(100) == b"still here\n"
     assert world.metric('s2sgw_live_closes_total{cause="feed",reason="revoked"}') >= len(socks)
@@ -224,11 +200,11 @@ def test_a_killed_worker_is_started_again_while_the_other_keeps_serving(world: W
         sock.settimeout(5)
         sock.sendall(b"still here\n")
         assert sock.recv(100) == b"still here\n"
-    assert echoes(world, "billing")
+    assert echoes(world.ports["billing"])
     wait_for(lambda: world.workers()[0]["pid"] not in (None, victim["pid"]) and world.ready(), timeout=20, step=0.2)
     assert world.workers()[1]["pid"] == survivor["pid"]
     assert world.metric('s2sgw_worker_restarts_total{worker="0"}') == restarts + 1
-    assert all(echoes(world, "billing") for _ in range(8))
+    assert all(echoes(world.ports["billing"]) for _ in range(8))
     assert "worker 0 (pid %d) exited" % victim["pid"] in world.procs.log("users-gw")
     for sock in socks:
         sock.close()

@@ -30,6 +30,7 @@ from cryptography.x509.oid import NameOID
 from s2sgw.ca.authority import CertificateAuthority, CertRecord
 from s2sgw.ca.store import Row
 from s2sgw.ca.tokens import TokenBook, TokenRefused
+from s2sgw.serials import serial_text
 from s2sgw.wire import est as wire
 
 # HTTP statuses of refusals (docs/enrollment.rst).
@@ -115,12 +116,6 @@ class RateLimiter:
             del self._slots[identity]
 
 
-def openssl_serial(serial: int) -> str:
-    """The serial as ``openssl x509 -serial`` prints it: upper-case hex, whole octets."""
-    text = f"{serial:X}"
-    return "0" + text if len(text) % 2 else text
-
-
 def check_csr(body: bytes, name: str, sans: Sequence[x509.GeneralName]) -> x509.CertificateSigningRequest:
     """The request in ``body`` if it may be certified as ``name`` with ``sans``; else ``Refusal`` (400)."""
     try:
@@ -185,7 +180,7 @@ class Enroller:
         if peer is None:
             raise Refusal(FORBIDDEN, "no client certificate")
         presented = peer.certificate
-        serial = openssl_serial(presented.serial_number)
+        serial = serial_text(presented.serial_number)
         # Only the exact certificate this CA recorded counts (never a look-alike with our serial);
         # that, with the key proven in the handshake, is the authorization. OpenSSL's chain check
         # must agree as well (it fails once the issuing CA expires or leaves the bundle).

@@ -26,9 +26,10 @@ from twisted.python.failure import Failure
 from twisted.web import http, pages, resource, server
 
 from s2sgw.ca.authority import CAError, validate_service_name
-from s2sgw.ca.enroll import UNAUTHORIZED, Enroller, Issued, PeerCertificate, Refusal, openssl_serial
-from s2sgw.ca.server import DEFAULT_MAX_BODY, DEFAULT_TIMEOUT, LimitedRequest, StatusSite
+from s2sgw.ca.enroll import UNAUTHORIZED, Enroller, Issued, PeerCertificate, Refusal
 from s2sgw.ca.publisher import InThread
+from s2sgw.ca.server import DEFAULT_MAX_BODY, DEFAULT_TIMEOUT, LimitedRequest, StatusSite
+from s2sgw.serials import serial_text
 from s2sgw.wire import est as wire
 
 NAMESPACE = "s2sgw.ca.est"
@@ -193,7 +194,7 @@ class EnrollResource(resource.Resource):
         _log.info(
             ISSUED_FORMAT,
             identity=issued.identity,
-            serial=openssl_serial(record.serial),
+            serial=serial_text(record.serial),
             via=issued.via,
             client=_client(request),
             not_after=record.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -38,6 +38,7 @@ from s2sgw.ca.authority import CertificateAuthority, validate_dns_name, validate
 from s2sgw.ca.enroll import PeerCertificate
 from s2sgw.ca.publisher import InThread
 from s2sgw.ca.store import EST_SERVER, Row
+from s2sgw.serials import serial_text
 
 DEFAULT_NAMES = ("localhost", "127.0.0.1")
 DEFAULT_SERVER_LIFETIME = datetime.timedelta(hours=24)
@@ -257,7 +258,7 @@ class EstListener(Service):
         self._later("renew", delay, self._renew)
         self._log.info(
             "EST server certificate serial {serial} valid until {not_after}, renewed in {delay:.0f}s",
-            serial=f"{certificate.serial_number:X}",
+            serial=serial_text(certificate.serial_number),
             not_after=end.strftime("%Y-%m-%dT%H:%M:%SZ"),
             delay=delay,
         )

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from s2sgw.ca.cafiles import PREVIOUS
 from s2sgw.ca.ceremony import INTERMEDIATE_CERT
 from s2sgw.ca.responders import responders_for
-from s2sgw.ca.store import serial_hex
+from s2sgw.serials import serial_text
 
 Stamp = tuple[object, ...]
 
@@ -83,9 +83,9 @@ class IssuingReload:
         self._failing = False
         self._log.info(
             "issuing CA {serial} ({subject}) in use; answering also for {previous}",
-            serial=serial_hex(ca.intermediate_cert.serial_number),
+            serial=serial_text(ca.intermediate_cert.serial_number),
             subject=ca.intermediate_cert.subject.rfc4514_string(),
-            previous=[serial_hex(p.cert.serial_number) for p in ca.previous] or "no other",
+            previous=[serial_text(p.cert.serial_number) for p in ca.previous] or "no other",
         )
         publisher.regenerate_crl()
 

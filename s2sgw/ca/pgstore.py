@@ -23,7 +23,7 @@ import datetime
 import json
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import psycopg
@@ -33,16 +33,18 @@ from zope.interface import implementer
 from s2sgw.ca.store import (
     _COLUMNS,
     INTERMEDIATE,
-    LEAF,
+    CertificateReads,
     NotRevocable,
     Row,
     SerialInUse,
     StoreError,
     _iso,
     _row,
+    revoke_target,
     serial_hex,
 )
 from s2sgw.interfaces import ICAStore
+from s2sgw.serials import serial_text
 
 SCHEMA_VERSION = 1  # of this PostgreSQL schema; the SQLite file has its own numbering
 CHANNEL = "s2sgw_ca"
@@ -115,8 +117,10 @@ def _describe(url: str) -> str:
 
 @implementer(ICAStore)
 @attrs.define(eq=False)
-class PgStore:
+class PgStore(CertificateReads):
     """One PostgreSQL database holding one CA's state."""
+
+    _insertion_order: ClassVar[str] = "id"
 
     url: str = attrs.field(repr=False)
     _idle: list[psycopg.Connection] = attrs.field(factory=list, init=False, repr=False)
@@ -250,27 +254,6 @@ class PgStore:
         connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(marker)))
         return marker
 
-    def get(self, serial: int, kind: str = LEAF) -> Row | None:
-        with self._connect() as connection:
-            values = connection.execute(
-                f"SELECT {_COLUMNS} FROM certificates WHERE serial = %s AND kind = %s", (serial_hex(serial), kind)
-            ).fetchone()
-        return None if values is None else _row(values)
-
-    def rows(self, kind: str = LEAF) -> list[Row]:
-        with self._connect() as connection:
-            found = connection.execute(
-                f"SELECT {_COLUMNS} FROM certificates WHERE kind = %s ORDER BY not_before, id", (kind,)
-            ).fetchall()
-        return [_row(values) for values in found]
-
-    def revoked_since(self, seq: int) -> list[Row]:
-        with self._connect() as connection:
-            found = connection.execute(
-                f"SELECT {_COLUMNS} FROM certificates WHERE revocation_seq > %s ORDER BY revocation_seq", (seq,)
-            ).fetchall()
-        return [_row(values) for values in found]
-
     def revoke(
         self, *, name: str | None, serial: int | None, reason: str, revoked_at: datetime.datetime
     ) -> list[Row]:
@@ -280,30 +263,24 @@ class PgStore:
         the second sees it revoked once the first commits.
         """
         with self._write() as connection:
-            if serial is not None:
-                where, args = "serial = %s", (serial_hex(serial),)
-                unknown = f"no certificate with serial {serial_hex(serial)}"
-                done = f"certificate {serial_hex(serial)} is already revoked"
-            else:
-                where, args = "name = %s", (name,)
-                unknown = f"no certificate was issued to {name!r}"
-                done = f"every certificate issued to {name!r} is already revoked"
+            where, args, unknown, done = revoke_target(name, serial)
+            where = where.replace("?", "%s")
             matched = connection.execute(
                 f"SELECT serial, revoked_at FROM certificates WHERE kind = 'leaf' AND {where} ORDER BY serial FOR UPDATE",
                 args,
             ).fetchall()
             if not matched:
                 raise NotRevocable(unknown)
-            pending = [serial_text for serial_text, already in matched if already is None]
+            pending = [stored for stored, already in matched if already is None]
             if not pending:
                 raise NotRevocable(done)
             (last,) = connection.execute(
                 "UPDATE counters SET value = value + %s WHERE name = 'revocation_seq' RETURNING value", (len(pending),)
             ).fetchone()
-            for seq, serial_text in enumerate(pending, start=last - len(pending) + 1):
+            for seq, stored in enumerate(pending, start=last - len(pending) + 1):
                 connection.execute(
                     "UPDATE certificates SET revoked_at = %s, reason = %s, revocation_seq = %s WHERE serial = %s",
-                    (_iso(revoked_at), reason, seq, serial_text),
+                    (_iso(revoked_at), reason, seq, stored),
                 )
             self._changed(connection)
             found = connection.execute(
@@ -320,9 +297,9 @@ class PgStore:
                 (INTERMEDIATE, serial_hex(serial)),
             ).fetchone()
             if found is None:
-                raise NotRevocable(f"no issuing CA with serial {serial_hex(serial)}")
+                raise NotRevocable(f"no issuing CA with serial {serial_text(serial)}")
             if found[0] is not None:
-                raise NotRevocable(f"issuing CA {serial_hex(serial)} is already revoked")
+                raise NotRevocable(f"issuing CA {serial_text(serial)} is already revoked")
             connection.execute(
                 "UPDATE certificates SET revoked_at = %s, reason = %s WHERE serial = %s",
                 (_iso(revoked_at), reason, serial_hex(serial)),

@@ -25,6 +25,7 @@ from s2sgw.ca.monitoring import PublisherCollector
 from s2sgw.ca.ocsp import TRY_LATER_ANSWER, Answer, Query, Responder, SerialStatus
 from s2sgw.ca.ocsp_multi import answer_each, combine
 from s2sgw.ca.responders import Responders
+from s2sgw.serials import serial_text
 from s2sgw.timeutil import utc
 
 
@@ -136,7 +137,7 @@ class StatusPublisher:
         return self.responder.respond(query, status, self.now(), cache=current)
 
     def _lookup_failed(self, failure: Failure, query: Query) -> Answer:
-        self._log.failure("status lookup of serial {serial:x} failed", failure, serial=query.serial)
+        self._log.failure("status lookup of serial {serial} failed", failure, serial=serial_text(query.serial))
         return TRY_LATER_ANSWER
 
     def _remember(self, serial: int, status: SerialStatus) -> None:
@@ -260,8 +261,8 @@ class StatusPublisher:
             if record.revocation_seq is not None:
                 self.last_seq = max(self.last_seq, record.revocation_seq)
             self._log.info(
-                "serial {serial:x} ({name}) revoked: {reason}; {resigned} cached answers re-signed",
-                serial=record.serial,
+                "serial {serial} ({name}) revoked: {reason}; {resigned} cached answers re-signed",
+                serial=serial_text(record.serial),
                 name=record.name,
                 reason=record.reason,
                 resigned=resigned,

@@ -28,6 +28,7 @@ from s2sgw.ca.ceremony import (
 from s2sgw.ca.passphrase import Passphrase
 from s2sgw.ca.records import row_for
 from s2sgw.ca.store import INTERMEDIATE, LEAF, OCSP_SIGNER, CAError, serial_hex
+from s2sgw.serials import serial_text
 
 if TYPE_CHECKING:
     from s2sgw.ca.authority import CertificateAuthority
@@ -97,12 +98,12 @@ def retire_intermediate(
     found = next((p for p in ca.previous if p.cert.serial_number == serial), None)
     if found is None:
         if ca.intermediate_cert.serial_number == serial:
-            raise CAError(f"{serial_hex(serial)} is the current issuing CA; make a new one first")
-        raise CAError(f"no previous issuing CA with serial {serial_hex(serial)} in {ca.directory / PREVIOUS}")
+            raise CAError(f"{serial_text(serial)} is the current issuing CA; make a new one first")
+        raise CAError(f"no previous issuing CA with serial {serial_text(serial)} in {ca.directory / PREVIOUS}")
     live = live_leaves_of(ca, found.cert, now)
     if live and not force:
         raise CAError(
-            f"issuing CA {serial_hex(serial)} still has {live} unexpired leaves; wait until they are renewed "
+            f"issuing CA {serial_text(serial)} still has {live} unexpired leaves; wait until they are renewed "
             "(or give --force)"
         )
     shutil.rmtree(ca.directory / PREVIOUS / serial_hex(serial))
@@ -129,7 +130,7 @@ def sign_root_crl(
     for serial in revoke:
         if serial == ca.intermediate_cert.serial_number:
             raise CAError(
-                f"{serial_hex(serial)} is the current issuing CA; make a new one (s2sgw ca intermediate) "
+                f"{serial_text(serial)} is the current issuing CA; make a new one (s2sgw ca intermediate) "
                 "before revoking it"
             )
         if ca.store.get(serial, INTERMEDIATE) is None and serial in known:

@@ -25,6 +25,7 @@ from s2sgw.ca.cafiles import PREVIOUS, IssuingCA, write_ca_files
 from s2sgw.ca.ceremony import OCSP_CERT, OCSP_KEY, make_ocsp_signer
 from s2sgw.ca.records import row_for
 from s2sgw.ca.store import OCSP_SIGNER, serial_hex
+from s2sgw.serials import serial_text
 
 DEFAULT_LIFETIME = datetime.timedelta(days=7)
 MIN_LIFETIME = datetime.timedelta(seconds=30)
@@ -89,7 +90,7 @@ class SignerRenewal:
         self._log.info(
             "OCSP signer of {issuer} renewed: serial {serial}, valid until {until}; {dropped} cached answers dropped",
             issuer=renewed.cert.subject.rfc4514_string(),
-            serial=serial_hex(renewed.ocsp_cert.serial_number),
+            serial=serial_text(renewed.ocsp_cert.serial_number),
             until=renewed.ocsp_cert.not_valid_after_utc.isoformat(),
             dropped=dropped,
         )

@@ -15,6 +15,7 @@ import json
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 import attrs
 from zope.interface import implementer
@@ -22,6 +23,7 @@ from zope.interface import implementer
 from s2sgw.ca.batching import GroupCommit
 from s2sgw.errors import S2sgwError
 from s2sgw.interfaces import ICAStore
+from s2sgw.serials import serial_text
 
 SCHEMA_VERSION = 2  # 2: certificates.issued_via and enrollment_tokens
 BUSY_TIMEOUT_MS = 30_000
@@ -131,9 +133,56 @@ def _row(values: Sequence) -> Row:
     )
 
 
+class CertificateReads:
+    """The certificate reads both stores answer with the same SQL.
+
+    A store provides ``connection()`` (one whose ``execute`` takes ``?`` placeholders: PgStore
+    translates them) and names the column that keeps insertion order.
+    """
+
+    _insertion_order: ClassVar[str] = "rowid"
+
+    def connection(self) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def get(self, serial: int, kind: str = LEAF) -> Row | None:
+        with self.connection() as connection:
+            values = connection.execute(
+                f"SELECT {_COLUMNS} FROM certificates WHERE serial = ? AND kind = ?", (serial_hex(serial), kind)
+            ).fetchone()
+        return None if values is None else _row(values)
+
+    def rows(self, kind: str = LEAF) -> list[Row]:
+        """All certificates of a kind, oldest first."""
+        with self.connection() as connection:
+            found = connection.execute(
+                f"SELECT {_COLUMNS} FROM certificates WHERE kind = ? ORDER BY not_before, {self._insertion_order}",
+                (kind,),
+            ).fetchall()
+        return [_row(values) for values in found]
+
+    def revoked_since(self, seq: int) -> list[Row]:
+        with self.connection() as connection:
+            found = connection.execute(
+                f"SELECT {_COLUMNS} FROM certificates WHERE revocation_seq > ? ORDER BY revocation_seq", (seq,)
+            ).fetchall()
+        return [_row(values) for values in found]
+
+
+def revoke_target(name: str | None, serial: int | None) -> tuple[str, tuple[str], str, str]:
+    """What ``revoke`` matches: a WHERE clause (``?`` placeholder) and its argument, and the
+    refusals for "nothing matched" and "all already revoked"."""
+    if serial is not None:
+        shown = serial_text(serial)
+        unknown, done = f"no certificate with serial {shown}", f"certificate {shown} is already revoked"
+        return "serial = ?", (serial_hex(serial),), unknown, done
+    unknown, done = f"no certificate was issued to {name!r}", f"every certificate issued to {name!r} is already revoked"
+    return "name = ?", (str(name),), unknown, done
+
+
 @implementer(ICAStore)
 @attrs.frozen
-class CAStore:
+class CAStore(CertificateReads):
     """The SQLite file ``ca.db`` of one CA directory."""
 
     path: Path
@@ -306,30 +355,6 @@ class CAStore:
                 connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'changes'")
         return outcomes
 
-    def get(self, serial: int, kind: str = LEAF) -> Row | None:
-        with self._connect() as connection:
-            values = connection.execute(
-                f"SELECT {_COLUMNS} FROM certificates WHERE serial = ? AND kind = ?",
-                (serial_hex(serial), kind),
-            ).fetchone()
-        return None if values is None else _row(values)
-
-    def rows(self, kind: str = LEAF) -> list[Row]:
-        """All certificates of a kind, oldest first."""
-        with self._connect() as connection:
-            found = connection.execute(
-                f"SELECT {_COLUMNS} FROM certificates WHERE kind = ? ORDER BY not_before, rowid", (kind,)
-            ).fetchall()
-        return [_row(values) for values in found]
-
-    def revoked_since(self, seq: int) -> list[Row]:
-        with self._connect() as connection:
-            found = connection.execute(
-                f"SELECT {_COLUMNS} FROM certificates WHERE revocation_seq > ? ORDER BY revocation_seq",
-                (seq,),
-            ).fetchall()
-        return [_row(values) for values in found]
-
     def revoke(
         self,
         *,
@@ -340,28 +365,21 @@ class CAStore:
     ) -> list[Row]:
         """Mark matching unrevoked leaves revoked in one transaction; return them as revoked."""
         with self._write() as connection:
-            if serial is not None:
-                where, args = "serial = ?", (serial_hex(serial),)
-                unknown = f"no certificate with serial {serial_hex(serial)}"
-                done = f"certificate {serial_hex(serial)} is already revoked"
-            else:
-                where, args = "name = ?", (name,)
-                unknown = f"no certificate was issued to {name!r}"
-                done = f"every certificate issued to {name!r} is already revoked"
+            where, args, unknown, done = revoke_target(name, serial)
             matched = connection.execute(
                 f"SELECT serial, revoked_at FROM certificates WHERE kind = 'leaf' AND {where}", args
             ).fetchall()
             if not matched:
                 raise NotRevocable(unknown)
-            pending = [serial_text for serial_text, already in matched if already is None]
+            pending = [stored for stored, already in matched if already is None]
             if not pending:
                 raise NotRevocable(done)
             (seq,) = connection.execute("SELECT value FROM meta WHERE key = 'revocation_seq'").fetchone()
-            for serial_text in pending:
+            for stored in pending:
                 seq += 1
                 connection.execute(
                     "UPDATE certificates SET revoked_at = ?, reason = ?, revocation_seq = ? WHERE serial = ?",
-                    (_iso(revoked_at), reason, seq, serial_text),
+                    (_iso(revoked_at), reason, seq, stored),
                 )
             connection.execute("UPDATE meta SET value = ? WHERE key = 'revocation_seq'", (seq,))
             connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'changes'")
@@ -380,9 +398,9 @@ class CAStore:
                 "SELECT revoked_at FROM certificates WHERE kind = ? AND serial = ?", (INTERMEDIATE, serial_hex(serial))
             ).fetchone()
             if found is None:
-                raise NotRevocable(f"no issuing CA with serial {serial_hex(serial)}")
+                raise NotRevocable(f"no issuing CA with serial {serial_text(serial)}")
             if found[0] is not None:
-                raise NotRevocable(f"issuing CA {serial_hex(serial)} is already revoked")
+                raise NotRevocable(f"issuing CA {serial_text(serial)} is already revoked")
             connection.execute(
                 "UPDATE certificates SET revoked_at = ?, reason = ? WHERE serial = ?",
                 (_iso(revoked_at), reason, serial_hex(serial)),

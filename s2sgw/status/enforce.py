@@ -12,7 +12,9 @@ for hours. :class:`Enforcer` keeps judging the live ones:
   CA cannot vouch for under ``fail = "closed"`` (``ca_unreachable``, ``status_invalid``);
   a peer certificate that expires while connected is disconnected (``expired``);
 - after a trust reload, live connections whose peer chain no longer verifies against the new
-  bundle close (``untrusted_chain``).
+  bundle close (``untrusted_chain``);
+- a newer root CRL that revokes an issuing CA closes every live connection whose peer's
+  certificate that CA issued (``revoked``).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class LiveCloseMetrics(MetricSet):
         self.closes = Counter(
             "s2sgw_live_closes",
             "Live connections closed because their peer's status changed, by reason and cause "
-            "(feed | revalidation | reload).",
+            "(feed | revalidation | reload | root_crl).",
             ["reason", "cause"],
             registry=None,
         )
@@ -213,6 +215,35 @@ class Enforcer(Service):
             detail = f"revoked at {entry.revoked_at.isoformat()} ({entry.reason or 'unspecified'}), from the revocation feed"
             doomed.setdefault(detail, []).append(session)
         return sum(self._close(sessions, Reason.REVOKED, detail, "feed") for detail, sessions in doomed.items())
+
+    # -- revoked issuing CAs
+
+    def issuers_revoked(self, judge: Callable[[x509.Certificate], CertStatus | None]) -> int:
+        """A newer root CRL: close live connections whose peer's issuing CA ``judge`` calls revoked
+        (``IntermediateCheck.issuer_status``), judging each issuing CA once."""
+        verdicts: dict[bytes, CertStatus | None] = {}
+        doomed: dict[str, list[Any]] = {}
+        for session in self._sessions():
+            chain = session.chain
+            if len(chain) < 2:
+                continue
+            issuer = chain[1]
+            key = issuer.fingerprint(_SHA256)
+            if key not in verdicts:
+                try:
+                    verdicts[key] = judge(issuer)
+                except StatusUnavailable:
+                    verdicts[key] = None  # a stale root CRL: re-validation and new handshakes decide
+            status = verdicts[key]
+            if status is None or status.state != "revoked":
+                continue
+            when = status.revoked_at.isoformat() if status.revoked_at else "unknown time"
+            detail = (
+                f"issuing CA serial {serial_text(issuer.serial_number)} revoked at {when} "
+                f"({status.revocation_reason or 'unspecified'}), from the root CRL"
+            )
+            doomed.setdefault(detail, []).append(session)
+        return sum(self._close(sessions, Reason.REVOKED, detail, "root_crl") for detail, sessions in doomed.items())
 
     # -- re-validation
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import datetime
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from s2sgw import pki
 from s2sgw.interfaces import IStatusChecker
+from s2sgw.serials import serial_text
 from s2sgw.timeutil import utc
 from s2sgw.verify.crlrules import crl_problem
 from s2sgw.wire.http import http_client, read_limited
@@ -113,6 +114,7 @@ class RootCRLFollower(Service):
     crl: x509.CertificateRevocationList | None = None
     published: bool | None = None  # None: not asked yet; False: the CA publishes none (404)
     last_error: str | None = None
+    on_change: list[Callable[[], object]] = attrs.Factory(list)  # called when a newer root CRL is taken
     _timer: LoopingCall | None = None
     _running: Deferred | None = None
     _log = Logger()
@@ -176,6 +178,8 @@ class RootCRLFollower(Service):
                 "root CRL {number} from {url} in use: {count} revoked issuing CAs",
                 number=pki.crl_number(crl), url=self.url, count=len(crl),
             )
+            for listener in self.on_change:
+                listener()
 
     def _failed(self, failure: Failure) -> None:
         failure.trap(Exception)
@@ -209,7 +213,7 @@ class IntermediateCheck:
 
     def check(self, leaf: x509.Certificate, issuer: x509.Certificate) -> Deferred[CertStatus]:
         try:
-            revoked = self._intermediate(issuer)
+            revoked = self.issuer_status(issuer)
         except StatusUnavailable:
             return defer.fail()
         if revoked is not None:
@@ -219,7 +223,9 @@ class IntermediateCheck:
     def close(self) -> Deferred[None]:
         return self.inner.close()
 
-    def _intermediate(self, issuer: x509.Certificate) -> CertStatus | None:
+    def issuer_status(self, issuer: x509.Certificate) -> CertStatus | None:
+        """``revoked`` when a held root CRL lists ``issuer``, else None; StatusUnavailable when the
+        root CRL that would speak for it is stale."""
         if issuer.issuer == issuer.subject:
             return None
         follower = next((f for f in self.followers if f.crl is not None and f.crl.issuer == issuer.issuer), None)
@@ -241,8 +247,8 @@ class IntermediateCheck:
         if entry is None:
             return None
         self._log.warn(
-            "issuing CA {subject} serial {serial:x} is revoked by the root CRL: its leaves are refused",
-            subject=issuer.subject.rfc4514_string(), serial=issuer.serial_number,
+            "issuing CA {subject} serial {serial} is revoked by the root CRL: its leaves are refused",
+            subject=issuer.subject.rfc4514_string(), serial=serial_text(issuer.serial_number),
         )
         try:
             reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason.value
