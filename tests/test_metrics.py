@@ -40,7 +40,7 @@ ALWAYS: set[Family] = {
     ("s2sgw_connections", "counter", "Connections ended, by outcome (closed | refused) and reason.", ("outcome", "reason", "route")),
     ("s2sgw_crl_refreshes", "counter", "CRL fetches from the CA, by outcome.", ("outcome",)),
     ("s2sgw_handshakes", "counter", "TLS handshakes with authorization, by result (ok | refused) and reason.", ("reason", "result", "route")),
-    ("s2sgw_live_closes", "counter", "Live connections closed because their peer's status changed, by reason and cause (feed | revalidation | reload).", ("cause", "reason")),
+    ("s2sgw_live_closes", "counter", "Live connections closed because their peer's status changed, by reason and cause (feed | revalidation | reload | root_crl).", ("cause", "reason")),
     ("s2sgw_ready", "gauge", "1 when /readyz would answer 200, else 0.", ()),
     ("s2sgw_remote_refusals", "counter", "Outbound connections the remote gateway refused, by the TLS alert it sent.", ("alert", "route")),
     ("s2sgw_relay_bytes", "counter", "Bytes relayed; in = read from the accepted connection, out = written to it.", ()),
