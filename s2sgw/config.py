@@ -436,7 +436,7 @@ class _Parser:
         )
         workers = self.optional(data, "workers", "", self.workers, 1)
         if workers > 1:
-            self.check_workers(services, enrollment is not None)
+            self.check_workers(services)
         return GatewayConfig(
             path=self.path,
             trust=trust,
@@ -458,12 +458,10 @@ class _Parser:
             return os.cpu_count() or 1
         return self.count(value, key)
 
-    def check_workers(self, services: tuple[ServiceConfig, ...], enrolled: bool) -> None:
+    def check_workers(self, services: tuple[ServiceConfig, ...]) -> None:
         """Workers share tcp: listening sockets (one SO_REUSEPORT socket per worker)."""
         from twisted.internet.endpoints import _parseServer
 
-        if enrolled:
-            raise self.fail("workers", "more than one worker cannot renew certificates ([enrollment]) yet")
         for i, service in enumerate(services):
             for kind, routes in (("inbound", service.inbound), ("outbound", service.outbound)):
                 for j, route in enumerate(routes):

@@ -147,10 +147,10 @@ def build_gateway(
     # The root's CRL, fetched beside the CA's status URL: a revoked issuing CA refuses its leaves.
     root_followers = [
         RootCRLFollower(
-            root_url, reactor, lambda: trust_store.material.ca_certificates,
+            root_urls, reactor, lambda: trust_store.material.ca_certificates,
             interval=config.status.crl_refresh, timeout=config.status.timeout,
         )
-        for root_url in root_crl_urls(config.status)
+        for root_urls in root_crl_urls(config.status)
     ]
     intermediates = None
     if root_followers:

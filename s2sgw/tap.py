@@ -55,7 +55,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if options.config.workers > 1:
         from s2sgw.workers.parent import build_parent
 
-        return build_parent(options.config, reactor, log_level=options["log-level"], log_format=options["log-format"])
+        return build_parent(
+            options.config, reactor, log_level=options["log-level"], log_format=options["log-format"],
+            trust_store=options.trust_store,
+        )
     service, _ = build_gateway(options.config, options.trust_store, reactor)
     top = MultiService()
     # First to start (the log is set up before anything binds) and last to stop.

@@ -296,3 +296,65 @@ def test_two_gateways_from_tokens_renew_five_times_each_under_load_without_a_fai
         "failed 0"
     )
 
+
+
+def test_with_two_workers_the_parent_renews_and_every_worker_serves_the_new_certificate(
+    ca: CA, tmp_path: Path
+) -> None:
+    """workers = 2 with [enrollment]: one renewal in the parent (not one per worker), both workers
+    in force with the new serial, and calls through them meanwhile without a failure."""
+    import json
+    import urllib.request
+
+    ports = {name: free_port() for name in ("users_gw", "orders", "admin")}
+    backend = KeepAliveBackend()
+    users_out, callers_out = tmp_path / "users-gw", tmp_path / "callers-gw"
+    # A name of its own: the CA's records of it are this test's alone.
+    for name, out in (("inventory", users_out), ("orders", callers_out)):
+        result = ca.enroll(name, ca.token(name), out)
+        assert result.returncode == 0, result.stderr
+    (tmp_path / "users-gw.toml").write_text(
+        "workers = 2\n"
+        + gateway_toml(ca, users_out, "inventory", inbound("inventory-in", ports["users_gw"], backend.port, ["orders"]))
+        + f'\n[admin]\nlisten = "tcp:{ports["admin"]}:interface=127.0.0.1"\n'
+    )
+    (tmp_path / "callers-gw.toml").write_text(
+        gateway_toml(ca, callers_out, "orders", outbound("orders-to-inventory", ports["orders"], ports["users_gw"], "inventory"))
+    )
+
+    def status() -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['admin']}/status", timeout=10) as answer:
+            return json.load(answer)
+
+    def serving(serial: str) -> bool:
+        workers = status()["workers"]
+        return len(workers) == 2 and all(
+            w["status"] is not None and w["status"]["services"]["inventory"]["serial"] == serial for w in workers
+        )
+
+    procs = Processes(tmp_path)
+    fresh = ClientLoop(ports["orders"], deadline=120.0)
+    try:
+        procs.twistd("users-gw", "s2sgw", "--config", str(tmp_path / "users-gw.toml"))
+        procs.twistd("callers-gw", "s2sgw", "--config", str(tmp_path / "callers-gw.toml"))
+        for port in ports.values():
+            procs.wait_port(port)
+        assert get(ports["orders"]) == (200, ANSWER)
+        fresh.start()
+        wait_for(lambda: renewals(procs, "users-gw") or fresh.failures, timeout=60.0, step=0.5)
+        (_, old, new), *_ = renewals(procs, "users-gw")
+        wait_for(lambda: serving(new), timeout=10.0, step=0.2)
+        fresh.wait_for(20)  # calls reach the workers that now present the new certificate
+        document = status()
+        log = whole_log(procs, "users-gw")
+    finally:
+        fresh.stop()
+        procs.stop_all()
+        backend.shutdown()
+    assert fresh.failures == [], fresh.failures[:5]
+    assert old != new and document["services"]["inventory"]["renewal"]["renewals"] >= 1
+    assert document["enrollment"]["urls"] == [ca.est_url]
+    assert log.count("certificate of service inventory renewed") == len(renewals(procs, "users-gw"))
+    assert "Traceback" not in log
+    issued = [r for r in CertificateAuthority.open(ca.directory).records() if r.name == "inventory"]
+    assert len(issued) == 1 + len(renewals(procs, "users-gw"))  # the enrollment, then one per renewal

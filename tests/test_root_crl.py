@@ -52,9 +52,12 @@ def test_urls_are_derived_from_each_responders_origin() -> None:
             ResponderConfig(fingerprint=b"\x02" * 32, urls=("http://ca-1:8080/other",)),
         ),
     )
-    assert root_crl_urls(ocsp) == ["http://ca-1:8080/root.crl", "http://old-ca:8080/root.crl"]
+    assert root_crl_urls(ocsp) == [
+        ("http://ca-1:8080/root.crl", "http://ca-2:8080/root.crl"),  # the replicas of one CA, in order
+        ("http://old-ca:8080/root.crl",),
+    ]
     crl = StatusConfig(mode="crl", crl=Path("/x"), responders=(ResponderConfig(crl_urls=("https://ca/pki/crl",)),))
-    assert root_crl_urls(crl) == ["https://ca/root.crl"]
+    assert root_crl_urls(crl) == [("https://ca/root.crl",)]
     assert root_crl_urls(StatusConfig(mode="crl", crl=Path("/x"))) == []  # a CRL file kept by hand holds it
     assert root_crl_urls(StatusConfig(mode="off")) == []
 
@@ -95,6 +98,9 @@ class Served(resource.Resource):
         self.der: bytes | None = None
 
     def render_GET(self, request):  # noqa: ANN001, ANN201
+        if request.path == b"/unavailable":
+            request.setResponseCode(503)
+            return b"busy\n"
         if self.der is None:
             request.setResponseCode(404)
             return b"none\n"
@@ -107,9 +113,7 @@ def test_follower_and_check_refuse_leaves_of_a_revoked_intermediate(rotated) -> 
     served = Served()
     clock = task.Clock()
     clock.advance(_now().timestamp())
-    follower = RootCRLFollower(
-        "http://ca/root.crl", clock, lambda: (ca.root_cert,), http=StubTreq(served)
-    )
+    follower = RootCRLFollower(("http://ca/root.crl",), clock, lambda: (ca.root_cert,), http=StubTreq(served))
     inner = Inner()
     check = IntermediateCheck(inner, [follower], clock)
     changes: list[int | None] = []
@@ -139,3 +143,36 @@ def test_follower_and_check_refuse_leaves_of_a_revoked_intermediate(rotated) -> 
     failure = check.check(old_leaf, ca.intermediate_cert)
     with pytest.raises(StatusUnavailable, match="stale"):
         result_of(failure)
+
+
+class FirstReplicaDown:
+    """HTTP to two replicas: the first refuses connections or answers 503, the second serves."""
+
+    def __init__(self, served: Served, first: str) -> None:
+        self.stub, self.first, self.asked = StubTreq(served), first, []
+
+    def get(self, url: str, **kwargs: object) -> defer.Deferred:
+        self.asked.append(url)
+        if url.startswith("http://ca-1/"):
+            if self.first == "refused":
+                return defer.fail(ConnectionRefusedError("connection refused"))
+            return self.stub.get("http://ca-1/unavailable")
+        return self.stub.get(url)
+
+
+@pytest.mark.parametrize("first", ["refused", "503"])
+def test_the_root_crl_comes_from_the_next_replica_when_the_first_cannot_answer(rotated, first: str) -> None:
+    ca, old, root_key = rotated
+    served = Served()
+    crl = sign_root_crl(ca, root_key, revoke=[old.serial_number], now=_now())
+    served.der = crl.public_bytes(serialization.Encoding.DER)
+    clock = task.Clock()
+    clock.advance(_now().timestamp())
+    http = FirstReplicaDown(served, first)
+    urls = ("http://ca-1/root.crl", "http://ca-2/root.crl")
+    follower = RootCRLFollower(urls, clock, lambda: (ca.root_cert,), http=http)
+    result_of(follower.refresh())
+    assert follower.crl == crl and http.asked == list(urls)
+    assert follower.status()["url"] == "http://ca-2/root.crl" and follower.last_error is None
+    result_of(follower.refresh())  # stays on the replica that answers
+    assert http.asked[-1] == "http://ca-2/root.crl"

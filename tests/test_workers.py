@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -279,6 +280,57 @@ def test_a_reload_reaches_ready_workers_now_and_starting_ones_once_ready(supervi
     notify(supervisor, 1, "READY=1")
     assert supervisor.ready
     assert notifier.sent[-1] == {"READY": 1, "STATUS": "2 of 2 workers ready"}
+
+
+@attrs.define
+class ReloadingStore:
+    """The parent's trust store as the supervisor sees it: a reload that fires a generation."""
+
+    generation: int = 1
+    pending: list[Deferred] = attrs.Factory(list)
+
+    def reload(self) -> Deferred:
+        d: Deferred = Deferred()
+        self.pending.append(d)
+        return d
+
+    def finish(self) -> None:
+        self.generation += 1
+        self.pending.pop(0).callback(self.generation)
+
+
+def test_a_reload_fires_once_the_parents_copy_and_then_every_worker_have_reloaded(supervised) -> None:
+    """What a renewal in the parent waits for before its new certificate counts as in force."""
+    supervisor, reactor, _ = supervised
+    store, reloaded = ReloadingStore(), []
+    supervisor.trust_store, supervisor.on_trust_reloaded = store, reloaded.append
+    notify(supervisor, 0, "READY=1")
+    notify(supervisor, 1, "READY=1")
+    fired: list = []
+    supervisor.reload().addCallback(fired.append)
+    assert [p.signals for p in reactor.processes] == [[], []]  # the parent's copy first
+    store.finish()
+    assert reloaded == [2] and [p.signals for p in reactor.processes] == [["HUP"], ["HUP"]]
+    notify(supervisor, 0, "RELOADING=1")
+    notify(supervisor, 0, "READY=1")
+    assert not fired
+    reactor.processes[1].exit(signal=9)  # a worker that dies reads the new files when it starts again
+    assert fired == [None]
+
+
+def test_a_reload_the_parents_copy_refuses_still_reaches_the_workers(supervised) -> None:
+    supervisor, reactor, _ = supervised
+    store = ReloadingStore()
+    supervisor.trust_store = store
+    notify(supervisor, 0, "READY=1")
+    notify(supervisor, 1, "READY=1")
+    fired: list = []
+    supervisor.reload().addCallback(fired.append)
+    store.pending.pop(0).errback(ValueError("bad key file"))
+    assert [p.signals for p in reactor.processes] == [["HUP"], ["HUP"]]  # each keeps its trust, and says so
+    notify(supervisor, 0, "READY=1")
+    notify(supervisor, 1, "READY=1")
+    assert fired == [None]
 
 
 def test_stopping_passes_sigterm_on_and_waits_for_every_worker(supervised) -> None:

@@ -39,6 +39,7 @@ from s2sgw.interfaces import IStatusChecker
 from s2sgw.serials import serial_text
 from s2sgw.timeutil import utc
 from s2sgw.verify.crlrules import crl_problem
+from s2sgw.wire.failover import Failover
 from s2sgw.wire.http import http_client, read_limited
 from s2sgw.wire.ocsp import DEFAULT_LEEWAY, CertStatus, StatusUnavailable
 
@@ -46,21 +47,35 @@ ROOT_CRL_PATH = "/root.crl"
 MAX_ROOT_CRL_BYTES = 1024 * 1024
 
 
-def root_crl_urls(status: Any) -> list[str]:
-    """``/root.crl`` on the origin of each responder's first OCSP URL (mode ocsp) or first CRL URL
-    (mode crl), once per origin: every root a gateway trusts may have revoked an issuing CA."""
+def root_crl_urls(status: Any) -> list[tuple[str, ...]]:
+    """``/root.crl`` on the origin of each of a responder's OCSP URLs (mode ocsp) or CRL URLs (mode
+    crl), in their order: the replicas of one CA, tried in turn like its status URLs. One list per
+    CA (responders that share their first origin share it): every root a gateway trusts may have
+    revoked an issuing CA."""
     if status.mode not in ("ocsp", "crl"):
         return []
-    found: list[str] = []
+    found: list[tuple[str, ...]] = []
     for responder in status.responders:
         bases = responder.urls if status.mode == "ocsp" else responder.crl_urls
-        if not bases:
-            continue
-        parts = urllib.parse.urlsplit(bases[0])
-        url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, ROOT_CRL_PATH, "", ""))
-        if url not in found:
-            found.append(url)
+        urls: list[str] = []
+        for base in bases:
+            parts = urllib.parse.urlsplit(base)
+            url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, ROOT_CRL_PATH, "", ""))
+            if url not in urls:
+                urls.append(url)
+        if urls and all(urls[0] != known[0] for known in found):
+            found.append(tuple(urls))
     return found
+
+
+def _another_replica_might_answer(failure: Failure) -> bool:
+    """Connection errors, timeouts and 5xx answers move to the CA's next replica; a root CRL
+    that does not verify does not (every replica publishes the same one)."""
+    if failure.check(defer.CancelledError):
+        return False
+    if failure.check(RootCRLRefused):
+        return str(failure.value).startswith("HTTP 5")
+    return True
 
 
 class RootCRLRefused(Exception):
@@ -103,9 +118,10 @@ def verify_root_crl(
 
 @attrs.define(eq=False)
 class RootCRLFollower(Service):
-    """Fetches the root CRL every ``interval`` seconds and holds the last one that verified."""
+    """Fetches the root CRL every ``interval`` seconds from the first of ``urls`` that answers
+    (:class:`Failover`) and holds the last one that verified."""
 
-    url: str
+    urls: tuple[str, ...]
     reactor: Any
     roots: Any  # () -> the trust store's CA certificates, read at each fetch
     interval: float = 300.0
@@ -117,11 +133,18 @@ class RootCRLFollower(Service):
     on_change: list[Callable[[], object]] = attrs.Factory(list)  # called when a newer root CRL is taken
     _timer: LoopingCall | None = None
     _running: Deferred | None = None
+    _servers: Failover = attrs.field(init=False)
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
         if self.http is None:
             self.http, _ = http_client(self.reactor, persistent=False)
+        self._servers = Failover(self.urls, self.reactor, label="root CRL server")
+
+    @property
+    def url(self) -> str:
+        """The replica in use."""
+        return self._servers.current
 
     def startService(self) -> None:
         super().startService()
@@ -134,14 +157,18 @@ class RootCRLFollower(Service):
             self._timer.stop()
         if self._running is not None:
             self._running.cancel()
+        self._servers.stop()
         super().stopService()
 
     def refresh(self) -> Deferred[None]:
         if self._running is not None:
             return defer.succeed(None)
-        d = self._running = defer.maybeDeferred(self.http.get, self.url)
-        d.addCallback(self._read)
-        d.addTimeout(self.timeout, self.reactor)
+        def fetch(url: str) -> Deferred[bytes | None]:
+            fetched = defer.maybeDeferred(self.http.get, url)
+            fetched.addCallback(self._read)
+            return fetched.addTimeout(self.timeout, self.reactor)
+
+        d = self._running = self._servers.request(fetch, _another_replica_might_answer)
         d.addCallback(self._take)
         d.addErrback(self._failed)
         d.addBoth(self._done)
@@ -193,6 +220,7 @@ class RootCRLFollower(Service):
         crl = self.crl
         return {
             "url": self.url,
+            "urls": list(self.urls),
             "published": self.published,
             "crl_number": None if crl is None else pki.crl_number(crl),
             "next_update": None if crl is None or crl.next_update_utc is None else crl.next_update_utc.isoformat(),

@@ -7,8 +7,11 @@ the parent asks each one and answers for the whole:
   (so are gauges listed in :data:`SUMMED_GAUGES`, such as open connections); every other gauge
   describes one worker's state (certificate expiry, cache size, memory) and is kept per worker
   with a ``worker`` label. The parent's own metrics (restarts, workers alive) come with them.
-- ``/status``: one entry per worker (pid, restarts, ready) with that worker's status document.
-- ``/readyz``: 200 only when every worker is running and answers ready.
+- ``/status``: one entry per worker (pid, restarts, ready) with that worker's status document,
+  beside the parent's own sections (``enrollment`` and each service's ``renewal``, when the
+  parent renews certificates).
+- ``/readyz``: 200 only when every worker is running and answers ready, and the parent's own
+  parts see no problem.
 - ``/healthz``: 200 while the parent answers.
 """
 
@@ -32,6 +35,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from s2sgw.ops.admin import AdminSite, HealthzResource
+from s2sgw.workers.renewal import ParentReport
 from s2sgw.workers.supervisor import Supervisor, Worker
 
 SUMMED_GAUGES = frozenset({"s2sgw_active_connections", "s2sgw_workers_alive"})
@@ -131,10 +135,11 @@ class _Gathering(resource.Resource):
     path = "/"
     _log = Logger(namespace="s2sgw.workers")
 
-    def __init__(self, asker: WorkerAsker, registry: CollectorRegistry) -> None:
+    def __init__(self, asker: WorkerAsker, registry: CollectorRegistry, report: ParentReport | None = None) -> None:
         super().__init__()
         self.asker = asker
         self.registry = registry
+        self.report = report if report is not None else ParentReport()
 
     def render_GET(self, request: server.Request) -> Any:
         d = self.asker.ask_all(self.path).addCallback(self.answer, request)
@@ -184,7 +189,8 @@ class StatusResource(_Gathering):
             else:
                 entry["status"] = None
             entries.append(entry)
-        return 200, b"application/json", _json({"workers": entries})
+        services = [service.name for service in self.asker.supervisor.config.services]
+        return 200, b"application/json", _json({**self.report.status(services), "workers": entries})
 
 
 class ReadyzResource(_Gathering):
@@ -202,17 +208,20 @@ class ReadyzResource(_Gathering):
                 except ValueError:
                     said = [f"answered {answer[0]}"]
                 reasons.extend(f"worker {worker.index}: {reason}" for reason in said or ["not ready"])
+        reasons.extend(self.report.problems())
         ready = not reasons
         code = http.OK if ready else http.SERVICE_UNAVAILABLE
         return code, b"application/json", _json({"ready": ready, "reasons": reasons})
 
 
-def build_parent_admin_root(asker: WorkerAsker, registry: CollectorRegistry) -> resource.Resource:
+def build_parent_admin_root(
+    asker: WorkerAsker, registry: CollectorRegistry, report: ParentReport | None = None
+) -> resource.Resource:
     root = resource.Resource()
     root.putChild(b"healthz", HealthzResource())
-    root.putChild(b"readyz", ReadyzResource(asker, registry))
-    root.putChild(b"status", StatusResource(asker, registry))
-    root.putChild(b"metrics", MetricsResource(asker, registry))
+    root.putChild(b"readyz", ReadyzResource(asker, registry, report))
+    root.putChild(b"status", StatusResource(asker, registry, report))
+    root.putChild(b"metrics", MetricsResource(asker, registry, report))
     return root
 
 
@@ -224,13 +233,14 @@ class ParentAdminService(Service):
     supervisor: Supervisor
     reactor: Any
     registry: CollectorRegistry
+    report: ParentReport | None = None  # the parent's own /status sections and readiness checks
     port: Any = attrs.field(default=None, init=False)
     _log = Logger(namespace="s2sgw.workers")
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         asker = WorkerAsker(self.supervisor, self.reactor)
-        site = AdminSite(build_parent_admin_root(asker, self.registry))
+        site = AdminSite(build_parent_admin_root(asker, self.registry, self.report))
         failures: list = []
         serverFromString(self.reactor, self.listen).listen(site).addCallbacks(self._listening, failures.append)
         if failures:

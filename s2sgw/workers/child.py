@@ -94,7 +94,10 @@ def build(args: argparse.Namespace, reactor: Any) -> Any:
     # The trust store keeps the file's configuration, so that a reload compares like with like.
     trust_store = TrustStore.load(config)
     probe = config.admin.probe_interval if config.admin is not None else 5.0
-    worker_config = attrs.evolve(config, workers=1, admin=AdminConfig(args.admin, probe_interval=probe))
+    # The parent renews the certificates (s2sgw.workers.renewal); a worker takes them on SIGHUP.
+    worker_config = attrs.evolve(
+        config, workers=1, admin=AdminConfig(args.admin, probe_interval=probe), enrollment=None
+    )
     endpoints = {
         route: functools.partial(AdoptedEndpoint, reactor, fd, family)
         for route, (fd, family) in listen_fds(args.listen).items()

@@ -7,8 +7,10 @@ workers (:mod:`s2sgw.workers.child`) that adopt them, and then only supervises:
 - a worker that exits is started again on the same sockets (after 0.1 s, doubling up to 5 s
   while it keeps dying young), while the others keep serving;
 - SIGHUP is passed to every worker (each reloads its trust material and re-checks its live
-  connections, as a single process does); SIGTERM stops the parent, which closes its copies
-  of the sockets, passes SIGTERM on and waits for every worker to drain;
+  connections, as a single process does); with ``[enrollment]`` the parent, which renews the
+  certificates (:mod:`s2sgw.workers.renewal`), reloads its own copy of the trust material
+  first. SIGTERM stops the parent, which closes its copies of the sockets, passes SIGTERM on
+  and waits for every worker to drain;
 - each worker reports READY/RELOADING/STOPPING over a private ``NOTIFY_SOCKET``; the parent
   tells systemd READY=1 once every worker is ready, and frames a reload with RELOADING=1 and
   READY=1 when every worker has finished it.
@@ -134,6 +136,8 @@ class Supervisor(Service):
     metrics: WorkerMetrics = attrs.Factory(WorkerMetrics)
     log_level: str = "info"
     log_format: str = "text"
+    trust_store: Any = None  # the parent's own copy, reloaded first when it renews certificates
+    on_trust_reloaded: Any = None  # (generation) -> None, after the parent's copy reloaded
     notifier: Notifier | None = attrs.Factory(lambda: Notifier.from_environ(os.environ))
     python: str = sys.executable
     workers: list[Worker] = attrs.field(factory=list, init=False)
@@ -143,6 +147,7 @@ class Supervisor(Service):
     _listeners: list[Any] = attrs.field(factory=list, init=False)
     _announced: bool = attrs.field(default=False, init=False)
     _previous_hup: Any = attrs.field(default=None, init=False)
+    _reload_waiters: list[Deferred[None]] = attrs.field(factory=list, init=False)
     _log = Logger(namespace="s2sgw.workers")
 
     # -- start -------------------------------------------------------------------------------
@@ -225,10 +230,13 @@ class Supervisor(Service):
         if fields.get("STOPPING") == "1":
             worker.ready = False
         self._report()
+        self._settle_reloads()
 
     def ended(self, worker: Worker, reason: Failure) -> None:
         worker.process = None
         worker.ready = False
+        # Started again, it loads the files as they are then: no reload of its own is owed.
+        worker.reloading = worker.reload_pending = False
         self.metrics.alive.set(sum(w.alive for w in self.workers))
         ended, worker.ended = worker.ended, None
         if ended is not None:
@@ -247,6 +255,7 @@ class Supervisor(Service):
         worker.status = "restarting"
         worker.restart_call = self.reactor.callLater(worker.delay, self._spawn, worker)
         self._report()
+        self._settle_reloads()
 
     @property
     def ready(self) -> bool:
@@ -271,26 +280,60 @@ class Supervisor(Service):
     def _on_sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)
 
-    def reload(self) -> None:
-        """Pass a reload to every worker (one still starting gets it once it is ready)."""
+    def reload(self) -> Deferred[None]:
+        """Reload the parent's trust material (if it holds any), then pass a reload to every
+        worker (one still starting gets it once it is ready). Fires once no worker has a reload
+        running or owed: files written before the call are then in force in every worker."""
         if self.stopping:
-            return
-        self._log.info("reload: passing SIGHUP to {count} workers", count=len(self.workers))
+            return succeed(None)
         if self.notifier is not None:
             self._announced = False
             self.notifier.send(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS="reloading trust material")
+        first = succeed(None) if self.trust_store is None else self.trust_store.reload()
+        first.addCallbacks(self._own_reloaded, self._own_refused)
+        done: Deferred[None] = Deferred()
+        first.addCallback(lambda _: self._pass_reload(done))
+        return done
+
+    def _own_reloaded(self, generation: int) -> None:
+        self._log.info("reload: parent's trust material at generation {generation}", generation=generation)
+        if self.on_trust_reloaded is not None:
+            self.on_trust_reloaded(generation)
+
+    def _own_refused(self, failure: Failure) -> None:
+        # The workers read the same files and will refuse them too, each keeping its trust.
+        self._log.warn("reload: the parent keeps its trust material: {error}", error=failure.getErrorMessage())
+
+    def _pass_reload(self, done: Deferred[None]) -> None:
+        self._reload_waiters.append(done)
+        if self.stopping:
+            self._settle_reloads()
+            return
+        self._log.info("reload: passing SIGHUP to {count} workers", count=len(self.workers))
         for worker in self.workers:
             if worker.process is not None and worker.ready:
                 worker.reloading = True
                 worker.process.signalProcess("HUP")
-            else:
+            elif worker.process is not None:
                 worker.reload_pending = True
+        self._settle_reloads()
+
+    def _settle_reloads(self) -> None:
+        """Fire the waiting reloads once no worker is reloading or owed a reload."""
+        if not self._reload_waiters:
+            return
+        if not self.stopping and any(w.reloading or w.reload_pending for w in self.workers):
+            return
+        waiters, self._reload_waiters = self._reload_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     # -- stop ------------------------------------------------------------------------------------
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         self.stopping = True
+        self._settle_reloads()
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
         if self.notifier is not None:
