@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,7 @@ class Supervisor(Service):
     log_level: str = "info"
     log_format: str = "text"
     trust_store: Any = None  # the parent's own copy, reloaded first when it renews certificates
-    on_trust_reloaded: Any = None  # (generation) -> None, after the parent's copy reloaded
+    on_trust_reloaded: Callable[[int], None] | None = None  # after the parent's copy reloaded
     notifier: Notifier | None = attrs.Factory(lambda: Notifier.from_environ(os.environ))
     python: str = sys.executable
     workers: list[Worker] = attrs.field(factory=list, init=False)
