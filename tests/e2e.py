@@ -61,8 +61,12 @@ class Processes:
         )
 
     def log(self, name: str) -> str:
-        path = self.directory / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        """``name``'s whole log: twistd rotates it at 1 MB (NAME.log.1 is the newest rotated part)."""
+        numbered = [p for p in self.directory.glob(f"{name}.log.*") if p.suffix[1:].isdigit()]
+        rotated = sorted(numbered, key=lambda p: -int(p.suffix[1:]))
+        current = self.directory / f"{name}.log"
+        parts = [*rotated, current] if current.exists() else rotated
+        return "".join(part.read_text(errors="replace") for part in parts)
 
     def wait_port(self, port: int, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

@@ -216,16 +216,10 @@ class KeepAliveLoop:
             self._thread.join(timeout=30)
 
 
-def whole_log(procs: Processes, name: str) -> str:
-    """``name``'s log including the parts twistd rotated away (NAME.log.N, oldest first)."""
-    rotated = sorted(procs.directory.glob(f"{name}.log.*"), key=lambda p: -int(p.suffix[1:]))
-    return "".join(p.read_text(errors="replace") for p in rotated) + procs.log(name)
-
-
 def renewals(procs: Processes, name: str) -> list[tuple[float, str, str]]:
     """(wall-clock time, old serial, new serial) of each renewal logged by gateway ``name``."""
     found = []
-    for line in whole_log(procs, name).splitlines():
+    for line in procs.log(name).splitlines():
         match = RENEWED.search(line)
         if match:
             stamp = datetime.datetime.strptime(line[:24], "%Y-%m-%dT%H:%M:%S%z").timestamp()
@@ -268,7 +262,7 @@ def test_two_gateways_from_tokens_renew_five_times_each_under_load_without_a_fai
     finally:
         fresh.stop()
         kept.stop()
-        logs = {name: whole_log(procs, name) for name in ("users-gw", "callers-gw")}
+        logs = {name: procs.log(name) for name in ("users-gw", "callers-gw")}
         procs.stop_all()
         backend.shutdown()
     elapsed = time.monotonic() - started
@@ -346,7 +340,7 @@ def test_with_two_workers_the_parent_renews_and_every_worker_serves_the_new_cert
         wait_for(lambda: serving(new), timeout=10.0, step=0.2)
         fresh.wait_for(20)  # calls reach the workers that now present the new certificate
         document = status()
-        log = whole_log(procs, "users-gw")
+        log = procs.log("users-gw")
     finally:
         fresh.stop()
         procs.stop_all()
