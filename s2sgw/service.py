@@ -30,7 +30,7 @@ from s2sgw.reload import ReloadService
 from s2sgw.status.stapling import StapleMetrics, StapleService, inbound_targets, stapling_enabled
 from s2sgw.status.checker import make_status_checker
 from s2sgw.status.ocsp import OCSPStatusChecker, StatusMetrics
-from s2sgw.status.root_crl import IntermediateCheck, RootCRLFollower, root_crl_urls
+from s2sgw.status.root_crl import IntermediateCheck, RootCRLFollowers
 from s2sgw.truststore import TrustStore
 
 
@@ -144,17 +144,14 @@ def build_gateway(
     judging, cache = checker, IStatusCache(checker, None)
     if cache is None and feeds_at_start:
         judging = cache = PushedRevocations(checker, reactor)
-    # The root's CRL, fetched beside the CA's status URL: a revoked issuing CA refuses its leaves.
-    root_followers = [
-        RootCRLFollower(
-            root_urls, reactor, lambda: trust_store.material.ca_certificates,
-            interval=config.status.crl_refresh, timeout=config.status.timeout,
+    # The root's CRL, fetched beside the CA's status URLs: a revoked issuing CA refuses its leaves.
+    root_crls, intermediates = None, None
+    if config.status.mode in ("ocsp", "crl"):
+        root_crls = RootCRLFollowers(
+            reactor, lambda: trust_store.material.ca_certificates, config.status.crl_refresh, config.status.timeout
         )
-        for root_urls in root_crl_urls(config.status)
-    ]
-    intermediates = None
-    if root_followers:
-        judging = intermediates = IntermediateCheck(judging, root_followers, reactor)
+        root_crls.configure(config.status)
+        judging = intermediates = IntermediateCheck(judging, root_crls.active, reactor)
     authorizer = Authorizer(
         judging,
         trust_store.trust_domain or "",
@@ -205,10 +202,9 @@ def build_gateway(
         metrics=close_metrics,
     )
     enforcer.setServiceParent(top)
-    if intermediates is not None:  # a newer root CRL also closes live connections under a revoked issuing CA
+    if root_crls is not None and intermediates is not None:  # a newer root CRL also closes live connections
         judge = intermediates.issuer_status
-        for follower in root_followers:
-            follower.on_change.append(lambda: enforcer.issuers_revoked(judge))
+        root_crls.on_change.append(lambda: enforcer.issuers_revoked(judge))
     stapler = None
     if stapling_enabled(config) and staples is not None:
         # Our own OCSP answers for the inbound listeners to staple (the server contexts read this cache).
@@ -277,10 +273,10 @@ def build_gateway(
         )
         operations.monitor.sections["crl_refresh"] = refresher.status
         refresher.setServiceParent(top)
-    if root_followers:
-        operations.monitor.sections["root_crl"] = lambda: [follower.status() for follower in root_followers]
-        for follower in root_followers:
-            follower.setServiceParent(top)
+    if root_crls is not None:
+        operations.monitor.sections["root_crl"] = root_crls.status
+        settings.parts.append(root_crls.configure)
+        root_crls.setServiceParent(top)
     operations.monitor.sections["descriptors"] = descriptors.status
     operations.setServiceParent(top)  # last: READY=1 after every bind, STOPPING=1 before draining
     return top, Gateway(config, trust_store, authorizer, routes, enforcer, feed, stapler)

@@ -21,6 +21,7 @@ from s2sgw.config import ResponderConfig, StatusConfig
 from s2sgw.status.root_crl import (
     IntermediateCheck,
     RootCRLFollower,
+    RootCRLFollowers,
     RootCRLRefused,
     root_crl_urls,
     verify_root_crl,
@@ -176,3 +177,35 @@ def test_the_root_crl_comes_from_the_next_replica_when_the_first_cannot_answer(r
     assert follower.status()["url"] == "http://ca-2/root.crl" and follower.last_error is None
     result_of(follower.refresh())  # stays on the replica that answers
     assert http.asked[-1] == "http://ca-2/root.crl"
+
+
+def test_followers_follow_the_responders_in_force_and_keep_what_they_hold(rotated) -> None:
+    ca, old, root_key = rotated
+    clock = task.Clock()
+    followers = RootCRLFollowers(clock, lambda: (ca.root_cert,), 300.0, 10.0)
+    one = StatusConfig(mode="ocsp", responders=(ResponderConfig(urls=("http://ca-1/ocsp",)),))
+    followers.configure(one)
+    (first,) = followers.active
+    first.crl = sign_root_crl(ca, root_key, revoke=[old.serial_number], now=_now())  # as if fetched
+    check = IntermediateCheck(Inner(), followers.active, clock)
+    clock.advance(_now().timestamp())
+    leaf = ca.issue("orders").record.certificate()
+    assert result_of(check.check(leaf, old)).state == "revoked"
+
+    replicas = StatusConfig(
+        mode="ocsp",
+        responders=(
+            ResponderConfig(urls=("http://ca-1/ocsp", "http://ca-2/ocsp")),
+            ResponderConfig(fingerprint=b"\x01" * 32, urls=("http://other/ocsp",)),
+        ),
+    )
+    followers.configure(replicas)
+    assert [f.urls for f in followers.active] == [
+        ("http://ca-1/root.crl", "http://ca-2/root.crl"), ("http://other/root.crl",)
+    ]
+    assert followers.active[0].crl == first.crl  # a replica added: the revocation is not forgotten
+    assert result_of(check.check(leaf, old)).state == "revoked"  # the same check sees the new followers
+    assert first.parent is None and all(f.parent is followers for f in followers.active)
+
+    followers.configure(StatusConfig(mode="ocsp"))
+    assert followers.active == [] and list(followers) == []

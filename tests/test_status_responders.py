@@ -146,10 +146,16 @@ class Rig:
     def shown(self) -> dict[str, Any]:
         return status_document(self.operations.monitor)
 
+    def gateway_root_crls(self) -> list[Any]:
+        """The root CRL followers the gateway asks, as IntermediateCheck sees them."""
+        return list(self.gateway.authorizer.status_checker.followers)
+
 
 def test_a_reload_applies_new_status_urls_and_settings_and_status_shows_what_is_in_force(tmp_path: Path) -> None:
     rig = Rig(tmp_path, f'url = "{OLD}"\nfeed = false')
     assert rig.asked_for(rig.old) == rig.asked_for(rig.new) == OLD
+    assert [entry["urls"] for entry in rig.shown()["root_crl"]] == [["http://old-ca:8080/root.crl"]]
+    (held,) = rig.gateway_root_crls()
     fingerprint = _colons(rig.old.root.fingerprint(hashes.SHA256()))
     rig.reload(
         f'url = {list(NEW)!r}\nfail = "open"\ntimeout = 0.5\nmax_cache_age = 30\nfeed = false\n'
@@ -165,6 +171,12 @@ def test_a_reload_applies_new_status_urls_and_settings_and_status_shows_what_is_
         (None, NEW[0]),
         (rig.old.root.fingerprint(hashes.SHA256()).hex(), OLD),
     ]
+    # The root CRLs follow: one follower per CA, its replicas in order; the old CA's is kept as it was.
+    assert [entry["urls"] for entry in shown["root_crl"]] == [
+        ["http://ca-1:8080/root.crl", "http://ca-2:8080/root.crl"],
+        ["http://old-ca:8080/root.crl"],
+    ]
+    assert rig.gateway_root_crls()[1] is held
 
 
 def test_a_reload_refuses_a_status_mode_change_naming_the_key_and_keeps_the_running_settings(tmp_path: Path) -> None:

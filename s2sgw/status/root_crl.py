@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
@@ -229,13 +229,55 @@ class RootCRLFollower(Service):
         }
 
 
+@attrs.define(eq=False)
+class RootCRLFollowers(MultiService):
+    """A :class:`RootCRLFollower` per CA of the ``[status]`` in force; :meth:`configure` adds and
+    stops them when a reload changes the responders. A follower whose replicas change keeps the
+    root CRL it holds (a revocation is not forgotten because a URL was added)."""
+
+    reactor: Any
+    roots: Any  # () -> the trust store's CA certificates
+    interval: float
+    timeout: float
+    on_change: list[Callable[[], object]] = attrs.Factory(list)  # a newer root CRL was taken
+    active: list[RootCRLFollower] = attrs.Factory(list)  # in the order of the responders; read by IntermediateCheck
+
+    def __attrs_post_init__(self) -> None:
+        MultiService.__init__(self)
+
+    def configure(self, status: Any) -> None:
+        wanted = root_crl_urls(status)
+        kept = {follower.urls: follower for follower in self.active}
+        followers = []
+        for urls in wanted:
+            follower = kept.pop(urls, None)
+            if follower is None:
+                follower = RootCRLFollower(urls, self.reactor, self.roots, interval=self.interval, timeout=self.timeout)
+                follower.on_change.append(self._changed)
+                held = next((old for old in kept.values() if set(old.urls) & set(urls)), None)
+                if held is not None:
+                    follower.crl, follower.published = held.crl, held.published
+                follower.setServiceParent(self)
+            followers.append(follower)
+        for follower in kept.values():
+            follower.disownServiceParent()
+        self.active[:] = followers
+
+    def _changed(self) -> None:
+        for listener in self.on_change:
+            listener()
+
+    def status(self) -> list[dict[str, Any]]:
+        return [follower.status() for follower in self.active]
+
+
 @implementer(IStatusChecker)
 @attrs.define(eq=False)
 class IntermediateCheck:
     """Asks the root CRL about the peer's intermediate, then ``inner`` about its leaf."""
 
     inner: Any  # IStatusChecker
-    followers: Sequence[RootCRLFollower]
+    followers: Sequence[RootCRLFollower]  # read at each check: RootCRLFollowers.active follows reloads
     clock: Any
     _log = Logger()
 
