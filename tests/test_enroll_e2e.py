@@ -216,6 +216,14 @@ class KeepAliveLoop:
             self._thread.join(timeout=30)
 
 
+def enrolled(ca: CA, directories: dict[str, Path]) -> list[Path]:
+    """Each service's key and certificate enrolled from a token of its own into its directory."""
+    for name, out in directories.items():
+        result = ca.enroll(name, ca.token(name), out)
+        assert result.returncode == 0, result.stderr
+    return list(directories.values())
+
+
 def renewals(procs: Processes, name: str) -> list[tuple[float, str, str]]:
     """(wall-clock time, old serial, new serial) of each renewal logged by gateway ``name``."""
     found = []
@@ -230,10 +238,7 @@ def renewals(procs: Processes, name: str) -> list[tuple[float, str, str]]:
 def test_two_gateways_from_tokens_renew_five_times_each_under_load_without_a_failed_call(ca: CA, tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("users_gw", "orders")}
     backend = KeepAliveBackend()
-    users_out, callers_out = tmp_path / "users-gw", tmp_path / "callers-gw"
-    for name, out in (("users", users_out), ("orders", callers_out)):
-        result = ca.enroll(name, ca.token(name), out)
-        assert result.returncode == 0, result.stderr
+    users_out, callers_out = enrolled(ca, {"users": tmp_path / "users-gw", "orders": tmp_path / "callers-gw"})
     (tmp_path / "users-gw.toml").write_text(
         gateway_toml(ca, users_out, "users", inbound("users-in", ports["users_gw"], backend.port, ["orders"]))
     )
@@ -302,11 +307,8 @@ def test_with_two_workers_the_parent_renews_and_every_worker_serves_the_new_cert
 
     ports = {name: free_port() for name in ("users_gw", "orders", "admin")}
     backend = KeepAliveBackend()
-    users_out, callers_out = tmp_path / "users-gw", tmp_path / "callers-gw"
     # A name of its own: the CA's records of it are this test's alone.
-    for name, out in (("inventory", users_out), ("orders", callers_out)):
-        result = ca.enroll(name, ca.token(name), out)
-        assert result.returncode == 0, result.stderr
+    users_out, callers_out = enrolled(ca, {"inventory": tmp_path / "users-gw", "orders": tmp_path / "callers-gw"})
     (tmp_path / "users-gw.toml").write_text(
         "workers = 2\n"
         + gateway_toml(ca, users_out, "inventory", inbound("inventory-in", ports["users_gw"], backend.port, ["orders"]))

@@ -120,16 +120,20 @@ def test_the_ocsp_checker_is_handed_to_the_parts_using_its_cache_stapling_probe_
 def test_a_crl_checker_following_the_feed_gets_pushed_revocations_in_front(tmp_path: Path) -> None:
     status = 'mode = "crl"\ncrl = "ca.crl"\nfeed = "http://127.0.0.1:1/revocations"'
     _, gateway, operations = _wired(tmp_path, status)
-    judging = gateway.authorizer.status_checker
+    intermediates = gateway.authorizer.status_checker
+    # Root CRLs are asked first; with a CRL file kept by hand none is followed until a reload adds a crl_url.
+    assert isinstance(intermediates, IntermediateCheck) and list(intermediates.followers) == []
+    judging = intermediates.inner
     assert isinstance(judging, PushedRevocations) and isinstance(judging.inner, CRLStatusChecker)
-    assert gateway.enforcer.checker is judging and gateway.enforcer.cache is judging
+    assert gateway.enforcer.checker is intermediates and gateway.enforcer.cache is judging
     assert gateway.authorizer.staples is None and gateway.stapler is None
     assert operations.monitor.prober is None and operations.monitor.cache_stats is None
 
 
 def test_a_crl_checker_without_the_feed_is_asked_directly_and_keeps_no_cache(tmp_path: Path) -> None:
     _, gateway, operations = _wired(tmp_path, 'mode = "crl"\ncrl = "ca.crl"')
-    assert isinstance(gateway.authorizer.status_checker, CRLStatusChecker)
-    assert gateway.enforcer.checker is gateway.authorizer.status_checker and gateway.enforcer.cache is None
+    intermediates = gateway.authorizer.status_checker
+    assert isinstance(intermediates, IntermediateCheck) and isinstance(intermediates.inner, CRLStatusChecker)
+    assert gateway.enforcer.checker is intermediates and gateway.enforcer.cache is None
     assert gateway.feed is not None and gateway.feed.subscribers == {} and gateway.stapler is None
     assert operations.monitor.prober is None and operations.monitor.cache_stats is None
