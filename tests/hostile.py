@@ -458,19 +458,34 @@ def keyless_exchange(port: int, identity_pem: Path, payload: bytes, timeout: flo
     for certificate in chain[1:]:
         context.add_extra_chain_cert(certificate)
     started = time.monotonic()
+    deadline = started + timeout
+    # A socket with a timeout is non-blocking underneath, and OpenSSL reads its descriptor
+    # directly: wait for it whenever OpenSSL would block, or the client gives up mid-handshake.
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     connection = SSL.Connection(context, sock)
     connection.set_connect_state()
+
+    def waiting(call, *args):
+        while True:
+            try:
+                return call(*args)
+            except (SSL.WantReadError, SSL.WantWriteError) as want:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the gateway did not answer in time") from None
+                readable = isinstance(want, SSL.WantReadError)
+                select.select([sock] if readable else [], [] if readable else [sock], [], left)
+
     received = bytearray()
     error = None
     handshake = False
     try:
-        connection.do_handshake()
+        waiting(connection.do_handshake)
         handshake = True
         sent = connection.get_certificate()
         assert sent is not None and sent.to_cryptography() == chain[0], "the swap changed the certificate"
-        connection.sendall(payload)
-        while chunk := connection.recv(65536):
+        waiting(connection.sendall, payload)
+        while chunk := waiting(connection.recv, 65536):
             received += chunk
     except (SSL.Error, OSError) as e:
         error = repr(e)
