@@ -430,7 +430,7 @@ def test_renewal_is_refused_with_403_unless_the_certificate_is_current_and_ours(
         h.peer = peer
         response, body = h.reenroll()
         assert (response.code, reason in body.decode()) == (403, True), (reason, body)
-        assert h.log[-1].startswith("EST refused simplereenroll") and f"status=403 reason=" in h.log[-1]
+        assert h.log[-1].startswith("EST refused simplereenroll") and "status=403 reason=" in h.log[-1]
         assert reason in h.log[-1]
     assert h.rows() == rows
     h.peer = PeerCertificate(good, chain_ok=True)
