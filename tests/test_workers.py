@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
@@ -20,6 +21,7 @@ from twisted.python.failure import Failure
 from s2sgw.config import ConfigError, load_config
 from s2sgw.workers.admin import merge_metrics, render_metrics
 from s2sgw.workers.child import listen_fds
+from s2sgw.workers.renewal import RELOAD_WAIT, reload_everywhere
 from s2sgw.workers.sockets import TCPListen, check_free, reuseport_sockets
 from s2sgw.workers.supervisor import FIRST_RESTART_DELAY, MAX_RESTART_DELAY, Supervisor
 
@@ -316,6 +318,29 @@ def test_a_reload_fires_once_the_parents_copy_and_then_every_worker_have_reloade
     assert not fired
     reactor.processes[1].exit(signal=9)  # a worker that dies reads the new files when it starts again
     assert fired == [None]
+
+
+def test_a_renewal_counts_as_in_force_once_every_worker_reloaded_or_fails_after_the_wait(supervised) -> None:
+    supervisor, reactor, _ = supervised
+    store = ReloadingStore()
+    supervisor.trust_store = store
+    notify(supervisor, 0, "READY=1")
+    notify(supervisor, 1, "READY=1")
+    done: list = []
+    reload_everywhere(supervisor, store, reactor).addCallback(done.append)
+    store.finish()
+    notify(supervisor, 0, "READY=1")
+    notify(supervisor, 1, "READY=1")
+    assert done == [2]  # the parent's generation, once both workers have reloaded
+
+    stuck: list = []
+    reload_everywhere(supervisor, store, reactor).addErrback(stuck.append)
+    store.finish()
+    notify(supervisor, 0, "READY=1")  # worker 1 never finishes its reload
+    reactor.advance(RELOAD_WAIT)
+    assert len(stuck) == 1 and stuck[0].check(defer.TimeoutError)
+    notify(supervisor, 1, "READY=1")  # finishing late is no error, and the parent keeps supervising
+    assert supervisor.ready
 
 
 def test_a_reload_the_parents_copy_refuses_still_reaches_the_workers(supervised) -> None:

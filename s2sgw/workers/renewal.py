@@ -14,6 +14,7 @@ whose renewal keeps failing).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -52,17 +53,20 @@ class ParentReport:
         return document
 
 
+def reload_everywhere(supervisor: Supervisor, trust_store: Any, reactor: Any) -> Deferred[int]:
+    """The parent's copy, then every worker: fires with the parent's trust generation once all
+    have reloaded, or fails after :data:`RELOAD_WAIT` (the renewal is then retried)."""
+    d = supervisor.reload()
+    d.addTimeout(RELOAD_WAIT, reactor)
+    return d.addCallback(lambda _: trust_store.generation)
+
+
 def attach_parent_renewal(
     supervisor: Supervisor, trust_store: Any, reactor: Any, registry: CollectorRegistry, report: ParentReport
 ) -> RenewalService:
     """The renewal service of the parent: its reload is the parent's and every worker's."""
-
-    def reload_everywhere() -> Deferred[int]:
-        d = supervisor.reload()
-        d.addTimeout(RELOAD_WAIT, reactor)
-        return d.addCallback(lambda _: trust_store.generation)
-
-    renewal = attach_renewal(supervisor.config, trust_store, reload_everywhere, report, reactor, registry)
+    reload = functools.partial(reload_everywhere, supervisor, trust_store, reactor)
+    renewal = attach_renewal(supervisor.config, trust_store, reload, report, reactor, registry)
     supervisor.trust_store = trust_store
     supervisor.on_trust_reloaded = renewal.trust_reloaded
     return renewal
