@@ -31,8 +31,8 @@ from s2sgw.files import write_atomically
 from s2sgw.ops.metrics import MetricSet
 from s2sgw.interfaces import IStatusChecker, ITrustStore
 from s2sgw.status.crl import CRLStatusChecker
-from s2sgw.wire.failover import Failover
-from s2sgw.wire.http import ResponseTooLarge, http_client, read_limited
+from s2sgw.wire.failover import Failover, another_server_might_answer
+from s2sgw.wire.http import HTTPStatusError, ResponseTooLarge, http_client, read_limited
 
 MAX_CRL_BYTES = 4 * 1024 * 1024
 CRL_ACCEPT = b"application/pkix-crl, application/x-pem-file;q=0.5"
@@ -209,7 +209,7 @@ class CRLRefreshService(Service):
         if code != 200:
 
             def refuse(_: object) -> None:
-                raise CRLFetchError(f"HTTP {code}")
+                raise _CRLHTTPStatus(code)
 
             return body.addBoth(refuse)
         etag = response.headers.getRawHeaders(b"ETag", [None])[0]
@@ -295,13 +295,13 @@ class CRLRefreshService(Service):
         return outcome
 
 
+class _CRLHTTPStatus(HTTPStatusError, CRLFetchError):
+    """The CRL server answered with an HTTP error code."""
+
+
 def _next_server_might_answer(failure: Failure) -> bool:
-    """Connection errors, timeouts and 5xx answers move to the next CRL server."""
-    if failure.check(ConfigError, ResponseTooLarge, defer.CancelledError):
-        return False
-    if failure.check(CRLFetchError):
-        return str(failure.value).startswith(("HTTP 5", "timed out"))
-    return True
+    """A CRL our checks refuse is the server's word: the next server would say the same."""
+    return another_server_might_answer(failure, ConfigError)
 
 
 def _same(a: x509.CertificateRevocationList, b: x509.CertificateRevocationList) -> bool:

@@ -27,10 +27,11 @@ from s2sgw.ops.metrics import MetricSet
 from s2sgw.serials import serial_text
 from s2sgw.status.responders import Responders
 from s2sgw.timeutil import utc
-from s2sgw.wire.failover import Failover
+from s2sgw.wire.failover import Failover, another_server_might_answer
 from s2sgw.wire.http import (
     KEEPALIVE_SECONDS,
     MAX_RESPONSE_BYTES,
+    HTTPStatusError,
     ResponseTooLarge,
     http_client,
     read_limited,
@@ -83,22 +84,16 @@ class StatusMetrics(MetricSet):
 # OCSP client
 
 
-class _HTTPStatus(StatusUnavailable):
+class _HTTPStatus(HTTPStatusError, StatusUnavailable):
     """The status server answered with an HTTP error code."""
 
     def __init__(self, code: int) -> None:
-        super().__init__(f"status server answered HTTP {code}")
-        self.code = code
+        super().__init__(code, f"status server answered HTTP {code}")
 
 
 def _next_server_might_answer(failure: Failure) -> bool:
-    """Connection errors, timeouts and 5xx answers move to the next server; answers that do not
-    verify and 4xx answers are the server's word and do not."""
-    if failure.check(StatusInvalid, ResponseTooLarge, defer.CancelledError):
-        return False
-    if failure.check(_HTTPStatus):
-        return failure.value.code >= 500
-    return True
+    """Answers that do not verify are the server's word: the next server would say the same."""
+    return another_server_might_answer(failure, StatusInvalid)
 
 
 def _describe(failure: Failure) -> str:

@@ -39,8 +39,8 @@ from s2sgw.interfaces import IStatusChecker
 from s2sgw.serials import serial_text
 from s2sgw.timeutil import utc
 from s2sgw.verify.crlrules import crl_problem
-from s2sgw.wire.failover import Failover
-from s2sgw.wire.http import http_client, read_limited
+from s2sgw.wire.failover import Failover, another_server_might_answer
+from s2sgw.wire.http import HTTPStatusError, http_client, read_limited
 from s2sgw.wire.ocsp import DEFAULT_LEEWAY, CertStatus, StatusUnavailable
 
 ROOT_CRL_PATH = "/root.crl"
@@ -68,18 +68,17 @@ def root_crl_urls(status: Any) -> list[tuple[str, ...]]:
     return found
 
 
-def _another_replica_might_answer(failure: Failure) -> bool:
-    """Connection errors, timeouts and 5xx answers move to the CA's next replica; a root CRL
-    that does not verify does not (every replica publishes the same one)."""
-    if failure.check(defer.CancelledError):
-        return False
-    if failure.check(RootCRLRefused):
-        return str(failure.value).startswith("HTTP 5")
-    return True
-
-
 class RootCRLRefused(Exception):
     """A fetched root CRL failed verification; the held one stays."""
+
+
+class _RootCRLHTTPStatus(HTTPStatusError, RootCRLRefused):
+    """The CA answered ``/root.crl`` with an HTTP error code other than 404."""
+
+
+def _another_replica_might_answer(failure: Failure) -> bool:
+    """A root CRL that does not verify is the CA's word: every replica publishes the same one."""
+    return another_server_might_answer(failure, RootCRLRefused)
 
 
 def verify_root_crl(
@@ -182,7 +181,7 @@ class RootCRLFollower(Service):
         if code != 200:
 
             def refuse(_: object) -> None:
-                raise RootCRLRefused(f"HTTP {code}")
+                raise _RootCRLHTTPStatus(code)
 
             return body.addBoth(refuse)
         return body

@@ -20,9 +20,22 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from s2sgw.wire.http import HTTPStatusError, ResponseTooLarge
+
 _T = TypeVar("_T")
 
 DEFAULT_RECHECK = 5.0  # seconds between checks that the first server is back
+
+
+def another_server_might_answer(failure: Failure, *servers_word: type[BaseException]) -> bool:
+    """The ``switch`` of :meth:`Failover.request` for HTTP fetches: connection errors, timeouts
+    and 5xx answers move to the next server; a cancel, an answer too large, a 4xx answer and
+    ``servers_word`` (an answer that does not verify) do not: the next server would say the same."""
+    if failure.check(defer.CancelledError, ResponseTooLarge):
+        return False
+    if failure.check(HTTPStatusError):
+        return failure.value.code >= 500
+    return not servers_word or failure.check(*servers_word) is None
 
 
 @attrs.define(eq=False)

@@ -25,6 +25,15 @@ class ResponseTooLarge(Exception):
     """The status server sent more than we are willing to read."""
 
 
+class HTTPStatusError(Exception):
+    """A server answered with an HTTP error code: a 5xx says another server may do better
+    (:func:`s2sgw.wire.failover.another_server_might_answer`), a 4xx is the server's word."""
+
+    def __init__(self, code: int, words: str | None = None) -> None:
+        super().__init__(words if words is not None else f"HTTP {code}")
+        self.code = code
+
+
 
 class _LimitedBody(Protocol):
     """Collects a response body up to ``limit`` bytes; drops the connection past that."""
