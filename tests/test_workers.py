@@ -301,13 +301,20 @@ class ReloadingStore:
         self.pending.pop(0).callback(self.generation)
 
 
+def with_parents_copy(supervisor: Supervisor) -> ReloadingStore:
+    """Both workers ready, and a trust store of the parent's own that reloads first."""
+    store = ReloadingStore()
+    supervisor.trust_store = store
+    notify(supervisor, 0, "READY=1")
+    notify(supervisor, 1, "READY=1")
+    return store
+
+
 def test_a_reload_fires_once_the_parents_copy_and_then_every_worker_have_reloaded(supervised) -> None:
     """What a renewal in the parent waits for before its new certificate counts as in force."""
     supervisor, reactor, _ = supervised
-    store, reloaded = ReloadingStore(), []
-    supervisor.trust_store, supervisor.on_trust_reloaded = store, reloaded.append
-    notify(supervisor, 0, "READY=1")
-    notify(supervisor, 1, "READY=1")
+    store, reloaded = with_parents_copy(supervisor), []
+    supervisor.on_trust_reloaded = reloaded.append
     fired: list = []
     supervisor.reload().addCallback(fired.append)
     assert [p.signals for p in reactor.processes] == [[], []]  # the parent's copy first
@@ -322,10 +329,7 @@ def test_a_reload_fires_once_the_parents_copy_and_then_every_worker_have_reloade
 
 def test_a_renewal_counts_as_in_force_once_every_worker_reloaded_or_fails_after_the_wait(supervised) -> None:
     supervisor, reactor, _ = supervised
-    store = ReloadingStore()
-    supervisor.trust_store = store
-    notify(supervisor, 0, "READY=1")
-    notify(supervisor, 1, "READY=1")
+    store = with_parents_copy(supervisor)
     done: list = []
     reload_everywhere(supervisor, store, reactor).addCallback(done.append)
     store.finish()
@@ -345,10 +349,7 @@ def test_a_renewal_counts_as_in_force_once_every_worker_reloaded_or_fails_after_
 
 def test_a_reload_the_parents_copy_refuses_still_reaches_the_workers(supervised) -> None:
     supervisor, reactor, _ = supervised
-    store = ReloadingStore()
-    supervisor.trust_store = store
-    notify(supervisor, 0, "READY=1")
-    notify(supervisor, 1, "READY=1")
+    store = with_parents_copy(supervisor)
     fired: list = []
     supervisor.reload().addCallback(fired.append)
     store.pending.pop(0).errback(ValueError("bad key file"))
