@@ -41,7 +41,6 @@ def _read_changes(
     return current, ca.revocations_since(last_seq), ca.store.crl_number(), ca.store.published_crl(crl_number or 0)
 
 
-
 @attrs.define(eq=False)
 class StatusPublisher:
     """Everything the status server hands out for one CA, kept current from its store.
@@ -361,13 +360,11 @@ class StatusPublisher:
         }
 
 
-
 def _crl_number(crl: Any) -> int | None:
     try:
         return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound:
         return None
-
 
 
 @attrs.define(eq=False, slots=False)
